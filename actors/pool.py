@@ -1,0 +1,107 @@
+"""A pool of teacher actors fed from a work queue of units; each unit comes back as one shard.
+
+Restart policy: Ray does not restart a teacher actor by itself (max_restarts=0). When an actor dies
+(process killed, node lost, engine crash) the pool kills what is left of it, starts a replacement
+with the same spec, and puts the actor's unfinished units back at the front of the queue. A unit is
+given up after `max_unit_failures` failures, which stops the capture with the last error — never
+silently. A unit whose task raises (bad input reaching the engine) counts as a failure the same way.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Iterable
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from actors.teacher import TeacherWorker, WorkerSpec
+from orchestrator.errors import RaydistillError
+from orchestrator.manifest import ShardInfo
+
+TeacherActor = ray.remote(max_restarts=0, max_task_retries=0)(TeacherWorker)
+
+
+class TeacherPool:
+    def __init__(self, spec: WorkerSpec, *, num_actors: int, num_cpus: float, num_gpus: float,
+                 max_inflight: int = 2, max_unit_failures: int = 3,
+                 log: Callable[[str], None] = print):
+        self.spec = spec
+        self.options = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+        self.max_inflight = max_inflight
+        self.max_unit_failures = max_unit_failures
+        self.log = log
+        self.actors = [self._start() for _ in range(num_actors)]
+        self.replacements = 0
+
+    def _start(self):
+        return TeacherActor.options(**self.options).remote(self.spec)
+
+    def wait_ready(self) -> dict:
+        """Block until every engine is up; returns the first actor's limits (vocab, max length)."""
+        infos = ray.get([a.ready.remote() for a in self.actors])
+        return infos[0]
+
+    def actor_handles(self) -> list:
+        return list(self.actors)
+
+    def run(self, units: Iterable[tuple[int, list[tuple[str, str]]]],
+            on_shard: Callable[[ShardInfo], None]) -> None:
+        """Process every unit; `on_shard` is called in the driver as each shard is published."""
+        queue = collections.deque(units)
+        failures: collections.Counter[int] = collections.Counter()
+        inflight: dict[ray.ObjectRef, tuple[int, tuple[int, list]]] = {}
+        per_actor = collections.Counter()
+        while queue or inflight:
+            for slot in range(len(self.actors)):
+                while queue and per_actor[slot] < self.max_inflight:
+                    unit = queue.popleft()
+                    ref = self.actors[slot].process.remote(*unit)
+                    inflight[ref] = (slot, unit)
+                    per_actor[slot] += 1
+            done, _ = ray.wait(list(inflight), num_returns=1)
+            ref = done[0]
+            slot, unit = inflight.pop(ref)
+            per_actor[slot] -= 1
+            try:
+                on_shard(ray.get(ref))
+            except RayActorError as e:
+                self._fail(unit, failures, e, queue)
+                self._replace(slot, inflight, per_actor, queue)
+            except RayTaskError as e:
+                self._fail(unit, failures, e, queue)
+
+    def _fail(self, unit, failures, error, queue) -> None:
+        index = unit[0]
+        failures[index] += 1
+        if failures[index] >= self.max_unit_failures:
+            cause = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+            raise RaydistillError(
+                f"work unit {index} failed {failures[index]} times; last error: {cause}. "
+                "Finished shards are kept: fix the cause and rerun the same command to resume")
+        self.log(f"unit {index} failed ({type(error).__name__}); retrying")
+        queue.appendleft(unit)
+
+    def _replace(self, slot, inflight, per_actor, queue) -> None:
+        """Replace a dead actor and requeue every unit it still had."""
+        dead = self.actors[slot]
+        for ref, (s, unit) in list(inflight.items()):
+            if s == slot:
+                inflight.pop(ref)
+                queue.appendleft(unit)
+        per_actor[slot] = 0
+        ray.kill(dead, no_restart=True)
+        self.actors[slot] = self._start()
+        self.replacements += 1
+        self.log(f"teacher actor {slot} died; started a replacement")
+
+    def shutdown(self) -> None:
+        """Stop the engines cleanly, then the actors (by handle)."""
+        closing = [a.close.remote() for a in self.actors]
+        try:
+            ray.get(closing, timeout=30)
+        except Exception:  # noqa: BLE001 — a dead actor cannot close; it is killed below anyway
+            pass
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+        self.actors = []

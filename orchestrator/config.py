@@ -1,0 +1,264 @@
+"""The run config: typed dataclasses, loaded from one YAML file plus `--set key=value` overrides,
+validated once before any Ray work starts. Defaults live here and nowhere else.
+
+Errors name the field, the value, what is allowed and the fix, e.g.
+`teacher.k must be between 1 and the vocabulary size (32000), got 40000`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+from orchestrator.errors import ConfigError
+
+
+@dataclass
+class TeacherConfig:
+    model: str = ""
+    """Local path of a Hugging Face model directory (or a hub id already in the local HF cache)."""
+    revision: str | None = None
+    """Model revision (hub ids only); recorded in the shards."""
+    backend: Literal["vllm", "hf"] = "vllm"
+    """`vllm`: a real vLLM engine (production path); `hf`: plain transformers (reference, fallback)."""
+    num_actors: int = 1
+    """How many teacher actors (each holds one engine) capture in parallel."""
+    k: int = 64
+    """Top-k token ids and log-probs kept per position."""
+    mode: Literal["score", "sample"] = "score"
+    """`score`: top-k at every position of given texts; `sample`: sample continuations of prompts."""
+    temperature: float = 1.0
+    """Sampling temperature in `sample` mode. Stored log-probs are always the raw (T=1) ones."""
+    top_p: float = 1.0
+    """Nucleus sampling in `sample` mode."""
+    num_samples: int = 1
+    """Continuations sampled per prompt in `sample` mode."""
+    max_new_tokens: int = 128
+    """Longest continuation in `sample` mode."""
+    seed: int = 0
+    """Seed of the teacher's sampling; each prompt's samples are reproducible from it."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Compute dtype; `auto` is bfloat16 for vLLM and float32 for transformers on a CPU."""
+    num_cpus: float = 1.0
+    """Ray CPUs reserved per teacher actor."""
+    num_gpus: float = 0.0
+    """Ray GPUs per teacher actor (set to tensor_parallel_size on GPU clusters)."""
+    tensor_parallel_size: int = 1
+    """vLLM tensor parallelism for teachers that do not fit one device."""
+    memory_fraction: float = 0.15
+    """vLLM `gpu_memory_utilization`; on a CPU it is the fraction of RAM reserved for the KV cache."""
+    max_model_len: int | None = None
+    """Context length of the engine; defaults to the model's max_position_embeddings."""
+    scoring: Literal["hidden", "prompt_logprobs"] = "hidden"
+    """vLLM scoring path: `hidden` returns hidden states and computes top-k on tensors (fast);
+    `prompt_logprobs` uses vLLM's own per-position logprob objects (slow, for models whose head is
+    not a plain linear layer)."""
+    chunk_rows: int = 512
+    """Positions whose full-vocabulary logits exist at once (bounds the actor's peak memory)."""
+    batch_tokens: int = 8192
+    """Tokens per forward pass in the transformers backend."""
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """JSONL file, a directory of *.jsonl files, or a glob; one JSON object per line."""
+    text_field: str = "text"
+    """Field holding the text in `score` mode."""
+    prompt_field: str = "prompt"
+    """Field holding the prompt in `sample` mode (falls back to `text_field`)."""
+    id_field: str = "id"
+    """Optional field with a stable sample id; else `<file name>:<line number>`."""
+    max_length: int | None = None
+    """Longest sequence in tokens; defaults to the engine's context length."""
+    long_text: Literal["truncate", "split"] = "split"
+    """Texts longer than max_length: `split` into consecutive pieces (`<id>/<part>`) or `truncate`."""
+    on_bad_line: Literal["stop", "skip"] = "stop"
+    """A malformed JSONL line: `stop` before any work with file:line, or `skip` it and count it."""
+    limit: int | None = None
+    """Use only the first `limit` records (for quick trials)."""
+
+
+@dataclass
+class CaptureConfig:
+    samples_per_shard: int = 256
+    """Records per work unit; each unit becomes exactly one shard file."""
+    max_inflight_per_actor: int = 2
+    """Units queued per actor (one running, one waiting) — bounds driver and actor memory."""
+    max_unit_failures: int = 3
+    """A unit that fails this often (actor crashes) stops the capture with its last error."""
+
+
+@dataclass
+class Config:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
+    output_dir: str = ""
+    """Where shards and the manifest go: a local path or an `s3://bucket/prefix` URI."""
+
+    def capture_fingerprint(self) -> str:
+        """Hash of every setting that changes what the shards contain (not how fast they come)."""
+        t, d = self.teacher, self.data
+        keys = {
+            "model": t.model, "revision": t.revision, "k": t.k, "mode": t.mode,
+            "temperature": t.temperature, "top_p": t.top_p, "num_samples": t.num_samples,
+            "max_new_tokens": t.max_new_tokens, "seed": t.seed, "max_model_len": t.max_model_len,
+            "data": dataclasses.asdict(d), "samples_per_shard": self.capture.samples_per_shard,
+        }
+        blob = json.dumps(keys, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+_SECTIONS = {"teacher": TeacherConfig, "data": DataConfig, "capture": CaptureConfig}
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config, apply `key=value` overrides (values parsed as YAML), validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist; pass the path of a YAML run config")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        _apply_override(raw, item)
+    cfg = _build(raw)
+    validate(cfg)
+    cfg.teacher.model = _expand(cfg.teacher.model)
+    cfg.data.path = _expand(cfg.data.path)
+    cfg.output_dir = _expand(cfg.output_dir)
+    return cfg
+
+
+def _expand(path: str) -> str:
+    """`~` and environment variables in local paths (URIs stay as they are)."""
+    import os
+
+    return path if "://" in path else os.path.expandvars(os.path.expanduser(path))
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r} must look like key=value, e.g. --set teacher.k=32")
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part} is not a section")
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        node[parts[-1]] = value
+
+
+def _build(raw: dict) -> Config:
+    cfg = Config()
+    for key, value in raw.items():
+        if key in _SECTIONS:
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key} must be a mapping of fields, got {value!r}")
+            setattr(cfg, key, _build_section(key, _SECTIONS[key], value))
+        elif key == "output_dir":
+            cfg.output_dir = _coerce("output_dir", str, value)
+        else:
+            known = sorted([*_SECTIONS, "output_dir"])
+            raise ConfigError(f"unknown config key {key!r}; known top-level keys: {', '.join(known)}")
+    return cfg
+
+
+def _build_section(name: str, cls, values: dict):
+    hints = get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(
+                f"unknown config key {name}.{key}; valid keys in {name}: {', '.join(sorted(hints))}"
+            )
+        kwargs[key] = _coerce(f"{name}.{key}", hints[key], value)
+    return cls(**kwargs)
+
+
+def _coerce(name: str, tp, value):
+    origin = get_origin(tp)
+    args = get_args(tp)
+    if origin is Literal:
+        if value not in args:
+            allowed = " | ".join(str(a) for a in args)
+            raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
+        return value
+    if args and type(None) in args:  # X | None
+        if value is None:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(name, inner, value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    kind = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[tp]
+    raise ConfigError(f"{name} must be {kind}, got {value!r} ({type(value).__name__})")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need no model or Ray; model-dependent checks happen in the pipeline."""
+    t, d, c = cfg.teacher, cfg.data, cfg.capture
+    _check(bool(t.model), "teacher.model is empty; set it to a local model directory")
+    _check(bool(d.path), "data.path is empty; set it to a JSONL file (one JSON object per line)")
+    _check(bool(cfg.output_dir), "output_dir is empty; set it to a local path or an s3:// URI")
+    _check(t.num_actors >= 1, f"teacher.num_actors must be at least 1, got {t.num_actors}")
+    _check(t.k >= 1, f"teacher.k must be at least 1, got {t.k}")
+    _check(t.temperature > 0, f"teacher.temperature must be > 0, got {t.temperature}")
+    _check(0 < t.top_p <= 1, f"teacher.top_p must be in (0, 1], got {t.top_p}")
+    _check(t.num_samples >= 1, f"teacher.num_samples must be at least 1, got {t.num_samples}")
+    _check(t.max_new_tokens >= 1, f"teacher.max_new_tokens must be at least 1, got {t.max_new_tokens}")
+    _check(t.num_cpus > 0, f"teacher.num_cpus must be > 0, got {t.num_cpus}")
+    _check(t.num_gpus >= 0, f"teacher.num_gpus must be >= 0, got {t.num_gpus}")
+    _check(t.tensor_parallel_size >= 1,
+           f"teacher.tensor_parallel_size must be at least 1, got {t.tensor_parallel_size}")
+    _check(0 < t.memory_fraction < 1,
+           f"teacher.memory_fraction must be in (0, 1), got {t.memory_fraction}")
+    _check(t.chunk_rows >= 1, f"teacher.chunk_rows must be at least 1, got {t.chunk_rows}")
+    _check(t.batch_tokens >= 1, f"teacher.batch_tokens must be at least 1, got {t.batch_tokens}")
+    if t.max_model_len is not None:
+        _check(t.max_model_len >= 2, f"teacher.max_model_len must be at least 2, got {t.max_model_len}")
+    if d.max_length is not None:
+        _check(d.max_length >= 2, f"data.max_length must be at least 2, got {d.max_length}")
+    if d.limit is not None:
+        _check(d.limit >= 1, f"data.limit must be at least 1, got {d.limit}")
+    _check(c.samples_per_shard >= 1,
+           f"capture.samples_per_shard must be at least 1, got {c.samples_per_shard}")
+    _check(c.max_inflight_per_actor >= 1,
+           f"capture.max_inflight_per_actor must be at least 1, got {c.max_inflight_per_actor}")
+    _check(c.max_unit_failures >= 1,
+           f"capture.max_unit_failures must be at least 1, got {c.max_unit_failures}")
+
+

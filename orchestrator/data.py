@@ -1,0 +1,139 @@
+"""Dataset reading: JSONL records with a stable id, checked line by line before any compute.
+
+A record is one JSON object per line. In `score` mode its text is scored; in `sample` mode it is a
+prompt. Records are grouped, in file order, into fixed work units of `samples_per_shard` records —
+unit i always holds the same records, which is what makes resume exactly-once.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from orchestrator.errors import DataError
+
+
+@dataclass(frozen=True)
+class Record:
+    sample_id: str
+    text: str
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    files: list[Path]
+    records: int
+    skipped: list[str]
+    """`file:line: reason` of each skipped bad line (on_bad_line=skip)."""
+
+
+def dataset_files(path: str) -> list[Path]:
+    """The JSONL files `path` names: a file, a directory (its *.jsonl, sorted) or a glob."""
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        files = sorted(p.glob("*.jsonl"))
+        if not files:
+            raise DataError(f"data.path {path} is a directory without *.jsonl files; "
+                            "put the dataset there as JSON lines or point data.path at the file")
+        return files
+    matches = sorted(Path(m) for m in glob.glob(path) if Path(m).is_file())
+    if matches:
+        return matches
+    raise DataError(f"data.path {path} does not exist; point it at a JSONL file "
+                    "(one JSON object per line, e.g. {\"text\": \"...\"})")
+
+
+def iter_records(files: list[Path], *, field: str, fallback_field: str | None, id_field: str,
+                 on_bad_line: str, limit: int | None = None, skipped: list[str] | None = None):
+    """Yield `Record`s in file order; a bad line raises `DataError` (stop) or is noted (skip)."""
+    count = 0
+    seen_ids: dict[str, str] = {}
+    for path in files:
+        with open(path, encoding="utf-8", errors="strict") as fh:
+            line_no = 0
+            while True:
+                try:
+                    line = fh.readline()
+                except UnicodeDecodeError as e:
+                    _bad(f"{path}:{line_no + 1}: not UTF-8 text ({e.reason})", on_bad_line, skipped)
+                    break
+                if not line:
+                    break
+                line_no += 1
+                if not line.strip():
+                    continue
+                record, problem = _parse(line, field, fallback_field, id_field, path, line_no)
+                if problem is not None:
+                    _bad(f"{path}:{line_no}: {problem}", on_bad_line, skipped)
+                    continue
+                where = f"{path}:{line_no}"
+                if record.sample_id in seen_ids:
+                    raise DataError(
+                        f"{where}: id {record.sample_id!r} was already used at "
+                        f"{seen_ids[record.sample_id]}; sample ids must be unique — fix the "
+                        f"dataset or drop the '{id_field}' field to use file:line ids")
+                seen_ids[record.sample_id] = where
+                yield record
+                count += 1
+                if limit is not None and count >= limit:
+                    return
+
+
+def _parse(line: str, field: str, fallback: str | None, id_field: str, path: Path, line_no: int):
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        return None, f"malformed JSON ({e.msg} at column {e.colno})"
+    if not isinstance(obj, dict):
+        return None, f"expected a JSON object, got {type(obj).__name__}"
+    text = obj.get(field)
+    if text is None and fallback:
+        text = obj.get(fallback)
+    if not isinstance(text, str):
+        names = field if not fallback or fallback == field else f"{field} (or {fallback})"
+        return None, f"missing string field '{names}'"
+    if not text:
+        return None, f"empty '{field}'"
+    raw_id = obj.get(id_field)
+    sample_id = str(raw_id) if raw_id is not None else f"{path.name}:{line_no}"
+    return Record(sample_id, text), None
+
+
+def _bad(message: str, on_bad_line: str, skipped: list[str] | None) -> None:
+    if on_bad_line == "stop":
+        raise DataError(f"{message}. Fix the line, or set data.on_bad_line=skip to skip bad lines "
+                        "(they are counted and reported)")
+    if skipped is not None:
+        skipped.append(message)
+
+
+def scan(path: str, *, field: str, fallback_field: str | None, id_field: str, on_bad_line: str,
+         limit: int | None) -> ScanResult:
+    """Read the whole dataset once before compute: count records, find bad lines, refuse empty."""
+    files = dataset_files(path)
+    skipped: list[str] = []
+    n = sum(1 for _ in iter_records(files, field=field, fallback_field=fallback_field,
+                                    id_field=id_field, on_bad_line=on_bad_line, limit=limit,
+                                    skipped=skipped))
+    if n == 0:
+        extra = f" ({len(skipped)} bad lines skipped)" if skipped else ""
+        raise DataError(f"data.path {path} holds no usable records{extra}; each line must be a "
+                        f"JSON object with a non-empty '{field}' string")
+    return ScanResult(files, n, skipped)
+
+
+def units(records, size: int):
+    """Group records into (unit_index, [Record, ...]) of `size` records, in order."""
+    batch: list[Record] = []
+    index = 0
+    for record in records:
+        batch.append(record)
+        if len(batch) == size:
+            yield index, batch
+            index, batch = index + 1, []
+    if batch:
+        yield index, batch

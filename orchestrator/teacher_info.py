@@ -1,0 +1,82 @@
+"""What the driver learns about a teacher before starting any actor: that it exists and loads, its
+vocabulary, context length, tokenizer fingerprint and revision. Cheap: no weights are loaded."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from orchestrator.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    vocab_size: int
+    max_positions: int
+    tokenizer_fingerprint: str
+    revision: str
+    eos_id: int | None
+
+
+def load_tokenizer(model: str, *, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model, revision=revision, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"teacher.model {model}: its tokenizer cannot be loaded ({_first_line(e)}); "
+                          "the model directory needs tokenizer.json / tokenizer_config.json") from None
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the vocabulary and special tokens: equal fingerprints ⇔ same token ids."""
+    blob = json.dumps([sorted(tokenizer.get_vocab().items()),
+                       sorted(map(str, tokenizer.all_special_tokens))]).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def inspect_teacher(model: str, *, revision: str | None = None) -> TeacherInfo:
+    """Raise a ConfigError naming the fix if the model is missing or unloadable."""
+    from transformers import AutoConfig
+
+    path = Path(model)
+    if not path.exists() and (model.startswith((".", "/", "~")) or model.count("/") != 1):
+        raise ConfigError(f"teacher.model {model} does not exist; set it to a model directory "
+                          "(config.json, weights, tokenizer) or a hub id in the local HF cache")
+    try:
+        config = AutoConfig.from_pretrained(model, revision=revision, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"teacher.model {model} cannot be loaded ({_first_line(e)}); it must be a "
+                          "Hugging Face model directory with config.json, or a hub id already in "
+                          "the local cache (this machine does not download)") from None
+    if path.is_dir() and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise ConfigError(f"teacher.model {model} has a config.json but no weights "
+                          "(*.safetensors); save the model with save_pretrained")
+    tokenizer = load_tokenizer(model, revision=revision)
+    vocab = int(getattr(config, "vocab_size", 0) or len(tokenizer))
+    if len(tokenizer) > vocab:
+        raise ConfigError(f"teacher.model {model}: tokenizer has {len(tokenizer)} tokens but the "
+                          f"model only {vocab}; they do not belong together")
+    return TeacherInfo(
+        vocab_size=vocab,
+        max_positions=int(getattr(config, "max_position_embeddings", 2048)),
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        revision=revision or _local_revision(path),
+        eos_id=tokenizer.eos_token_id,
+    )
+
+
+def _local_revision(path: Path) -> str:
+    """A content id for a local model: its config plus the names and sizes of its weight files."""
+    if not path.is_dir():
+        return "unknown"
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for f in sorted(path.glob("*.safetensors")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return "local-" + h.hexdigest()[:12]
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
