@@ -32,6 +32,7 @@ class TeacherPool:
         self.max_unit_failures = max_unit_failures
         self.log = log
         self.actors = [self._start() for _ in range(num_actors)]
+        self.ready_info: list[dict] = [{} for _ in range(num_actors)]
         self.replacements = 0
 
     def _start(self):
@@ -39,8 +40,8 @@ class TeacherPool:
 
     def wait_ready(self) -> dict:
         """Block until every engine is up; returns the first actor's limits (vocab, max length)."""
-        infos = ray.get([a.ready.remote() for a in self.actors])
-        return infos[0]
+        self.ready_info = ray.get([a.ready.remote() for a in self.actors])
+        return self.ready_info[0]
 
     def actor_handles(self) -> list:
         return list(self.actors)
@@ -92,6 +93,7 @@ class TeacherPool:
         per_actor[slot] = 0
         ray.kill(dead, no_restart=True)
         self.actors[slot] = self._start()
+        self.ready_info[slot] = ray.get(self.actors[slot].ready.remote())
         self.replacements += 1
         self.log(f"teacher actor {slot} died; started a replacement")
 

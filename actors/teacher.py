@@ -62,8 +62,10 @@ class TeacherWorker:
 
     def ready(self) -> dict:
         """Called once by the pool: proves the engine started and reports its limits."""
+        import os
+
         return {"vocab_size": self.backend.vocab_size, "max_length": self.backend.max_length,
-                "max_k": self.backend.max_k}
+                "max_k": self.backend.max_k, "pid": os.getpid()}
 
     def process(self, unit: int, records: list[tuple[str, str]]) -> ShardInfo:
         """Label one unit's (sample_id, text) records and publish them as one shard."""

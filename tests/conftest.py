@@ -1,0 +1,69 @@
+"""Shared fixtures: a tiny real teacher (built here, nothing downloaded), JSONL writers, one Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory):
+    """A 2-layer, 128-wide Llama (head_dim 64, as vLLM's CPU kernels need) with a 1024-token BPE
+    tokenizer trained on a few stdlib modules; LM head sharpened so top-k has few ties."""
+    from orchestrator import tiny
+
+    out = tmp_path_factory.mktemp("tiny-teacher")
+    texts = list(tiny.chunks_of_text(tiny.stdlib_sources()[:60]))
+    tok = tiny.train_tokenizer(texts, out, vocab_size=1024)
+    cfg = tiny.llama_config(len(tok), layers=2, hidden=128, heads=2, max_positions=256)
+    model = tiny.build_model(cfg, seed=0)
+    tiny.sharpen(model, scale=6.0)
+    model.save_pretrained(str(out), safe_serialization=True)
+    return str(out)
+
+
+def write_jsonl(path, rows) -> str:
+    with open(path, "w") as fh:
+        for row in rows:
+            fh.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def texts():
+    """~100 short real texts (stdlib source pieces)."""
+    from orchestrator import tiny
+
+    pieces = list(tiny.chunks_of_text(tiny.stdlib_sources()[60:90], max_chars=600))
+    return pieces[:100]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole session (init/shutdown per test costs seconds each)."""
+    import logging
+
+    import ray
+
+    ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                   logging_level=logging.ERROR, object_store_memory=256 * 1024 * 1024)
+    yield ctx
+    ray.shutdown()
+
+
+def capture_config(tmp_path, model, data, **overrides):
+    """A Config for tests: explicit fields, small shards, cheap actors."""
+    from orchestrator.config import load_config
+
+    sets = {"teacher.model": model, "data.path": data, "output_dir": str(tmp_path / "out"),
+            "teacher.backend": "hf", "teacher.k": 8, "teacher.num_cpus": 0.5,
+            "capture.samples_per_shard": 8, "data.max_length": 128}
+    sets.update(overrides)
+    return load_config(None, [f"{k}={v}" for k, v in sets.items()])

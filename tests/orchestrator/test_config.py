@@ -1,0 +1,65 @@
+import pytest
+
+from orchestrator.config import load_config
+from orchestrator.errors import ConfigError
+
+BASE = ["teacher.model=/m", "data.path=/d.jsonl", "output_dir=/o"]
+
+
+def test_quickstart_example_loads():
+    from orchestrator.demo import QUICKSTART
+
+    cfg = load_config(QUICKSTART)
+    assert cfg.teacher.backend == "vllm" and cfg.teacher.k == 64 and cfg.teacher.mode == "score"
+    assert "~" not in cfg.teacher.model  # expanded
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("teacher: {model: /m, k: 16, mode: sample, temperature: 0.7}\n"
+                 "data: {path: /d.jsonl}\noutput_dir: s3://bucket/run\n")
+    cfg = load_config(p, ["teacher.k=32", "teacher.num_actors=3"])
+    assert (cfg.teacher.k, cfg.teacher.num_actors, cfg.teacher.temperature) == (32, 3, 0.7)
+    assert cfg.output_dir == "s3://bucket/run"
+
+
+def test_fingerprint_tracks_content_settings_only():
+    a = load_config(None, BASE)
+    assert a.capture_fingerprint() == load_config(None, BASE + ["teacher.num_actors=4"]).capture_fingerprint()
+    assert a.capture_fingerprint() != load_config(None, BASE + ["teacher.k=32"]).capture_fingerprint()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("teacher.k=abc", "teacher.k must be an integer, got 'abc'"),
+    ("teacher.k=0", "teacher.k must be at least 1, got 0"),
+    ("teacher.mode=distil", "teacher.mode must be one of score | sample, got 'distil'"),
+    ("teacher.backend=tgi", "teacher.backend must be one of vllm | hf"),
+    ("teacher.kk=1", "unknown config key teacher.kk; valid keys in teacher:"),
+    ("teacher.temperature=0", "teacher.temperature must be > 0"),
+    ("teacher.memory_fraction=1.5", "teacher.memory_fraction must be in (0, 1)"),
+    ("data.on_bad_line=ignore", "data.on_bad_line must be one of stop | skip"),
+    ("student=1", "unknown config key 'student'"),
+    ("noequals", "must look like key=value"),
+])
+def test_bad_fields_name_field_value_and_fix(override, message):
+    with pytest.raises(ConfigError, match=None) as e:
+        load_config(None, BASE + [override])
+    assert message in str(e.value)
+
+
+def test_missing_required_fields():
+    with pytest.raises(ConfigError, match="teacher.model is empty"):
+        load_config(None, ["data.path=/d", "output_dir=/o"])
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("teacher: {model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(listy)
