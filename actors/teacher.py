@@ -23,6 +23,7 @@ class WorkerSpec:
     dtype: str
     scoring: str
     memory_fraction: float
+    kv_cache_gib: float | None
     max_model_len: int | None
     tensor_parallel_size: int
     chunk_rows: int
@@ -48,7 +49,8 @@ def make_backend(spec: WorkerSpec):
     from actors.vllm_backend import VLLMBackend
 
     return VLLMBackend(spec.model, mode=spec.mode, k=spec.k, dtype=spec.dtype, scoring=spec.scoring,
-                       memory_fraction=spec.memory_fraction, max_model_len=spec.max_model_len,
+                       memory_fraction=spec.memory_fraction, kv_cache_gib=spec.kv_cache_gib,
+                       max_model_len=spec.max_model_len,
                        tensor_parallel_size=spec.tensor_parallel_size, seed=spec.seed,
                        chunk_rows=spec.chunk_rows, revision=spec.revision)
 

@@ -26,6 +26,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 class VLLMBackend:
     def __init__(self, model_path: str, *, mode: str, k: int, dtype: str = "auto",
                  scoring: str = "hidden", memory_fraction: float = 0.15,
+                 kv_cache_gib: float | None = None,
                  max_model_len: int | None = None, tensor_parallel_size: int = 1, seed: int = 0,
                  chunk_rows: int = 512, revision: str | None = None):
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -40,6 +41,8 @@ class VLLMBackend:
         common = dict(model=model_path, revision=revision, dtype=self.dtype, seed=seed,
                       gpu_memory_utilization=memory_fraction, max_model_len=max_model_len,
                       tensor_parallel_size=tensor_parallel_size, enforce_eager=not on_gpu)
+        if kv_cache_gib is not None:
+            common["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))
         if self.scoring == "hidden":
             from vllm.config import PoolerConfig
 

@@ -53,6 +53,9 @@ class TeacherConfig:
     """vLLM tensor parallelism for teachers that do not fit one device."""
     memory_fraction: float = 0.15
     """vLLM `gpu_memory_utilization`; on a CPU it is the fraction of RAM reserved for the KV cache."""
+    kv_cache_gib: float | None = None
+    """vLLM KV-cache size in GiB (`kv_cache_memory_bytes`); overrides memory_fraction. On a CPU this
+    is the predictable knob: memory_fraction minus the process's own RSS can come out negative."""
     max_model_len: int | None = None
     """Context length of the engine; defaults to the model's max_position_embeddings."""
     scoring: Literal["hidden", "prompt_logprobs"] = "hidden"
@@ -248,6 +251,8 @@ def validate(cfg: Config) -> None:
            f"teacher.memory_fraction must be in (0, 1), got {t.memory_fraction}")
     _check(t.chunk_rows >= 1, f"teacher.chunk_rows must be at least 1, got {t.chunk_rows}")
     _check(t.batch_tokens >= 1, f"teacher.batch_tokens must be at least 1, got {t.batch_tokens}")
+    if t.kv_cache_gib is not None:
+        _check(t.kv_cache_gib > 0, f"teacher.kv_cache_gib must be > 0, got {t.kv_cache_gib}")
     if t.max_model_len is not None:
         _check(t.max_model_len >= 2, f"teacher.max_model_len must be at least 2, got {t.max_model_len}")
     if d.max_length is not None:

@@ -145,7 +145,7 @@ def _run_pool(cfg: Config, manifest: Manifest, fs, root, units, todo, max_length
     t = cfg.teacher
     spec = WorkerSpec(
         backend=t.backend, model=t.model, revision=t.revision, mode=t.mode, k=t.k, dtype=t.dtype,
-        scoring=t.scoring, memory_fraction=t.memory_fraction, max_model_len=t.max_model_len,
+        scoring=t.scoring, memory_fraction=t.memory_fraction, kv_cache_gib=t.kv_cache_gib, max_model_len=t.max_model_len,
         tensor_parallel_size=t.tensor_parallel_size, chunk_rows=t.chunk_rows,
         batch_tokens=t.batch_tokens, temperature=t.temperature, top_p=t.top_p,
         num_samples=t.num_samples, max_new_tokens=t.max_new_tokens, seed=t.seed,
