@@ -140,17 +140,9 @@ def _run_pool(cfg: Config, manifest: Manifest, fs, root, units, todo, max_length
     import ray
 
     from actors.pool import TeacherPool
-    from actors.teacher import WorkerSpec
 
     t = cfg.teacher
-    spec = WorkerSpec(
-        backend=t.backend, model=t.model, revision=t.revision, mode=t.mode, k=t.k, dtype=t.dtype,
-        scoring=t.scoring, memory_fraction=t.memory_fraction, kv_cache_gib=t.kv_cache_gib, max_model_len=t.max_model_len,
-        tensor_parallel_size=t.tensor_parallel_size, chunk_rows=t.chunk_rows,
-        batch_tokens=t.batch_tokens, temperature=t.temperature, top_p=t.top_p,
-        num_samples=t.num_samples, max_new_tokens=t.max_new_tokens, seed=t.seed,
-        max_length=max_length, long_text=cfg.data.long_text, output_dir=cfg.output_dir,
-        shard_meta=shard_meta)
+    spec = _worker_spec(cfg, max_length=max_length, shard_meta=shard_meta)
     started_ray = _init_ray()
     pool = None
     progress = CaptureProgress(total_units=manifest.total_units, done_units=len(manifest.shards))
@@ -180,6 +172,21 @@ def _run_pool(cfg: Config, manifest: Manifest, fs, root, units, todo, max_length
         if started_ray:
             ray.shutdown()
     say(progress.summary())
+
+
+def _worker_spec(cfg: Config, *, max_length: int, shard_meta: dict):
+    """The plain values a teacher actor needs (it never sees the whole config)."""
+    from actors.teacher import WorkerSpec
+
+    t = cfg.teacher
+    return WorkerSpec(
+        backend=t.backend, model=t.model, revision=t.revision, mode=t.mode, k=t.k, dtype=t.dtype,
+        scoring=t.scoring, memory_fraction=t.memory_fraction, kv_cache_gib=t.kv_cache_gib, max_model_len=t.max_model_len,
+        tensor_parallel_size=t.tensor_parallel_size, chunk_rows=t.chunk_rows,
+        batch_tokens=t.batch_tokens, temperature=t.temperature, top_p=t.top_p,
+        num_samples=t.num_samples, max_new_tokens=t.max_new_tokens, seed=t.seed,
+        max_length=max_length, long_text=cfg.data.long_text, output_dir=cfg.output_dir,
+        shard_meta=shard_meta)
 
 
 def _init_ray() -> bool:

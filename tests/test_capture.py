@@ -1,0 +1,237 @@
+"""End-to-end capture: real Ray actors, real engines, real shards; exactly-once under faults."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from orchestrator.cli import main
+from orchestrator.errors import ConfigError, DataError
+from orchestrator.pipeline import capture
+from orchestrator.shards import read_shards
+from tests.conftest import capture_config, write_jsonl
+
+
+def ids_of(out: str) -> list[str]:
+    return [r["sample_id"] for r in read_shards(out)]
+
+
+def assert_exactly_once(out: str, expected: list[str]) -> None:
+    got = ids_of(out)
+    dupes = [i for i, c in collections.Counter(got).items() if c > 1]
+    assert not dupes, f"duplicated: {dupes[:5]}"
+    assert sorted(got) == sorted(expected)
+
+
+@pytest.fixture
+def dataset(tmp_path, texts):
+    return write_jsonl(tmp_path / "d.jsonl", [{"id": f"t{i}", "text": t} for i, t in enumerate(texts[:40])])
+
+
+def test_hf_score_capture_via_cli(tmp_path, tiny_teacher, dataset, ray_session, capsys):
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(f"teacher: {{model: {tiny_teacher}, backend: hf, k: 8, num_cpus: 0.5}}\n"
+                        f"data: {{path: {dataset}, max_length: 64, long_text: split}}\n"
+                        f"capture: {{samples_per_shard: 8}}\noutput_dir: {tmp_path / 'out'}\n")
+    assert main(["capture", str(cfg_path), "--set", "teacher.num_actors=2"]) == 0
+    rows = list(read_shards(str(tmp_path / "out")))
+    # texts longer than 64 tokens were split into pieces with stable ids
+    assert any("#p1" in r["sample_id"] for r in rows)
+    assert {r["sample_id"].split("#")[0] for r in rows} == {f"t{i}" for i in range(40)}
+    assert all(len(r["input_ids"]) <= 64 for r in rows)
+    # the shards hold what the backend computes
+    from actors.hf_backend import HFBackend
+
+    ref = HFBackend(tiny_teacher).score([list(rows[0]["input_ids"])], k=8)[0]
+    np.testing.assert_array_equal(rows[0]["topk_ids"], ref.topk_ids)
+    assert np.abs(rows[0]["topk_logprobs"] - ref.topk_logprobs).max() <= 1 / 128 + 1e-6
+    # rerun: nothing to do
+    assert main(["capture", str(cfg_path)]) == 0
+    assert "already complete" in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path / "out")]) == 0
+
+
+def test_sample_mode_capture(tmp_path, tiny_teacher, texts, ray_session):
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": t[:80]} for t in texts[:6]])
+    cfg = capture_config(tmp_path, tiny_teacher, data, **{
+        "teacher.mode": "sample", "teacher.num_samples": 2, "teacher.max_new_tokens": 8,
+        "teacher.temperature": 0.7})
+    capture(cfg)
+    rows = list(read_shards(cfg.output_dir))
+    assert len(rows) == 12 and rows[0]["sample_id"].endswith("#s0")
+    for r in rows:
+        start, T = r["label_start"], len(r["input_ids"])
+        assert start == r["prompt_len"] - 1 and T - r["prompt_len"] <= 8
+        assert (r["topk_ids"][start:T - 1] >= 0).all() and (r["topk_ids"][:start] == -1).all()
+        # the teacher's log-prob of each sampled token is known
+        assert np.isfinite(r["target_logprobs"][start:T - 1]).all()
+
+
+@pytest.mark.slow
+def test_vllm_capture_two_actors(tmp_path, tiny_teacher, dataset, ray_session):
+    cfg = capture_config(tmp_path, tiny_teacher, dataset, **{
+        "teacher.backend": "vllm", "teacher.num_actors": 2, "teacher.kv_cache_gib": 0.25,
+        "teacher.dtype": "float32", "data.long_text": "truncate", "data.max_length": 96})
+    manifest = capture(cfg)
+    assert manifest.complete and len(manifest.shards) == 5
+    assert_exactly_once(cfg.output_dir, [f"t{i}" for i in range(40)])
+    row = next(iter(read_shards(cfg.output_dir)))
+    from actors.hf_backend import HFBackend
+
+    ref = HFBackend(tiny_teacher).score([list(row["input_ids"])], k=8)[0]
+    assert (row["topk_ids"][:, 0] == ref.topk_ids[:, 0]).mean() > 0.95
+    assert np.abs(row["topk_logprobs"] - ref.topk_logprobs).max() < 0.02
+
+
+def test_actor_process_killed_midway_is_replaced(tmp_path, tiny_teacher, dataset, ray_session):
+    from actors.pool import TeacherPool
+    from orchestrator import data as data_mod
+    from orchestrator.manifest import filesystem
+    from orchestrator.pipeline import _worker_spec
+
+    cfg = capture_config(tmp_path, tiny_teacher, dataset, **{"capture.samples_per_shard": 4})
+    filesystem(cfg.output_dir)[0].create_dir(f"{cfg.output_dir}/shards", recursive=True)
+    spec = _worker_spec(cfg, max_length=128, shard_meta={"k": 8, "fingerprint": "x"})
+    pool = TeacherPool(spec, num_actors=1, num_cpus=0.5, num_gpus=0, log=lambda m: None)
+    pool.wait_ready()
+    done = []
+
+    def on_shard(info):
+        done.append(info.unit)
+        if len(done) == 2:  # kill the actor's process while it holds the next units
+            os.kill(pool.ready_info[0]["pid"], signal.SIGKILL)
+
+    records = data_mod.iter_records(data_mod.dataset_files(dataset), field="text",
+                                    fallback_field=None, id_field="id", on_bad_line="stop")
+    units = [(u, [(r.sample_id, r.text) for r in b]) for u, b in data_mod.units(records, 4)]
+    try:
+        pool.run(units, on_shard)
+    finally:
+        pool.shutdown()
+    assert pool.replacements == 1
+    assert sorted(done) == list(range(10))  # every unit exactly once, none lost
+
+
+def test_interrupted_capture_resumes_exactly_once(tmp_path, tiny_teacher, texts, ray_session):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"id": f"t{i}", "text": t} for i, t in enumerate(texts * 3)])
+    out = tmp_path / "out"
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(f"teacher: {{model: {tiny_teacher}, backend: hf, k: 8, num_cpus: 0.5}}\n"
+                        f"data: {{path: {data}, max_length: 128, long_text: truncate}}\n"
+                        f"capture: {{samples_per_shard: 10}}\noutput_dir: {out}\n")
+    env = dict(os.environ, RAY_ADDRESS=ray_session.address_info["address"])
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "capture", str(cfg_path)],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and len(list((out / "shards").glob("*.parquet"))) < 3:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2, err
+    assert "rerun the same command" in err
+    first = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.parquet")}
+    assert 3 <= len(first) < 30
+    assert main(["capture", str(cfg_path)]) == 0
+    assert_exactly_once(str(out), [f"t{i}" for i in range(len(texts) * 3)])
+    # shards finished before the interrupt were not redone
+    for name, mtime in first.items():
+        assert (out / "shards" / name).stat().st_mtime_ns == mtime
+
+
+def test_published_but_unrecorded_shard_is_adopted_and_corrupt_one_repaired(
+        tmp_path, tiny_teacher, dataset, ray_session):
+    import json
+
+    cfg = capture_config(tmp_path, tiny_teacher, dataset, **{"data.long_text": "truncate"})
+    capture(cfg)
+    out = Path(cfg.output_dir)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["shards"] = manifest["shards"][:-1]  # as if the driver died before recording it
+    manifest["complete"] = False
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / "shards" / "shard-000000.parquet.tmp").write_bytes(b"half-written")
+    capture(cfg)
+    assert not list(out.glob("shards/*.tmp"))
+    assert_exactly_once(cfg.output_dir, [f"t{i}" for i in range(40)])
+    victim = out / "shards" / "shard-000002.parquet"
+    victim.write_bytes(victim.read_bytes()[:100])
+    capture(cfg, repair=True)
+    assert_exactly_once(cfg.output_dir, [f"t{i}" for i in range(40)])
+
+
+def test_bad_inputs_fail_before_work(tmp_path, tiny_teacher, dataset, texts):
+    def run(**kw):
+        capture(capture_config(tmp_path, kw.pop("model", tiny_teacher), kw.pop("data", dataset), **kw))
+
+    with pytest.raises(ConfigError, match="does not exist; set it to a model directory"):
+        run(model=str(tmp_path / "no-model"))
+    empty_model = tmp_path / "m"
+    empty_model.mkdir()
+    (empty_model / "config.json").write_text((Path(tiny_teacher) / "config.json").read_text())
+    with pytest.raises(ConfigError, match="no weights"):
+        run(model=str(empty_model))
+    with pytest.raises(ConfigError, match=r"teacher.k must be between 1 and the vocabulary size \(1024\), got 5000"):
+        run(**{"teacher.k": 5000})
+    with pytest.raises(DataError, match="holds no usable records"):
+        run(data=write_jsonl(tmp_path / "e.jsonl", ["", ""]))
+    with pytest.raises(DataError, match=r"bad.jsonl:2: malformed JSON"):
+        run(data=write_jsonl(tmp_path / "bad.jsonl", [{"text": "ok"}, "{oops"]))
+    with pytest.raises(ConfigError, match="leaves no room for a prompt"):
+        run(**{"teacher.mode": "sample", "teacher.max_new_tokens": 200})
+    assert not (tmp_path / "out").exists()  # nothing was started or written
+
+
+def test_output_dir_of_another_run_is_refused(tmp_path, tiny_teacher, dataset, ray_session):
+    cfg = capture_config(tmp_path, tiny_teacher, dataset, **{"data.limit": 8})
+    capture(cfg)
+    before = sorted(p.name for p in Path(cfg.output_dir, "shards").iterdir())
+    other = capture_config(tmp_path, tiny_teacher, dataset, **{"data.limit": 8, "teacher.k": 4})
+    with pytest.raises(ConfigError, match="holds another capture.*--fresh"):
+        capture(other)
+    assert sorted(p.name for p in Path(cfg.output_dir, "shards").iterdir()) == before
+    capture(other, fresh=True)
+    assert next(iter(read_shards(other.output_dir)))["topk_ids"].shape[1] == 4
+
+
+def test_import_directions():
+    """actors/, tune_spaces/, serve/ import orchestrator core, never each other; only the pipeline
+    and CLI import everything; pure-torch modules import no Ray."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent
+    rules = {"actors": {"tune_spaces", "serve"}, "tune_spaces": {"actors", "serve"},
+             "serve": {"actors", "tune_spaces"}}
+    for pkg, banned in rules.items():
+        for f in (root / pkg).rglob("*.py"):
+            for mod in _imports(ast.parse(f.read_text())):
+                assert mod.split(".")[0] not in banned, f"{f} imports {mod}"
+    for f in (root / "orchestrator").rglob("*.py"):
+        if f.stem in ("pipeline", "cli"):
+            continue
+        for mod in _imports(ast.parse(f.read_text())):
+            assert mod.split(".")[0] not in ("actors", "tune_spaces", "serve"), f"{f} imports {mod}"
+    for name in ("softlabels", "shards", "config", "data", "manifest"):
+        mods = _imports(ast.parse((root / "orchestrator" / f"{name}.py").read_text()))
+        assert not any(m.split(".")[0] in ("ray", "vllm") for m in mods), name
+
+
+def _imports(tree):
+    import ast
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            yield node.module
