@@ -50,14 +50,21 @@ class HFBackend:
                 mask[row, : len(sequences[i])] = 1
             hidden = self.body(input_ids=ids.to(self.device),
                                attention_mask=mask.to(self.device)).last_hidden_state
-            for row, i in enumerate(batch):
-                seq = sequences[i]
-                targets = torch.tensor(seq[1:] + [-1], device=self.device)
-                top_ids, top_lps, tlp = topk_from_hidden(
-                    hidden[row, : len(seq)], self.head.weight, k=k, targets=targets,
-                    chunk_rows=self.chunk_rows, bias=self.head.bias)
-                out[i] = SoftLabels(np.asarray(seq, dtype=np.int32), 0, 0, top_ids.numpy(),
-                                    top_lps.numpy(), tlp.numpy())
+            # every real position of the batch in one [N, H] block: one head pass, one host copy
+            valid = mask.bool()
+            targets = torch.full_like(ids, -1)
+            targets[:, :-1] = torch.where(valid[:, 1:], ids[:, 1:], -1)
+            top_ids, top_lps, tlp = topk_from_hidden(
+                hidden[valid.to(self.device)], self.head.weight, k=k,
+                targets=targets[valid].to(self.device), chunk_rows=self.chunk_rows,
+                bias=self.head.bias)
+            offset = 0
+            for i in batch:
+                seq, n = sequences[i], len(sequences[i])
+                out[i] = SoftLabels(np.asarray(seq, dtype=np.int32), 0, 0,
+                                    top_ids[offset:offset + n].numpy(),
+                                    top_lps[offset:offset + n].numpy(), tlp[offset:offset + n].numpy())
+                offset += n
         return out  # type: ignore[return-value]
 
     @torch.inference_mode()

@@ -36,6 +36,10 @@ def run_demo(*, overrides: list[str], teacher_minutes: float, home: str | None,
         build_demo_teacher(teacher, root / "demo-data", minutes=teacher_minutes)
     else:
         say(f"using the cached demo teacher in {teacher} ({_describe(teacher)})")
+    if not (root / "demo-data" / "transfer.jsonl").exists():
+        files = tiny.stdlib_sources()
+        _write_demo_data(root / "demo-data", [f for f in files if not tiny.held_out(f)],
+                         [f for f in files if tiny.held_out(f)], seed=0)
     paths = [f"teacher.model={teacher}", f"data.path={root / 'demo-data' / 'transfer.jsonl'}"]
     cfg = load_config(QUICKSTART, [*paths, *overrides])
     manifest = capture(cfg)
@@ -142,6 +146,13 @@ def _unigram_nats(train: list[int], test: list[int], vocab: int) -> float:
     return float(-logp[np.asarray(test)].mean())
 
 
+def _module_name(path: Path) -> str:
+    """`json/decoder` for .../lib/python3.11/json/decoder.py: unique, unlike the file stem."""
+    import sysconfig
+
+    return str(path.relative_to(sysconfig.get_paths()["stdlib"]).with_suffix(""))
+
+
 def _write_demo_data(data_dir: Path, train_files, test_files, *, seed: int) -> None:
     """transfer.jsonl: a 10% sample of the training modules (the students' transfer set, smaller
     than the teacher's text); heldout.jsonl: the held-out modules."""
@@ -153,5 +164,5 @@ def _write_demo_data(data_dir: Path, train_files, test_files, *, seed: int) -> N
         with open(tmp, "w") as fh:
             for path in files:
                 for j, text in enumerate(tiny.chunks_of_text([path], max_chars=2000)):
-                    fh.write(json.dumps({"id": f"{path.stem}:{j}", "text": text}) + "\n")
+                    fh.write(json.dumps({"id": f"{_module_name(path)}:{j}", "text": text}) + "\n")
         tmp.rename(data_dir / name)

@@ -29,10 +29,11 @@ def topk_from_hidden(
     ids or -1 where unknown. Returns ids [N, k] int32, logprobs [N, k] float32 (descending), and
     target_logprobs [N] float32 (NaN where the target is -1).
     """
-    n = hidden.shape[0]
-    ids = torch.empty((n, k), dtype=torch.int32)
-    lps = torch.empty((n, k), dtype=torch.float32)
-    tlp = torch.full((n,), float("nan"), dtype=torch.float32)
+    n, dev = hidden.shape[0], weight.device
+    # results stay on the device until one host copy at the end (no sync per chunk)
+    ids = torch.empty((n, k), dtype=torch.int32, device=dev)
+    lps = torch.empty((n, k), dtype=torch.float32, device=dev)
+    tlp = torch.full((n,), float("nan"), dtype=torch.float32, device=dev)
     hidden = hidden.to(weight.dtype)
     for start in range(0, n, chunk_rows):
         end = min(n, start + chunk_rows)
@@ -40,11 +41,8 @@ def topk_from_hidden(
         if bias is not None:
             logits = logits + bias
         t = None if targets is None else targets[start:end].to(logits.device)
-        c_ids, c_lps, c_tlp = _topk_rows(logits, k=k, targets=t)
-        ids[start:end] = c_ids.cpu()
-        lps[start:end] = c_lps.cpu()
-        tlp[start:end] = c_tlp.cpu()
-    return ids, lps, tlp
+        ids[start:end], lps[start:end], tlp[start:end] = _topk_rows(logits, k=k, targets=t)
+    return ids.cpu(), lps.cpu(), tlp.cpu()
 
 
 def topk_from_logits(
