@@ -12,6 +12,9 @@ import os
 import time
 from dataclasses import asdict
 
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
+
 from orchestrator import data as data_mod
 from orchestrator.config import Config
 from orchestrator.errors import ConfigError, RaydistillError, ShardError
@@ -129,9 +132,8 @@ def _adopt(fs, path: str, unit: int, fingerprint: str) -> ShardInfo | None:
     if meta.get("fingerprint") != fingerprint or meta.get("unit") != unit:
         fs.delete_file(path)
         return None
-    k = int(meta["k"])
-    tokens = sum(len(x) for x in table.column("input_ids").to_pylist())
-    labelled = sum(len(x) for x in table.column("topk_ids").to_pylist()) // k
+    tokens = int(pa.compute.sum(pa.compute.list_value_length(table.column("input_ids"))).as_py())
+    labelled = int(pa.compute.sum(table.column("num_labels")).as_py())
     return ShardInfo(unit, os.path.basename(path), table.num_rows, tokens, labelled, len(data),
                      hashlib.sha256(data).hexdigest())
 

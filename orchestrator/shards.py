@@ -25,21 +25,28 @@ from orchestrator.manifest import MANIFEST, SHARDS_DIR, ShardInfo, exists, files
 from orchestrator.softlabels import SoftLabels
 
 FORMAT_VERSION = 1
-LOGPROB_SCALE = 64
-"""Stored log-probs are round(-logprob × 64): 1/64-nat steps, at most 1/128 nat off."""
+LOGPROB_SCALE = 51
+"""Stored log-probs are round(-logprob × 51): steps of 1/51 nat, at most 1/102 ≈ 0.0098 nat off."""
+_ESC = 255
+"""Byte code meaning "the value is in the row's *_ext column" (ids and log-prob deltas)."""
 _UNKNOWN = np.iinfo(np.uint16).max
 """Sentinel of an unknown target log-prob (past the end of a text)."""
 META_KEY = b"raydistill"
 LOGPROB_SEMANTICS = ("natural-log probabilities of the teacher's raw (temperature 1) next-token "
                      "distribution, normalised over the full vocabulary")
+ZSTD_LEVEL = 9
+"""zstd level of shard pages: 9 packs within ~1% of level 15 at ~15× its speed (BENCHMARKS.md)."""
 
 SCHEMA = pa.schema([
     ("sample_id", pa.string()),
     ("input_ids", pa.list_(pa.int32())),
     ("prompt_len", pa.int32()),
     ("label_start", pa.int32()),
-    ("topk_ids", pa.list_(pa.int32())),
-    ("topk_logprob_deltas", pa.list_(pa.uint16())),
+    ("num_labels", pa.int32()),
+    ("topk_id_codes", pa.binary()),
+    ("topk_id_ext", pa.binary()),
+    ("topk_logprob_codes", pa.binary()),
+    ("topk_logprob_ext", pa.binary()),
     ("target_logprob", pa.list_(pa.uint16())),
 ])
 
@@ -48,16 +55,28 @@ def shard_name(unit: int) -> str:
     return f"shard-{unit:06d}.parquet"
 
 
-def encode_logprobs(lps: np.ndarray) -> np.ndarray:
-    """[n, k] descending log-probs → [n, k] uint16 deltas of round(-lp × 64) along each row."""
-    q = np.clip(np.rint(-lps.astype(np.float64) * LOGPROB_SCALE), 0, _UNKNOWN - 1).astype(np.int64)
+def quantise_logprobs(lps: np.ndarray) -> np.ndarray:
+    """[n, k] descending log-probs → [n, k] int64 deltas of round(-lp × 51) along each row."""
+    q = np.clip(np.rint(-lps.astype(np.float64) * LOGPROB_SCALE), 0, 1 << 30).astype(np.int64)
     q = np.maximum.accumulate(q, axis=1)  # exact ties and rounding keep rows non-decreasing
-    d = np.diff(q, axis=1, prepend=0)
-    return d.astype(np.uint16)
+    return np.diff(q, axis=1, prepend=0)
 
 
-def decode_logprobs(deltas: np.ndarray) -> np.ndarray:
+def dequantise_logprobs(deltas: np.ndarray) -> np.ndarray:
     return -(np.cumsum(deltas.astype(np.int64), axis=-1) / LOGPROB_SCALE).astype(np.float32)
+
+
+def _split_codes(values: np.ndarray, ext_dtype) -> tuple[bytes, bytes]:
+    """Small values as one byte each; values ≥ 255 as the byte 255 plus an entry in `ext`."""
+    v = values.ravel()
+    small = v < _ESC
+    return np.where(small, v, _ESC).astype(np.uint8).tobytes(), v[~small].astype(ext_dtype).tobytes()
+
+
+def _join_codes(codes: np.ndarray, ext: np.ndarray, table: np.ndarray | None = None) -> np.ndarray:
+    out = codes.astype(np.int64) if table is None else table[codes]
+    out[codes == _ESC] = ext
+    return out
 
 
 def _encode_targets(tlp: np.ndarray) -> np.ndarray:
@@ -73,18 +92,38 @@ def _decode_targets(q: np.ndarray) -> np.ndarray:
 
 
 def build_table(rows: list[tuple[str, SoftLabels]], meta: dict) -> pa.Table:
-    """Arrow table of one shard; `meta` (teacher, tokenizer, k, mode, …) goes in the schema."""
+    """Arrow table of one shard; `meta` (teacher, tokenizer, k, mode, …) goes in the schema.
+
+    Ids: the shard's 255 most frequent top-k ids get one-byte codes (`id_dictionary` in the
+    metadata); any other id is the byte 255 plus its raw id in `topk_id_ext` (uint32 LE).
+    Log-probs: per-row deltas of the quantised values in rank order (mostly < 255: one byte), with
+    larger deltas as 255 plus a uint16 in `topk_logprob_ext`. zstd then packs the byte streams.
+    """
+    all_ids = np.concatenate([sl.topk_ids.reshape(-1) for _, sl in rows]).astype(np.int64)
+    values, counts = np.unique(all_ids, return_counts=True)
+    dictionary = values[np.argsort(-counts, kind="stable")][:_ESC]
+    code_of = np.full(int(all_ids.max(initial=0)) + 1, _ESC, dtype=np.int64)
+    code_of[dictionary] = np.arange(len(dictionary))
     cols: dict[str, list] = {name: [] for name in SCHEMA.names}
     for sample_id, sl in rows:
+        ids = sl.topk_ids.astype(np.int64).reshape(-1)
+        codes = code_of[ids]
+        id_codes = codes.astype(np.uint8).tobytes()
+        id_ext = ids[codes == _ESC].astype("<u4").tobytes()
+        lp_codes, lp_ext = _split_codes(quantise_logprobs(sl.topk_logprobs), "<u2")
         cols["sample_id"].append(sample_id)
         cols["input_ids"].append(sl.input_ids.astype(np.int32))
         cols["prompt_len"].append(sl.prompt_len)
         cols["label_start"].append(sl.label_start)
-        cols["topk_ids"].append(sl.topk_ids.astype(np.int32).reshape(-1))
-        cols["topk_logprob_deltas"].append(encode_logprobs(sl.topk_logprobs).reshape(-1))
+        cols["num_labels"].append(len(sl.topk_ids))
+        cols["topk_id_codes"].append(id_codes)
+        cols["topk_id_ext"].append(id_ext)
+        cols["topk_logprob_codes"].append(lp_codes)
+        cols["topk_logprob_ext"].append(lp_ext)
         cols["target_logprob"].append(_encode_targets(sl.target_logprobs))
     full_meta = {"format_version": FORMAT_VERSION, "logprob_scale": LOGPROB_SCALE,
-                 "logprob_semantics": LOGPROB_SEMANTICS, **meta}
+                 "logprob_semantics": LOGPROB_SEMANTICS, "id_dictionary": dictionary.tolist(),
+                 **meta}
     schema = SCHEMA.with_metadata({META_KEY: json.dumps(full_meta, sort_keys=True).encode()})
     return pa.Table.from_pydict(cols, schema=schema)
 
@@ -94,8 +133,8 @@ def write_shard(fs: pafs.FileSystem, shards_dir: str, unit: int,
     """Encode, checksum and atomically publish one shard; returns its manifest entry."""
     table = build_table(rows, {**meta, "unit": unit})
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd", compression_level=9, use_dictionary=True,
-                   write_statistics=False)
+    pq.write_table(table, buf, compression="zstd", compression_level=ZSTD_LEVEL,
+                   use_dictionary=["sample_id"], write_statistics=False)
     data = buf.getvalue()
     name = shard_name(unit)
     final = f"{shards_dir}/{name}"
@@ -137,28 +176,62 @@ def load_shard(data: bytes, *, name: str, sha256: str | None = None) -> pa.Table
     return table
 
 
+def _binary_values(table: pa.Table, name: str, dtype) -> np.ndarray:
+    """All rows' bytes of a binary column, concatenated in row order, as a numpy array."""
+    arr = table.column(name).combine_chunks()
+    if len(arr) == 0:
+        return np.zeros(0, dtype=dtype)
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset:arr.offset + len(arr) + 1]
+    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]]
+    return data.view(dtype)
+
+
+def decode_table(table: pa.Table) -> dict[str, np.ndarray]:
+    """Decode a whole shard at once (vectorised): flat label arrays over all rows' labels.
+
+    Returns `topk_ids [N, k]`, `topk_logprobs [N, k]`, `target_logprobs [N]` (N = Σ num_labels, in
+    row order) and `num_labels [rows]`.
+    """
+    meta = shard_metadata(table)
+    k = int(meta["k"])
+    table_of = np.zeros(256, dtype=np.int64)
+    dictionary = np.asarray(meta["id_dictionary"], dtype=np.int64)
+    table_of[: len(dictionary)] = dictionary
+    id_codes = _binary_values(table, "topk_id_codes", np.uint8)
+    ids = _join_codes(id_codes, _binary_values(table, "topk_id_ext", "<u4"), table_of)
+    lp_codes = _binary_values(table, "topk_logprob_codes", np.uint8)
+    deltas = _join_codes(lp_codes, _binary_values(table, "topk_logprob_ext", "<u2"))
+    targets = table.column("target_logprob").combine_chunks().values.to_numpy(zero_copy_only=False)
+    return {"topk_ids": ids.reshape(-1, k).astype(np.int32),
+            "topk_logprobs": dequantise_logprobs(deltas.reshape(-1, k)),
+            "target_logprobs": _decode_targets(targets),
+            "num_labels": table.column("num_labels").to_numpy()}
+
+
 def decode_rows(table: pa.Table) -> Iterator[dict]:
     """Per-sample dicts: sample_id, input_ids [T], prompt_len, label_start, topk_ids [T, k] (-1 where
     a position has no label), topk_logprobs [T, k] (-inf there), target_logprobs [T] (NaN there)."""
-    k = int(shard_metadata(table)["k"])
-    cols = {name: table.column(name) for name in SCHEMA.names}
+    flat = decode_table(table)
+    k = flat["topk_ids"].shape[1]
+    ends = np.cumsum(flat["num_labels"])
+    input_ids = table.column("input_ids")
+    sample_ids = table.column("sample_id").to_pylist()
+    prompt_lens = table.column("prompt_len").to_pylist()
+    starts = table.column("label_start").to_pylist()
     for i in range(table.num_rows):
-        ids = cols["input_ids"][i].values.to_numpy(zero_copy_only=False)
-        T = len(ids)
-        start = cols["label_start"][i].as_py()
-        top = cols["topk_ids"][i].values.to_numpy(zero_copy_only=False).reshape(-1, k)
-        deltas = cols["topk_logprob_deltas"][i].values.to_numpy(zero_copy_only=False).reshape(-1, k)
-        tq = cols["target_logprob"][i].values.to_numpy(zero_copy_only=False)
-        n = len(top)
+        ids = input_ids[i].values.to_numpy(zero_copy_only=False).astype(np.int32)
+        T, start = len(ids), starts[i]
+        a, b = int(ends[i] - flat["num_labels"][i]), int(ends[i])
+        n = b - a
         topk_ids = np.full((T, k), -1, dtype=np.int32)
         topk_lps = np.full((T, k), -np.inf, dtype=np.float32)
         target = np.full((T,), np.nan, dtype=np.float32)
-        topk_ids[start:start + n] = top
-        topk_lps[start:start + n] = decode_logprobs(deltas)
-        target[start:start + n] = _decode_targets(tq)
-        yield {"sample_id": cols["sample_id"][i].as_py(), "input_ids": ids.astype(np.int32),
-               "prompt_len": cols["prompt_len"][i].as_py(), "label_start": start,
-               "topk_ids": topk_ids, "topk_logprobs": topk_lps, "target_logprobs": target}
+        topk_ids[start:start + n] = flat["topk_ids"][a:b]
+        topk_lps[start:start + n] = flat["topk_logprobs"][a:b]
+        target[start:start + n] = flat["target_logprobs"][a:b]
+        yield {"sample_id": sample_ids[i], "input_ids": ids, "prompt_len": prompt_lens[i],
+               "label_start": start, "topk_ids": topk_ids, "topk_logprobs": topk_lps,
+               "target_logprobs": target}
 
 
 def read_shards(path: str, *, verify: bool = True) -> Iterator[dict]:

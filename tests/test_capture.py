@@ -52,7 +52,7 @@ def test_hf_score_capture_via_cli(tmp_path, tiny_teacher, dataset, ray_session, 
 
     ref = HFBackend(tiny_teacher).score([list(rows[0]["input_ids"])], k=8)[0]
     np.testing.assert_array_equal(rows[0]["topk_ids"], ref.topk_ids)
-    assert np.abs(rows[0]["topk_logprobs"] - ref.topk_logprobs).max() <= 1 / 128 + 1e-6
+    assert np.abs(rows[0]["topk_logprobs"] - ref.topk_logprobs).max() <= 0.01
     # rerun: nothing to do
     assert main(["capture", str(cfg_path)]) == 0
     assert "already complete" in capsys.readouterr().err

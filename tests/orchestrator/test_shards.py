@@ -25,8 +25,8 @@ def fake_labels(rng, T, k, vocab=5000, label_start=0, n=None):
 def test_logprob_quantisation_error_bound():
     rng = np.random.default_rng(0)
     lps = np.sort(rng.uniform(-40, 0, size=(1000, 64)), axis=1)[:, ::-1].astype(np.float32)
-    back = shards.decode_logprobs(shards.encode_logprobs(lps))
-    assert np.abs(back - lps).max() <= 0.5 / shards.LOGPROB_SCALE + 1e-6
+    back = shards.dequantise_logprobs(shards.quantise_logprobs(lps))
+    assert np.abs(back - lps).max() <= 0.5 / shards.LOGPROB_SCALE + 1e-6 < 0.01
 
 
 def write_capture(fs, root, rows, k):
@@ -51,9 +51,9 @@ def test_round_trip_and_plain_pyarrow(tmp_path):
         assert g["topk_ids"].shape == (T, 8) and g["topk_logprobs"].shape == (T, 8)
         np.testing.assert_array_equal(g["input_ids"], sl.input_ids)
         np.testing.assert_array_equal(g["topk_ids"][s:s + n], sl.topk_ids)
-        assert np.abs(g["topk_logprobs"][s:s + n] - sl.topk_logprobs).max() <= 1 / 128 + 1e-6
+        assert np.abs(g["topk_logprobs"][s:s + n] - sl.topk_logprobs).max() <= 0.01
         assert (g["topk_ids"][:s] == -1).all() and np.isneginf(g["topk_logprobs"][:s]).all()
-        np.testing.assert_allclose(g["target_logprobs"][s:s + n], sl.target_logprobs, atol=1 / 128)
+        np.testing.assert_allclose(g["target_logprobs"][s:s + n], sl.target_logprobs, atol=0.01)
     # the same file is plain Parquet with self-describing metadata
     table = pq.read_table(f"{root}/shards/{info.file}")
     meta = shards.shard_metadata(table)
