@@ -96,14 +96,30 @@ def load_manifest(fs: pafs.FileSystem, root: str) -> Manifest | None:
 def save_manifest(fs: pafs.FileSystem, root: str, manifest: Manifest) -> None:
     """Atomic on local disks (tmp + rename) and on S3 (one PUT)."""
     manifest.updated = time.time()
-    data = manifest.to_json().encode()
-    path = f"{root}/{MANIFEST}"
+    write_atomic(fs, f"{root}/{MANIFEST}", manifest.to_json().encode())
+
+
+def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Publish `data` at `path` all at once: on a local disk as `<path>.tmp`, fsync, rename; on an
+    object store as one PUT. A failed write (disk full, no permission) leaves any previous file at
+    `path` as it was, removes the partial `.tmp`, and raises a ShardError saying what happened."""
     local = isinstance(fs, pafs.LocalFileSystem)
-    target = path + ".tmp" if local else path
-    with fs.open_output_stream(target) as out:
-        out.write(data)
-    if local:
-        fs.move(target, path)
+    tmp = path + ".tmp"
+    try:
+        if local:
+            with open(tmp, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, path)
+        else:
+            with fs.open_output_stream(path) as out:
+                out.write(data)
+    except OSError as e:
+        if local and os.path.exists(tmp):
+            os.remove(tmp)
+        raise ShardError(f"could not write {path} ({e.strerror or e}); files written before it are "
+                         "intact — free space or fix permissions, then rerun to resume") from None
 
 
 def reconcile(fs: pafs.FileSystem, root: str, manifest: Manifest, *, verify) -> tuple[int, int]:

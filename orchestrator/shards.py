@@ -21,7 +21,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from orchestrator.errors import ShardError
-from orchestrator.manifest import MANIFEST, SHARDS_DIR, ShardInfo, exists, filesystem, load_manifest
+from orchestrator.manifest import (MANIFEST, SHARDS_DIR, ShardInfo, exists, filesystem,
+                                   load_manifest, write_atomic)
 from orchestrator.softlabels import SoftLabels
 
 FORMAT_VERSION = 1
@@ -137,13 +138,7 @@ def write_shard(fs: pafs.FileSystem, shards_dir: str, unit: int,
                    use_dictionary=["sample_id"], write_statistics=False)
     data = buf.getvalue()
     name = shard_name(unit)
-    final = f"{shards_dir}/{name}"
-    local = isinstance(fs, pafs.LocalFileSystem)
-    target = final + ".tmp" if local else final
-    with fs.open_output_stream(target) as out:
-        out.write(data)
-    if local:
-        fs.move(target, final)
+    write_atomic(fs, f"{shards_dir}/{name}", data)
     tokens = sum(len(sl.input_ids) for _, sl in rows)
     labelled = sum(len(sl.topk_ids) for _, sl in rows)
     return ShardInfo(unit, name, len(rows), tokens, labelled, len(data),

@@ -112,3 +112,39 @@ def test_s3_round_trip(s3_server):
     got = list(shards.read_shards(s3_server))
     np.testing.assert_array_equal(got[0]["topk_ids"], rows[0][1].topk_ids)
     assert load_manifest(fs, root).shards[0].rows == 1
+
+
+def test_failed_write_keeps_previous_shards(tmp_path, monkeypatch):
+    """Disk full while writing: the error says so, earlier shards and the manifest stay intact."""
+    import builtins
+
+    rng = np.random.default_rng(4)
+    fs, root = pafs.LocalFileSystem(), str(tmp_path)
+    info = write_capture(fs, root, [("a", fake_labels(rng, 10, 4))], 4)
+    before = (tmp_path / "shards" / info.file).read_bytes()
+    real_open = builtins.open
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[:10])
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(builtins, "open", lambda p, m="r", *a, **k:
+                        Full(real_open(p, m, *a, **k)) if str(p).endswith(".tmp") else real_open(p, m, *a, **k))
+    with pytest.raises(ShardError, match=r"No space left on device.*intact"):
+        shards.write_shard(fs, f"{root}/shards", 1, [("b", fake_labels(rng, 10, 4))], {"k": 4})
+    with pytest.raises(ShardError, match="No space left"):
+        save_manifest(fs, root, load_manifest(fs, root))
+    monkeypatch.undo()
+    assert (tmp_path / "shards" / info.file).read_bytes() == before
+    assert not list(tmp_path.rglob("*.tmp"))
+    assert [r["sample_id"] for r in shards.read_shards(root)] == ["a"]
