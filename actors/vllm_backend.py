@@ -111,12 +111,10 @@ class VLLMBackend:
         return results
 
     def close(self) -> None:
+        """Stop the engine-core process now rather than whenever the LLM object is collected."""
         llm, self.llm = self.llm, None
         if llm is not None:
-            engine = getattr(llm, "llm_engine", None)
-            shutdown = getattr(engine, "shutdown", None)
-            if callable(shutdown):
-                shutdown()
+            llm.llm_engine.engine_core.shutdown()
             del llm
 
 

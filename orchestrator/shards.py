@@ -1,9 +1,9 @@
 """The soft-label shard format: Parquet files with a documented schema (docs/shards.md).
 
 One shard = one work unit = the soft labels of `samples_per_shard` records, written by one teacher
-actor. Log-probs are stored quantised to 1/64 nat (error ≤ 1/128 nat) as per-row deltas in rank order,
-which are small integers that Parquet's dictionary encoding and zstd pack tightly; ids are stored in
-rank order. `read_shards` decodes back to plain numpy arrays, whatever the on-disk encoding.
+actor. Top-k ids (exact) and log-probs (quantised to 1/51 nat, error ≤ 0.0098 nat, delta-coded in
+rank order) are stored as one-byte codes with escapes, which zstd packs close to their entropy.
+`read_shards` decodes back to plain numpy arrays, whatever the on-disk encoding.
 
 Writes are atomic: a local shard is written as `<name>.tmp` and renamed; on S3 a single PUT is atomic.
 """
@@ -166,8 +166,13 @@ def load_shard(data: bytes, *, name: str, sha256: str | None = None) -> pa.Table
     except (pa.ArrowInvalid, OSError) as e:
         raise ShardError(f"shard {name} is not a readable Parquet file ({e}); recapture it with "
                          "`raydistill capture CONFIG --repair`") from None
-    if not shard_metadata(table):
+    meta = shard_metadata(table)
+    if not meta:
         raise ShardError(f"{name} is not a raydistill shard (no '{META_KEY.decode()}' metadata)")
+    if meta.get("format_version") != FORMAT_VERSION or table.schema.names != SCHEMA.names:
+        raise ShardError(f"shard {name} has shard format {meta.get('format_version')} / columns "
+                         f"{table.schema.names}; this raydistill reads format {FORMAT_VERSION}. "
+                         "Recapture with `raydistill capture CONFIG --fresh`")
     return table
 
 

@@ -148,3 +148,14 @@ def test_failed_write_keeps_previous_shards(tmp_path, monkeypatch):
     assert (tmp_path / "shards" / info.file).read_bytes() == before
     assert not list(tmp_path.rglob("*.tmp"))
     assert [r["sample_id"] for r in shards.read_shards(root)] == ["a"]
+
+
+def test_other_format_refused_clearly(tmp_path):
+    import pyarrow as pa
+
+    old = pa.table({"sample_id": ["a"], "topk_ids": [[1, 2]]}).replace_schema_metadata(
+        {shards.META_KEY: b'{"format_version": 0, "k": 2}'})
+    buf = io.BytesIO()
+    pq.write_table(old, buf)
+    with pytest.raises(ShardError, match="format 0 .* reads format 1.*--fresh"):
+        shards.load_shard(buf.getvalue(), name="old.parquet")
