@@ -121,41 +121,22 @@ def build_teacher(out: Path, *, steps: int, max_seconds: float, seed: int = 0) -
     vocab = len(tok)
 
     t0 = time.time()
-    train_ids = _encode(tok, train_files)
-    test_ids = _encode(tok, test_files)
+    train_ids = tiny.encode_files(tok, train_files)
+    test_ids = tiny.encode_files(tok, test_files)
     np.save(tmp / "heldout_ids.npy", np.asarray(test_ids, dtype=np.int32))
     log(f"{len(train_ids):,} training / {len(test_ids):,} held-out tokens in {time.time() - t0:.0f}s")
 
     config = tiny.llama_config(vocab, layers=4, hidden=256, heads=4, max_positions=512)
     model = tiny.build_model(config, seed=seed)
     lr, batch, seq = 2e-3, 16, 128
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
-    data = torch.tensor(train_ids, dtype=torch.long)
-    gen = torch.Generator().manual_seed(seed)
     log(f"training the teacher: {steps} AdamW steps (lr {lr}, batch {batch}x{seq}), "
         f"at most {max_seconds:.0f}s ...")
-    step, start, loss_avg, next_log = 0, time.time(), None, 30.0
-    warm = max(1, steps // 30)
-    while step < steps and (elapsed := time.time() - start) < max_seconds:
-        frac = step / steps
-        for g in opt.param_groups:  # short linear warm-up, cosine decay to 10%
-            g["lr"] = lr * min(1.0, (step + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-        idx = torch.randint(0, len(data) - seq - 1, (batch,), generator=gen)
-        x = torch.stack([data[i:i + seq + 1] for i in idx.tolist()])
-        loss = model(input_ids=x, labels=x).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        loss_avg = loss.item() if loss_avg is None else 0.9 * loss_avg + 0.1 * loss.item()
-        if elapsed > next_log:
-            log(f"  step {step}/{steps}, loss {loss_avg:.2f}")
-            next_log += 30.0
+    start = time.time()
+    step = tiny.train_lm(model, train_ids, max_steps=steps, max_seconds=max_seconds, lr=lr,
+                         batch=batch, seq=seq, seed=seed)
     trained = time.time() - start
-    model.eval()
-    heldout = _heldout_nats(model, test_ids, seq=seq)
-    unigram = _unigram_nats(train_ids, test_ids, vocab)
+    heldout = tiny.heldout_nats(model, test_ids, seq=seq)
+    unigram = tiny.unigram_nats(train_ids, test_ids, vocab)
     model.save_pretrained(str(tmp), safe_serialization=True)
     info = {"layers": 4, "hidden": 256, "heads": 4, "vocab_size": vocab, "steps": step,
             "planned_steps": steps, "train_seconds": trained, "train_tokens": step * batch * seq,
@@ -166,31 +147,6 @@ def build_teacher(out: Path, *, steps: int, max_seconds: float, seed: int = 0) -
     log(f"teacher saved in {out}: {step} steps in {trained:.0f}s, held-out {heldout:.2f} nats/token "
         f"(unigram {unigram:.2f})")
     return info
-
-
-def _encode(tok, files) -> list[int]:
-    from orchestrator import tiny
-
-    ids: list[int] = []
-    for text in tiny.chunks_of_text(files, max_chars=100_000):
-        ids.extend(tok(text)["input_ids"])
-    return ids
-
-
-def _heldout_nats(model, ids, *, seq: int, windows: int = 64) -> float:
-    import torch
-
-    step = max(1, (len(ids) - seq - 1) // windows)
-    starts = list(range(0, len(ids) - seq - 1, step))[:windows]
-    x = torch.tensor([ids[s:s + seq + 1] for s in starts])
-    with torch.no_grad():
-        logits = model(input_ids=x[:, :-1]).logits
-        return float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()))
-
-
-def _unigram_nats(train, test, vocab: int) -> float:
-    counts = np.bincount(np.asarray(train), minlength=vocab).astype(np.float64) + 1.0
-    return float(-np.log(counts / counts.sum())[np.asarray(test)].mean())
 
 
 def make_batch(teacher: Path, n: int, seq: int = SEQ) -> list[list[int]]:

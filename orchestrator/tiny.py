@@ -126,3 +126,75 @@ def chunks_of_text(files: Iterable[Path], *, max_chars: int = 4000) -> Iterator[
             end = cut + 1 if cut > start else end
             yield text[start:end]
             start = end
+
+
+def encode_files(tokenizer, files: Iterable[Path]) -> list[int]:
+    """All the files' text as one token stream."""
+    ids: list[int] = []
+    for text in chunks_of_text(files, max_chars=100_000):
+        ids.extend(tokenizer(text)["input_ids"])
+    return ids
+
+
+def train_lm(model, ids: list[int], *, max_steps: int | None = None, max_seconds: float | None = None,
+             lr: float = 2e-3, batch: int = 16, seq: int = 128, seed: int = 0,
+             on_step=None) -> int:
+    """Next-token training on random windows of `ids` (AdamW, warm-up then cosine decay to 10%)
+    until `max_steps` or `max_seconds`, whichever comes first. Returns the steps taken.
+
+    on_step(step, fraction_done, smoothed_loss) is called after every step (progress display).
+    """
+    import math
+    import time
+
+    import torch
+
+    if max_steps is None and max_seconds is None:
+        raise ValueError("train_lm needs max_steps or max_seconds")
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
+    data = torch.tensor(ids, dtype=torch.long)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    step, start, loss_avg = 0, time.time(), None
+
+    def done_fraction() -> float:
+        by_steps = step / max_steps if max_steps else 0.0
+        by_time = (time.time() - start) / max_seconds if max_seconds else 0.0
+        return max(by_steps, by_time)
+
+    while (frac := done_fraction()) < 1.0:
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, frac / 0.03) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        idx = torch.randint(0, len(data) - seq - 1, (batch,), generator=gen)
+        x = torch.stack([data[i:i + seq + 1] for i in idx.tolist()])
+        loss = model(input_ids=x, labels=x).loss  # HF shifts the labels by one
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        loss_avg = loss.item() if loss_avg is None else 0.95 * loss_avg + 0.05 * loss.item()
+        if on_step is not None:
+            on_step(step, min(1.0, done_fraction()), loss_avg)
+    model.eval()
+    return step
+
+
+def heldout_nats(model, ids: list[int], *, seq: int = 128, windows: int = 64) -> float:
+    """Mean next-token cross-entropy (nats/token) on evenly spaced held-out windows."""
+    import torch
+
+    step = max(1, (len(ids) - seq - 1) // windows)
+    starts = list(range(0, len(ids) - seq - 1, step))[:windows]
+    x = torch.tensor([ids[s:s + seq + 1] for s in starts])
+    with torch.no_grad():
+        logits = model(input_ids=x[:, :-1]).logits
+        return float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()))
+
+
+def unigram_nats(train: list[int], test: list[int], vocab: int) -> float:
+    """Cross-entropy of an add-one unigram model of `train` on `test`: the floor a teacher beats."""
+    import numpy as np
+
+    counts = np.bincount(np.asarray(train), minlength=vocab).astype(np.float64) + 1.0
+    return float(-np.log(counts / counts.sum())[np.asarray(test)].mean())
