@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -141,15 +142,22 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     validate(cfg)
     cfg.teacher.model = _expand(cfg.teacher.model)
     cfg.data.path = _expand(cfg.data.path)
-    cfg.output_dir = _expand(cfg.output_dir)
+    cfg.output_dir = os.path.abspath(_expand(cfg.output_dir)) if "://" not in cfg.output_dir \
+        else cfg.output_dir
     return cfg
 
 
 def _expand(path: str) -> str:
-    """`~` and environment variables in local paths (URIs stay as they are)."""
+    """Local paths: `~` and environment variables expanded, made absolute (actors on other
+    processes or nodes do not share the driver's working directory). URIs stay as they are."""
     import os
 
-    return path if "://" in path else os.path.expandvars(os.path.expanduser(path))
+    if "://" in path or not path:
+        return path
+    expanded = os.path.expandvars(os.path.expanduser(path))
+    if expanded.startswith((".", "/")) or os.path.exists(expanded):
+        return os.path.abspath(expanded)
+    return expanded
 
 
 def _apply_override(raw: dict, item: str) -> None:

@@ -63,3 +63,13 @@ def test_bad_yaml_and_missing_file(tmp_path):
     listy.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_config(listy)
+
+
+def test_local_paths_become_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.jsonl").write_text("{}\n")
+    cfg = load_config(None, ["teacher.model=org/model", "data.path=d.jsonl", "output_dir=runs/x"])
+    assert cfg.output_dir == str(tmp_path / "runs" / "x")
+    assert cfg.data.path == str(tmp_path / "d.jsonl")
+    assert cfg.teacher.model == "org/model"  # a hub id stays as it is
+    assert load_config(None, BASE[:2] + ["output_dir=s3://b/p"]).output_dir == "s3://b/p"
