@@ -27,6 +27,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--chunk-rows", type=int, default=4096)
+    ap.add_argument("--profile", action="store_true", help="also time the head's parts alone")
     args = ap.parse_args()
 
     from transformers import LlamaForCausalLM
@@ -44,7 +46,7 @@ def main() -> None:
         model.save_pretrained(d, safe_serialization=True)
         params = sum(p.numel() for p in model.parameters())
         del model
-        backend = HFBackend(d, dtype="bfloat16", device="cuda", chunk_rows=4096,
+        backend = HFBackend(d, dtype="bfloat16", device="cuda", chunk_rows=args.chunk_rows,
                             batch_tokens=8192, max_length=4096)
     g = torch.Generator().manual_seed(1)
     seqs = torch.randint(0, args.vocab, (args.seqs, args.seq_len), generator=g)
@@ -87,11 +89,47 @@ def main() -> None:
                      for o, i in zip(out, ids)) / 2)
     lp_err = max(float((torch.from_numpy(o.topk_logprobs).cuda() - v).abs().max())
                  for o, v in zip(out, vals))
+    if args.profile:
+        results["head_parts_ms_per_chunk"] = _profile_head(backend, args)
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
               "params_b": params / 1e9, "tokens": tokens, "k": args.k, **results,
               "topk_id_agreement": id_agree, "top1_agreement": top1,
               "max_abs_logprob_err": lp_err}
     print(json.dumps(report, indent=1))
+
+
+def _profile_head(backend, args) -> dict:
+    """Milliseconds per chunk of each step of the head on random hidden states."""
+    w = backend.head.weight
+    h = torch.randn(args.chunk_rows, w.shape[1], device="cuda", dtype=w.dtype)
+
+    def ms(fn, reps=10):
+        fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t) / reps * 1e3
+
+    logits = h @ w.T
+    top = logits.max(-1, keepdim=True).values
+    return {"matmul": ms(lambda: h @ w.T), "topk": ms(lambda: torch.topk(logits, args.k, -1)),
+            "exp_sum": ms(lambda: torch.exp(logits - top).float().sum(-1)),
+            "exp_sum_fp32_acc": ms(lambda: torch.exp(logits - top).sum(-1, dtype=torch.float32)),
+            "logsumexp_fp32": ms(lambda: torch.logsumexp(logits.float(), -1)),
+            "topk_two_stage": ms(lambda: _two_stage_topk(logits, args.k))}
+
+
+def _two_stage_topk(logits: torch.Tensor, k: int, blocks: int = 64):
+    """Top-k per vocabulary block, then top-k of the candidates (same result as torch.topk)."""
+    n, v = logits.shape
+    width = -(-v // blocks)
+    padded = torch.nn.functional.pad(logits, (0, width * blocks - v), value=float("-inf"))
+    vals, idx = padded.view(n, blocks, width).topk(k, -1)
+    idx = idx + torch.arange(blocks, device=logits.device).view(1, blocks, 1) * width
+    vals, pick = vals.view(n, -1).topk(k, -1)
+    return vals, idx.view(n, -1).gather(1, pick)
 
 
 if __name__ == "__main__":
