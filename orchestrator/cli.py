@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--home", default=None,
                       help="where the demo teacher and data are cached (default ~/.cache/raydistill)")
     demo.add_argument("--rebuild", action="store_true", help="retrain the cached demo teacher")
+    demo.add_argument("--fresh", action="store_true",
+                      help="recapture from scratch (e.g. after an upgrade changed the shard format)")
 
     ins = sub.add_parser("inspect", help="summarise a capture's manifest and shard metadata")
     ins.add_argument("output_dir")
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             from orchestrator.demo import run_demo
 
             return run_demo(overrides=args.set, teacher_minutes=args.teacher_minutes,
-                            home=args.home, rebuild=args.rebuild)
+                            home=args.home, rebuild=args.rebuild, fresh=args.fresh)
         if args.command == "inspect":
             from orchestrator.inspect import describe
 

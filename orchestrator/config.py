@@ -107,10 +107,11 @@ class Config:
     output_dir: str = ""
     """Where shards and the manifest go: a local path or an `s3://bucket/prefix` URI."""
 
-    def capture_fingerprint(self) -> str:
-        """Hash of every setting that changes what the shards contain (not how fast they come)."""
+    def capture_fingerprint(self, *, format_version: int = 0) -> str:
+        """Hash of every setting that changes what the shards contain (not how fast they come),
+        and of the shard format version (a capture never mixes two formats)."""
         t, d = self.teacher, self.data
-        keys = {
+        keys = {"format_version": format_version,
             "model": t.model, "revision": t.revision, "k": t.k, "mode": t.mode,
             "temperature": t.temperature, "top_p": t.top_p, "num_samples": t.num_samples,
             "max_new_tokens": t.max_new_tokens, "seed": t.seed, "max_model_len": t.max_model_len,

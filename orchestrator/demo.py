@@ -25,7 +25,7 @@ def demo_home(home: str | None) -> Path:
 
 
 def run_demo(*, overrides: list[str], teacher_minutes: float, home: str | None,
-             rebuild: bool) -> int:
+             rebuild: bool, fresh: bool = False) -> int:
     from orchestrator.config import load_config
     from orchestrator.pipeline import capture
 
@@ -41,7 +41,7 @@ def run_demo(*, overrides: list[str], teacher_minutes: float, home: str | None,
                          [f for f in files if tiny.held_out(f)], seed=0)
     paths = [f"teacher.model={teacher}", f"data.path={root / 'demo-data' / 'transfer.jsonl'}"]
     cfg = load_config(QUICKSTART, [*paths, *overrides])
-    manifest = capture(cfg)
+    manifest = capture(cfg, fresh=fresh)
     say(f"[green]soft labels ready[/] in {cfg.output_dir}: {len(manifest.shards)} shards "
         f"(read them with orchestrator.shards.read_shards, or `raydistill inspect {cfg.output_dir}`)")
     return 0 if manifest.complete else 1

@@ -45,7 +45,8 @@ class Manifest:
     total_records: int
     shards: dict[int, ShardInfo] = field(default_factory=dict)
     complete: bool = False
-    format_version: int = 1
+    format_version: int = 2
+    """The shard format of this capture (orchestrator.shards.FORMAT_VERSION)."""
     updated: float = 0.0
 
     def to_json(self) -> str:

@@ -18,10 +18,10 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 from orchestrator import data as data_mod
 from orchestrator.config import Config
 from orchestrator.errors import ConfigError, RaydistillError, ShardError
-from orchestrator.manifest import (SHARDS_DIR, Manifest, ShardInfo, exists, filesystem,
+from orchestrator.manifest import (MANIFEST, SHARDS_DIR, Manifest, ShardInfo, exists, filesystem,
                                    load_manifest, reconcile, save_manifest)
 from orchestrator.progress import CaptureProgress, say
-from orchestrator.shards import load_shard, read_bytes, shard_metadata
+from orchestrator.shards import FORMAT_VERSION, load_shard, read_bytes, shard_metadata
 from orchestrator.teacher_info import inspect_teacher
 
 
@@ -45,7 +45,7 @@ def capture(cfg: Config, *, fresh: bool = False, repair: bool = False) -> Manife
     if scan.skipped:
         say(f"[yellow]{len(scan.skipped)} bad lines skipped[/] (data.on_bad_line=skip)")
 
-    fingerprint = cfg.capture_fingerprint()
+    fingerprint = cfg.capture_fingerprint(format_version=FORMAT_VERSION)
     fs, root = filesystem(cfg.output_dir)
     total_units = -(-scan.records // cfg.capture.samples_per_shard)
     manifest = _open_output(fs, root, fingerprint=fingerprint, fresh=fresh, cfg=cfg,
@@ -88,9 +88,13 @@ def _open_output(fs, root, *, fingerprint, fresh, cfg, total_units, total_record
             f"output_dir {cfg.output_dir} holds another capture (fingerprint {existing.fingerprint},"
             f" this config {fingerprint}); its shards would mix with these. Use a new output_dir, "
             "or rerun with --fresh to delete that capture and start over")
-    if fresh and exists(fs, root):
-        say(f"--fresh: deleting the previous capture in {cfg.output_dir}")
-        fs.delete_dir_contents(root, missing_dir_ok=True)
+    if fresh and (existing is not None or exists(fs, f"{root}/{SHARDS_DIR}")):
+        # only what a capture owns: other files a user keeps in output_dir stay
+        say(f"--fresh: deleting the previous capture (manifest.json, shards/) in {cfg.output_dir}")
+        if exists(fs, f"{root}/{SHARDS_DIR}"):
+            fs.delete_dir(f"{root}/{SHARDS_DIR}")
+        if exists(fs, f"{root}/{MANIFEST}"):
+            fs.delete_file(f"{root}/{MANIFEST}")
         existing = None
     if existing is None:
         if exists(fs, f"{root}/{SHARDS_DIR}"):

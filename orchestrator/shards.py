@@ -25,7 +25,7 @@ from orchestrator.manifest import (MANIFEST, SHARDS_DIR, ShardInfo, exists, file
                                    load_manifest, write_atomic)
 from orchestrator.softlabels import SoftLabels
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 LOGPROB_SCALE = 51
 """Stored log-probs are round(-logprob × 51): steps of 1/51 nat, at most 1/102 ≈ 0.0098 nat off."""
 _ESC = 255
@@ -74,8 +74,8 @@ def _split_codes(values: np.ndarray, ext_dtype) -> tuple[bytes, bytes]:
     return np.where(small, v, _ESC).astype(np.uint8).tobytes(), v[~small].astype(ext_dtype).tobytes()
 
 
-def _join_codes(codes: np.ndarray, ext: np.ndarray, table: np.ndarray | None = None) -> np.ndarray:
-    out = codes.astype(np.int64) if table is None else table[codes]
+def _join_codes(codes: np.ndarray, ext: np.ndarray) -> np.ndarray:
+    out = codes.astype(np.int64)
     out[codes == _ESC] = ext
     return out
 
@@ -95,22 +95,22 @@ def _decode_targets(q: np.ndarray) -> np.ndarray:
 def build_table(rows: list[tuple[str, SoftLabels]], meta: dict) -> pa.Table:
     """Arrow table of one shard; `meta` (teacher, tokenizer, k, mode, …) goes in the schema.
 
-    Ids: the shard's 255 most frequent top-k ids get one-byte codes (`id_dictionary` in the
-    metadata); any other id is the byte 255 plus its raw id in `topk_id_ext` (uint32 LE).
+    Ids: every distinct top-k id of the shard, most frequent first, forms `id_dictionary` (in the
+    metadata); an id is coded by its place c there: one byte if c < 255, else the byte 255 plus c
+    in `topk_id_ext` (uint16 LE, or uint32 when the dictionary has more than 65,536 ids).
     Log-probs: per-row deltas of the quantised values in rank order (mostly < 255: one byte), with
     larger deltas as 255 plus a uint16 in `topk_logprob_ext`. zstd then packs the byte streams.
     """
     all_ids = np.concatenate([sl.topk_ids.reshape(-1) for _, sl in rows]).astype(np.int64)
     values, counts = np.unique(all_ids, return_counts=True)
-    dictionary = values[np.argsort(-counts, kind="stable")][:_ESC]
-    code_of = np.full(int(all_ids.max(initial=0)) + 1, _ESC, dtype=np.int64)
+    dictionary = values[np.argsort(-counts, kind="stable")]
+    code_of = np.zeros(int(all_ids.max(initial=0)) + 1, dtype=np.int64)
     code_of[dictionary] = np.arange(len(dictionary))
+    ext_dtype = "<u2" if len(dictionary) <= 1 << 16 else "<u4"
     cols: dict[str, list] = {name: [] for name in SCHEMA.names}
     for sample_id, sl in rows:
         ids = sl.topk_ids.astype(np.int64).reshape(-1)
-        codes = code_of[ids]
-        id_codes = codes.astype(np.uint8).tobytes()
-        id_ext = ids[codes == _ESC].astype("<u4").tobytes()
+        id_codes, id_ext = _split_codes(code_of[ids], ext_dtype)
         lp_codes, lp_ext = _split_codes(quantise_logprobs(sl.topk_logprobs), "<u2")
         cols["sample_id"].append(sample_id)
         cols["input_ids"].append(sl.input_ids.astype(np.int32))
@@ -124,7 +124,7 @@ def build_table(rows: list[tuple[str, SoftLabels]], meta: dict) -> pa.Table:
         cols["target_logprob"].append(_encode_targets(sl.target_logprobs))
     full_meta = {"format_version": FORMAT_VERSION, "logprob_scale": LOGPROB_SCALE,
                  "logprob_semantics": LOGPROB_SEMANTICS, "id_dictionary": dictionary.tolist(),
-                 **meta}
+                 "id_ext_bytes": int(ext_dtype[-1]), **meta}
     schema = SCHEMA.with_metadata({META_KEY: json.dumps(full_meta, sort_keys=True).encode()})
     return pa.Table.from_pydict(cols, schema=schema)
 
@@ -194,11 +194,10 @@ def decode_table(table: pa.Table) -> dict[str, np.ndarray]:
     """
     meta = shard_metadata(table)
     k = int(meta["k"])
-    table_of = np.zeros(256, dtype=np.int64)
     dictionary = np.asarray(meta["id_dictionary"], dtype=np.int64)
-    table_of[: len(dictionary)] = dictionary
     id_codes = _binary_values(table, "topk_id_codes", np.uint8)
-    ids = _join_codes(id_codes, _binary_values(table, "topk_id_ext", "<u4"), table_of)
+    ext = _binary_values(table, "topk_id_ext", f"<u{meta['id_ext_bytes']}")
+    ids = dictionary[_join_codes(id_codes, ext)] if len(dictionary) else id_codes.astype(np.int64)
     lp_codes = _binary_values(table, "topk_logprob_codes", np.uint8)
     deltas = _join_codes(lp_codes, _binary_values(table, "topk_logprob_ext", "<u2"))
     targets = table.column("target_logprob").combine_chunks().values.to_numpy(zero_copy_only=False)

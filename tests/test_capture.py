@@ -201,8 +201,10 @@ def test_output_dir_of_another_run_is_refused(tmp_path, tiny_teacher, dataset, r
     with pytest.raises(ConfigError, match="holds another capture.*--fresh"):
         capture(other)
     assert sorted(p.name for p in Path(cfg.output_dir, "shards").iterdir()) == before
+    (Path(cfg.output_dir) / "notes.txt").write_text("mine")
     capture(other, fresh=True)
     assert next(iter(read_shards(other.output_dir)))["topk_ids"].shape[1] == 4
+    assert (Path(cfg.output_dir) / "notes.txt").read_text() == "mine"  # not the capture's to delete
 
 
 def test_import_directions():

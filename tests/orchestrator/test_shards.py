@@ -157,5 +157,5 @@ def test_other_format_refused_clearly(tmp_path):
         {shards.META_KEY: b'{"format_version": 0, "k": 2}'})
     buf = io.BytesIO()
     pq.write_table(old, buf)
-    with pytest.raises(ShardError, match="format 0 .* reads format 1.*--fresh"):
+    with pytest.raises(ShardError, match="format 0 .* reads format 2.*--fresh"):
         shards.load_shard(buf.getvalue(), name="old.parquet")
