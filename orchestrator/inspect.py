@@ -25,6 +25,8 @@ def describe(output_dir: str) -> str:
     if shards:
         first = shards[min(shards)]
         table = load_shard(read_bytes(fs, f"{root}/{SHARDS_DIR}/{first.file}"), name=first.file)
-        lines.append("  metadata " + json.dumps(shard_metadata(table), indent=2, sort_keys=True)
-                     .replace("\n", "\n  "))
+        meta = shard_metadata(table)
+        meta["id_dictionary"] = f"<{len(meta.get('id_dictionary', []))} ids>"
+        lines.append("  metadata of " + first.file + " " +
+                     json.dumps(meta, indent=2, sort_keys=True).replace("\n", "\n  "))
     return "\n".join(lines)
