@@ -1,0 +1,139 @@
+"""Knowledge-distillation losses on sparse teacher targets (top-k ids + log-probs), pure torch.
+
+The teacher is known only on its top-k tokens. Every divergence is computed over k + 1 outcomes:
+the k tokens, and one "tail" bucket holding everything else. The student's tail mass is exact
+(1 − its mass on the k tokens); the teacher's tail depends on `tail`:
+
+- `renormalize`: the teacher is its top-k renormalised, tail 0. fKL, JSD and TVD are then the exact
+  divergences between that distribution and the student's full softmax (tail tokens all have the
+  same ratio, so one bucket loses nothing). Reverse KL would be infinite on a zero tail, so rKL
+  compares both distributions restricted to the top-k and renormalised.
+- `bucket`: the teacher keeps its tail mass r = 1 − Σ top-k probabilities. At T ≠ 1 the tail is
+  tempered as if spread evenly over the other V − k tokens (the only assumption possible without
+  the tail's shape); at T = 1 this is exact.
+
+Temperature T divides the stored (T = 1) teacher log-probs and the student logits; the divergence is
+multiplied by T² so its gradients keep their scale (Hinton et al.). With k = V every kind equals
+the dense divergence between the full distributions. No [tokens × vocab] teacher tensor is built.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+LossKind = Literal["fkl", "rkl", "jsd", "tvd"]
+TailMode = Literal["renormalize", "bucket"]
+LOSS_KINDS: tuple[str, ...] = ("fkl", "rkl", "jsd", "tvd")
+TAIL_MODES: tuple[str, ...] = ("renormalize", "bucket")
+_TINY = 1e-30
+
+
+@dataclass
+class LossParts:
+    total: torch.Tensor
+    """alpha · kd + (1 − alpha) · ce, the value to back-propagate."""
+    kd: torch.Tensor
+    """Mean divergence per labelled position (× T²)."""
+    ce: torch.Tensor
+    """Mean hard-label cross-entropy (T = 1) per target position."""
+
+
+def distill_loss(
+    student_logits: torch.Tensor,
+    *,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    targets: torch.Tensor,
+    kd_mask: torch.Tensor,
+    kind: LossKind = "fkl",
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    beta: float = 0.5,
+    tail: TailMode = "renormalize",
+) -> LossParts:
+    """Blend a KD divergence with hard-label cross-entropy.
+
+    student_logits: [N, V]; topk_ids, topk_logprobs: [N, k] (teacher, T = 1, full-vocab
+    normalised); targets: [N] next-token ids, -100 where there is none; kd_mask: [N] bool, the
+    positions that have teacher labels (prompt positions are False in sample mode).
+    """
+    logits = student_logits.float()
+    ce = _masked_mean(F.cross_entropy(logits, targets.clamp(min=0), reduction="none"),
+                      targets >= 0)
+    if alpha == 0.0:
+        return LossParts(total=ce, kd=ce.new_zeros(()), ce=ce)
+    rows = kd_mask.nonzero().squeeze(1)
+    kd = divergence(logits[rows], topk_ids[rows].long(), topk_logprobs[rows].float(), kind=kind,
+                    temperature=temperature, beta=beta, tail=tail)
+    kd = kd.mean() if len(rows) else logits.new_zeros(())
+    return LossParts(total=alpha * kd + (1.0 - alpha) * ce, kd=kd, ce=ce)
+
+
+def divergence(logits: torch.Tensor, ids: torch.Tensor, teacher_lp: torch.Tensor, *,
+               kind: LossKind, temperature: float, beta: float = 0.5,
+               tail: TailMode = "renormalize") -> torch.Tensor:
+    """Per-row divergence × T² between teacher (top-k) and student (full logits [n, V])."""
+    if kind not in LOSS_KINDS:
+        raise ValueError(f"loss kind must be one of {', '.join(LOSS_KINDS)}, got {kind!r}")
+    if tail not in TAIL_MODES:
+        raise ValueError(f"tail must be one of {', '.join(TAIL_MODES)}, got {tail!r}")
+    T = temperature
+    vocab, k = logits.shape[-1], ids.shape[-1]
+    s_lp_all = torch.log_softmax(logits / T, dim=-1)
+    s_top = s_lp_all.gather(-1, ids)                                 # [n, k]
+    s_tail = _log1mexp(torch.logsumexp(s_top, -1, keepdim=True))     # [n, 1]
+    t_top, t_tail = _teacher(teacher_lp, T=T, vocab=vocab, k=k, tail=tail)
+    if (kind == "rkl" and tail == "renormalize") or k >= vocab:
+        s_top = s_top - torch.logsumexp(s_top, -1, keepdim=True)
+        s_tail = torch.full_like(s_tail, -math.inf)
+    logp = torch.cat([t_top, t_tail], -1)
+    logq = torch.cat([s_top, s_tail], -1)
+    p, q = logp.exp(), logq.exp()
+    if kind == "fkl":
+        d = _xlogy_diff(p, logp, logq)
+    elif kind == "rkl":
+        d = _xlogy_diff(q, logq, logp)
+    elif kind == "tvd":
+        d = 0.5 * (p - q).abs().sum(-1)
+    else:
+        if not 0.0 < beta < 1.0:
+            raise ValueError(f"jsd beta must be in (0, 1), got {beta}")
+        logm = torch.logaddexp(logp + math.log(beta), logq + math.log(1.0 - beta))
+        d = beta * _xlogy_diff(p, logp, logm) + (1.0 - beta) * _xlogy_diff(q, logq, logm)
+    return d * T * T
+
+
+def _teacher(lp: torch.Tensor, *, T: float, vocab: int, k: int, tail: TailMode):
+    """Teacher log-probs at temperature T over (top-k, tail): [n, k], [n, 1]."""
+    a = lp / T
+    if tail == "renormalize" or k >= vocab:
+        top = a - torch.logsumexp(a, -1, keepdim=True)
+        return top, torch.full_like(top[:, :1], -math.inf)
+    log_r = _log1mexp(torch.logsumexp(lp, -1, keepdim=True)).clamp(min=math.log(_TINY))
+    n_tail = vocab - k
+    tail_w = math.log(n_tail) + (log_r - math.log(n_tail)) / T      # (V-k)·(r/(V-k))^(1/T)
+    z = torch.logaddexp(torch.logsumexp(a, -1, keepdim=True), tail_w)
+    return a - z, tail_w - z
+
+
+def _xlogy_diff(x: torch.Tensor, logx: torch.Tensor, logy: torch.Tensor) -> torch.Tensor:
+    """Σ x (log x − log y) over the last dim, with 0 · anything = 0 (and no NaN gradients)."""
+    pos = x > 0
+    zero = torch.zeros_like(x)
+    return (x * (torch.where(pos, logx, zero) - torch.where(pos, logy, zero))).sum(-1)
+
+
+def _log1mexp(a: torch.Tensor) -> torch.Tensor:
+    """log(1 − exp(a)) for a ≤ 0, stable. `a` is kept ≤ −1e-12, so a mass of ~1 leaves a tail of
+    ~1e-12 (log ≈ −27.6) rather than −inf, whose gradient would be NaN."""
+    a = a.clamp(max=-1e-12)
+    return torch.where(a > -math.log(2.0), torch.log(-torch.expm1(a)), torch.log1p(-torch.exp(a)))
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
