@@ -1,0 +1,38 @@
+import numpy as np
+import torch
+
+from orchestrator.batches import collate
+from orchestrator.losses import distill_loss
+
+
+def sample(T, k, prompt_len=0, start=0, n=None):
+    n = T - start if n is None else n
+    ids = np.arange(10, 10 + T, dtype=np.int32)
+    top = np.full((T, k), -1, dtype=np.int32)
+    lps = np.full((T, k), -np.inf, dtype=np.float32)
+    top[start:start + n] = np.arange(k)
+    lps[start:start + n] = np.log(np.full(k, 0.9 / k))
+    return {"input_ids": ids, "prompt_len": prompt_len, "label_start": start, "topk_ids": top,
+            "topk_logprobs": lps}
+
+
+def test_collate_pads_masks_and_aligns_targets():
+    b = collate([sample(5, 3), sample(7, 3, prompt_len=3, start=2, n=4)], pad_id=99)
+    assert b.input_ids.shape == (2, 7) and b.topk_ids.shape == (2, 7, 3)
+    assert b.input_ids[0, 5:].tolist() == [99, 99] and b.attention_mask[0].tolist() == [1] * 5 + [0] * 2
+    assert b.targets[0].tolist() == [11, 12, 13, 14, -100, -100, -100]
+    # sample mode: hard labels are the sampled tokens only (positions 2..5 predict tokens 3..6)
+    assert b.targets[1].tolist() == [-100, -100, 13, 14, 15, 16, -100]
+    assert b.kd_mask[1].tolist() == [False, False, True, True, True, True, False]
+    assert b.kd_mask[0].tolist() == [True] * 5 + [False] * 2
+
+
+def test_batch_feeds_the_loss():
+    b = collate([sample(5, 3), sample(7, 3, prompt_len=3, start=2, n=4)])
+    logits = torch.randn(2 * 7, 20, requires_grad=True)
+    parts = distill_loss(logits, **b.flat(), kind="fkl", temperature=2.0, alpha=0.5)
+    parts.total.backward()
+    assert torch.isfinite(parts.total) and torch.isfinite(logits.grad).all()
+    # rows without labels get no gradient from either term
+    pad_rows = (~b.kd_mask.reshape(-1)) & (b.targets.reshape(-1) < 0)
+    assert logits.grad[pad_rows].abs().sum() == 0
