@@ -25,9 +25,11 @@ TeacherActor = ray.remote(max_restarts=0, max_task_retries=0)(TeacherWorker)
 class TeacherPool:
     def __init__(self, spec: WorkerSpec, *, num_actors: int, num_cpus: float, num_gpus: float,
                  max_inflight: int = 2, max_unit_failures: int = 3,
-                 log: Callable[[str], None] = print):
+                 runtime_env: dict | None = None, log: Callable[[str], None] = print):
         self.spec = spec
         self.options = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+        if runtime_env:
+            self.options["runtime_env"] = runtime_env
         self.max_inflight = max_inflight
         self.max_unit_failures = max_unit_failures
         self.log = log

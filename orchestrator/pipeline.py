@@ -157,7 +157,8 @@ def _run_pool(cfg: Config, manifest: Manifest, fs, root, units, todo, max_length
         t0 = time.time()
         pool = TeacherPool(spec, num_actors=t.num_actors, num_cpus=t.num_cpus, num_gpus=t.num_gpus,
                            max_inflight=cfg.capture.max_inflight_per_actor,
-                           max_unit_failures=cfg.capture.max_unit_failures, log=progress.log)
+                           max_unit_failures=cfg.capture.max_unit_failures,
+                           runtime_env=_actor_env(cfg.output_dir), log=progress.log)
         pool.wait_ready()
         say(f"teachers ready in {time.time() - t0:.0f}s; capturing {len(todo)} shards")
 
@@ -193,6 +194,19 @@ def _worker_spec(cfg: Config, *, max_length: int, shard_meta: dict):
         num_samples=t.num_samples, max_new_tokens=t.max_new_tokens, seed=t.seed,
         max_length=max_length, long_text=cfg.data.long_text, output_dir=cfg.output_dir,
         shard_meta=shard_meta)
+
+
+_STORAGE_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
+                "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE")
+
+
+def _actor_env(output_dir: str) -> dict | None:
+    """Teacher actors write the shards themselves, possibly on other nodes: for an object-store
+    output_dir, forward the storage credentials and endpoint the driver has (only those set)."""
+    if "://" not in output_dir:
+        return None
+    env = {k: os.environ[k] for k in _STORAGE_ENV if os.environ.get(k)}
+    return {"env_vars": env} if env else None
 
 
 def _init_ray() -> bool:

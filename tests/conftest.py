@@ -67,3 +67,21 @@ def capture_config(tmp_path, model, data, **overrides):
             "capture.samples_per_shard": 8, "data.max_length": 128}
     sets.update(overrides)
     return load_config(None, [f"{k}={v}" for k, v in sets.items()])
+
+
+@pytest.fixture
+def s3_server(monkeypatch):
+    """A local S3-compatible server (moto), started and stopped by this fixture."""
+    boto3 = pytest.importorskip("boto3")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    client = boto3.client("s3", endpoint_url=f"http://{host}:{port}", region_name="us-east-1")
+    client.create_bucket(Bucket="caps")
+    yield f"s3://caps/run1?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
+    server.stop()
