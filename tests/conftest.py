@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 
 import pytest
 
@@ -82,6 +83,7 @@ def s3_server(monkeypatch):
                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(key, value)
     client = boto3.client("s3", endpoint_url=f"http://{host}:{port}", region_name="us-east-1")
-    client.create_bucket(Bucket="caps")
-    yield f"s3://caps/run1?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
+    bucket = f"caps-{uuid.uuid4().hex[:12]}"  # moto keeps its store per process: one bucket a test
+    client.create_bucket(Bucket=bucket)
+    yield f"s3://{bucket}/run1?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
     server.stop()
