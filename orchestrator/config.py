@@ -100,10 +100,60 @@ class CaptureConfig:
 
 
 @dataclass
+class StudentConfig:
+    preset: str | None = "nano"
+    """Named size (orchestrator.student.PRESETS); explicit fields below override it."""
+    layers: int | None = None
+    """Decoder layers."""
+    hidden: int | None = None
+    """Hidden size (keep hidden // heads = 64 for vLLM's CPU kernels)."""
+    heads: int | None = None
+    """Attention heads; must divide hidden."""
+    intermediate: int | None = None
+    """MLP width; defaults to the preset's, else 4 × hidden."""
+    init_from_teacher: bool = False
+    """Copy the teacher's embeddings, final norm, LM head and every n-th layer where shapes match."""
+
+
+@dataclass
+class TrainConfig:
+    loss: Literal["fkl", "rkl", "jsd", "tvd"] = "fkl"
+    """KD divergence: forward KL, reverse KL, generalised JSD(beta), total variation."""
+    temperature: float = 1.0
+    """Divides teacher log-probs and student logits; the KD term is scaled by T²."""
+    alpha: float = 0.5
+    """Weight of the KD term; 1 − alpha weighs the hard-label cross-entropy."""
+    beta: float = 0.5
+    """JSD mixing weight, in (0, 1)."""
+    tail: Literal["renormalize", "bucket"] = "renormalize"
+    """Probability mass outside the teacher's top-k: renormalise it away, or keep one tail bucket."""
+    lr: float = 2e-3
+    """Peak AdamW learning rate (linear warm-up, cosine decay to 10%)."""
+    warmup_steps: int = 20
+    """Optimizer steps of linear warm-up."""
+    batch_size: int = 16
+    """Sequences per micro-batch per worker."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    max_steps: int = 500
+    """Optimizer steps of the run."""
+    eval_every: int = 100
+    """Optimizer steps between held-out evaluations (and checkpoints)."""
+    seed: int = 0
+    """Seed of initialisation and data shuffling."""
+    num_workers: int = 1
+    """Ray Train workers (DDP)."""
+    use_gpu: bool = False
+    """Train on GPUs (one per worker)."""
+
+
+@dataclass
 class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: DataConfig = field(default_factory=DataConfig)
     capture: CaptureConfig = field(default_factory=CaptureConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     output_dir: str = ""
     """Where shards and the manifest go: a local path or an `s3://bucket/prefix` URI."""
 
@@ -121,7 +171,8 @@ class Config:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-_SECTIONS = {"teacher": TeacherConfig, "data": DataConfig, "capture": CaptureConfig}
+_SECTIONS = {"teacher": TeacherConfig, "data": DataConfig, "capture": CaptureConfig,
+             "student": StudentConfig, "train": TrainConfig}
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -274,5 +325,22 @@ def validate(cfg: Config) -> None:
            f"capture.max_inflight_per_actor must be at least 1, got {c.max_inflight_per_actor}")
     _check(c.max_unit_failures >= 1,
            f"capture.max_unit_failures must be at least 1, got {c.max_unit_failures}")
+    _validate_training(cfg)
+
+
+def _validate_training(cfg: Config) -> None:
+    from orchestrator.student import resolve_shape
+
+    s, tr = cfg.student, cfg.train
+    resolve_shape(preset=s.preset, layers=s.layers, hidden=s.hidden, heads=s.heads,
+                  intermediate=s.intermediate)
+    _check(tr.temperature > 0, f"train.temperature must be > 0, got {tr.temperature}")
+    _check(0 <= tr.alpha <= 1, f"train.alpha must be in [0, 1] (weight of the KD term), got {tr.alpha}")
+    _check(0 < tr.beta < 1, f"train.beta must be in (0, 1), got {tr.beta}")
+    _check(tr.lr > 0, f"train.lr must be > 0, got {tr.lr}")
+    for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "num_workers"):
+        value = getattr(tr, name)
+        _check(value >= 1, f"train.{name} must be at least 1, got {value}")
+    _check(tr.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {tr.warmup_steps}")
 
 

@@ -38,7 +38,8 @@ def test_fingerprint_tracks_content_settings_only():
     ("teacher.temperature=0", "teacher.temperature must be > 0"),
     ("teacher.memory_fraction=1.5", "teacher.memory_fraction must be in (0, 1)"),
     ("data.on_bad_line=ignore", "data.on_bad_line must be one of stop | skip"),
-    ("student=1", "unknown config key 'student'"),
+    ("students=1", "unknown config key 'students'"),
+    ("student=1", "student must be a mapping of fields, got 1"),
     ("noequals", "must look like key=value"),
 ])
 def test_bad_fields_name_field_value_and_fix(override, message):
@@ -73,3 +74,25 @@ def test_local_paths_become_absolute(tmp_path, monkeypatch):
     assert cfg.data.path == str(tmp_path / "d.jsonl")
     assert cfg.teacher.model == "org/model"  # a hub id stays as it is
     assert load_config(None, BASE[:2] + ["output_dir=s3://b/p"]).output_dir == "s3://b/p"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.loss=kl2", "train.loss must be one of fkl | rkl | jsd | tvd, got 'kl2'"),
+    ("train.tail=drop", "train.tail must be one of renormalize | bucket"),
+    ("train.alpha=1.5", "train.alpha must be in [0, 1]"),
+    ("train.beta=0", "train.beta must be in (0, 1)"),
+    ("student.heads=3", "student.heads (3) must divide student.hidden (128)"),
+    ("student.preset=giant", "student.preset must be one of nano, micro"),
+    ("train.grad_accum=0", "train.grad_accum must be at least 1"),
+])
+def test_training_sections_validated_before_work(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, BASE + [override])
+    assert message in str(e.value)
+
+
+def test_training_sections_do_not_change_the_capture_fingerprint():
+    a = load_config(None, BASE)
+    b = load_config(None, BASE + ["train.loss=jsd", "student.preset=mini", "train.temperature=2"])
+    assert a.capture_fingerprint() == b.capture_fingerprint()
+    assert b.train.loss == "jsd" and b.student.preset == "mini"
