@@ -1,0 +1,4 @@
+"""Teacher backends behind one Protocol (`actors.backend.TeacherBackend`): `actors.vllm_backend`
+(real vLLM engine) and `actors.hf_backend` (transformers reference); `actors.teacher.TeacherWorker`
+(plain class: one work unit → one shard) and `actors.pool.TeacherPool` (its Ray actors and the
+work queue). Heavy imports (vllm, ray) happen only in the modules that need them."""

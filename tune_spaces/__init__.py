@@ -1,0 +1,1 @@
+"""Named Tune search spaces (YAML) and the sweep runner: issue 4, not built yet."""
