@@ -10,6 +10,7 @@ silently. A unit whose task raises (bad input reaching the engine) counts as a f
 from __future__ import annotations
 
 import collections
+import time
 from collections.abc import Callable, Iterable
 
 import ray
@@ -49,20 +50,34 @@ class TeacherPool:
         return list(self.actors)
 
     def run(self, units: Iterable[tuple[int, list[tuple[str, str]]]],
-            on_shard: Callable[[ShardInfo], None]) -> None:
-        """Process every unit; `on_shard` is called in the driver as each shard is published."""
+            on_shard: Callable[[ShardInfo], None], *, target: tuple[str, dict] | None = None,
+            may_submit: Callable[[float], bool] | None = None) -> None:
+        """Process every unit; `on_shard` is called in the driver as each shard is published.
+
+        target: (output_dir, shard_meta) when this capture is not the spec's own;
+        may_submit(seconds_waited): backpressure — no new unit is sent while it returns False.
+        """
         queue = collections.deque(units)
         failures: collections.Counter[int] = collections.Counter()
         inflight: dict[ray.ObjectRef, tuple[int, tuple[int, list]]] = {}
         per_actor = collections.Counter()
+        waited = 0.0
         while queue or inflight:
+            allowed = may_submit is None or may_submit(waited)
+            waited = 0.0
             for slot in range(len(self.actors)):
-                while queue and per_actor[slot] < self.max_inflight:
+                while allowed and queue and per_actor[slot] < self.max_inflight:
                     unit = queue.popleft()
-                    ref = self.actors[slot].process.remote(*unit)
+                    ref = self.actors[slot].process.remote(*unit, target)
                     inflight[ref] = (slot, unit)
                     per_actor[slot] += 1
-            done, _ = ray.wait(list(inflight), num_returns=1)
+            if not inflight:  # paused by backpressure with nothing running
+                time.sleep(0.5)
+                waited = 0.5
+                continue
+            done, _ = ray.wait(list(inflight), num_returns=1, timeout=None if allowed else 1.0)
+            if not done:
+                continue
             ref = done[0]
             slot, unit = inflight.pop(ref)
             per_actor[slot] -= 1

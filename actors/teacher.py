@@ -69,10 +69,16 @@ class TeacherWorker:
         return {"vocab_size": self.backend.vocab_size, "max_length": self.backend.max_length,
                 "max_k": self.backend.max_k, "pid": os.getpid()}
 
-    def process(self, unit: int, records: list[tuple[str, str]]) -> ShardInfo:
-        """Label one unit's (sample_id, text) records and publish them as one shard."""
+    def process(self, unit: int, records: list[tuple[str, str]],
+                target: tuple[str, dict] | None = None) -> ShardInfo:
+        """Label one unit's (sample_id, text) records and publish them as one shard — into the
+        spec's output, or into `target` = (output_dir, shard_meta) of another capture of the same
+        mode (the held-out split shares the engine of the main capture)."""
         rows = self.label(records)
-        return write_shard(self.fs, f"{self.root}/shards", unit, rows, self.spec.shard_meta)
+        if target is None:
+            return write_shard(self.fs, f"{self.root}/shards", unit, rows, self.spec.shard_meta)
+        fs, root = filesystem(target[0])
+        return write_shard(fs, f"{root}/shards", unit, rows, target[1])
 
     def label(self, records: list[tuple[str, str]]) -> list[tuple[str, SoftLabels]]:
         s = self.spec

@@ -2,6 +2,8 @@
 
     raydistill demo                         # build the demo teacher once, then capture with it
     raydistill capture CONFIG [--set teacher.k=32] [--fresh] [--repair]
+    raydistill train CONFIG [--resume EXP]   # KD student + baselines on Ray Train, then a report
+    raydistill run CONFIG [--fresh] [--resume EXP]   # capture and train together (streaming)
     raydistill inspect OUTPUT_DIR           # what a capture holds
 
 User errors print one message (no traceback unless --debug) and exit with status 2.
@@ -29,6 +31,19 @@ def _parser() -> argparse.ArgumentParser:
     cap.add_argument("--repair", action="store_true",
                      help="verify every shard's checksum and recapture the bad ones")
 
+    for name, text in (("train", "train the KD student and baselines on a finished capture"),
+                       ("run", "capture and train together: students learn while teachers label")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("config", help="YAML run config")
+        cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a config field, e.g. --set train.max_steps=200")
+        cmd.add_argument("--resume", metavar="EXPERIMENT", default=None,
+                         help="continue an interrupted experiment (its name under "
+                              "output_dir/experiments) from its last checkpoints")
+        if name == "run":
+            cmd.add_argument("--fresh", action="store_true",
+                             help="delete the previous capture in output_dir and start over")
+
     demo = sub.add_parser("demo", help="build the demo teacher (once) and run the quickstart")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     demo.add_argument("--teacher-minutes", type=float, default=8.0,
@@ -54,6 +69,16 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config, args.set)
             manifest = capture(cfg, fresh=args.fresh, repair=args.repair)
             return 0 if manifest.complete else 1
+        if args.command in ("train", "run"):
+            from orchestrator import pipeline
+            from orchestrator.config import load_config
+
+            cfg = load_config(args.config, args.set)
+            if args.command == "train":
+                pipeline.train(cfg, resume=args.resume)
+            else:
+                pipeline.run(cfg, fresh=args.fresh, resume=args.resume)
+            return 0
         if args.command == "demo":
             from orchestrator.demo import run_demo
 

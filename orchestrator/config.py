@@ -87,6 +87,11 @@ class DataConfig:
     """A malformed JSONL line: `stop` before any work with file:line, or `skip` it and count it."""
     limit: int | None = None
     """Use only the first `limit` records (for quick trials)."""
+    eval_path: str = ""
+    """Held-out JSONL (text records) scored by the teacher for evaluation; empty: hold out
+    `eval_fraction` of `path` instead (by a hash of each record's id, the same split every run)."""
+    eval_fraction: float = 0.05
+    """Share of `path` held out when `eval_path` is empty (0 disables evaluation)."""
 
 
 @dataclass
@@ -145,6 +150,24 @@ class TrainConfig:
     """Ray Train workers (DDP)."""
     use_gpu: bool = False
     """Train on GPUs (one per worker)."""
+    cpus_per_worker: float = 0.5
+    """Logical CPUs each train worker reserves (on 2 CPUs keep ≤ 0.5 so Ray Data readers and a
+    teacher fit beside two workers)."""
+    reader_cpus: float = 0.25
+    """Logical CPUs of each Ray Data task that reads and decodes a shard."""
+    log_every: int = 10
+    """Optimizer steps between progress reports (loss, throughput, data wait)."""
+    eval_samples: int = 256
+    """Held-out samples evaluated (split across workers)."""
+    max_failures: int = 2
+    """Worker failures a run survives, each resuming from the last checkpoint (FailureConfig)."""
+    max_shards_ahead: int = 16
+    """Streaming runs: the capture pauses when it is this many shards ahead of the students."""
+    baselines: list = field(default_factory=lambda: ["hard", "bc"])
+    """Students trained beside the KD student with the same budget and seed: `hard` (the data's
+    next tokens only) and `bc` (behaviour cloning: the teacher's samples only)."""
+    bc_prompt_tokens: int = 32
+    """Behaviour cloning: each training text's first tokens prompt the teacher's samples."""
 
 
 @dataclass
@@ -279,10 +302,16 @@ def _coerce(name: str, tp, value):
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+    elif tp is list:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-    kind = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[tp]
+    kind = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+            list: "a list of names"}[tp]
     raise ConfigError(f"{name} must be {kind}, got {value!r} ({type(value).__name__})")
 
 
@@ -338,9 +367,21 @@ def _validate_training(cfg: Config) -> None:
     _check(0 <= tr.alpha <= 1, f"train.alpha must be in [0, 1] (weight of the KD term), got {tr.alpha}")
     _check(0 < tr.beta < 1, f"train.beta must be in (0, 1), got {tr.beta}")
     _check(tr.lr > 0, f"train.lr must be > 0, got {tr.lr}")
-    for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "num_workers"):
+    for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "num_workers", "log_every",
+                 "eval_samples", "max_shards_ahead", "bc_prompt_tokens"):
         value = getattr(tr, name)
         _check(value >= 1, f"train.{name} must be at least 1, got {value}")
     _check(tr.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {tr.warmup_steps}")
+    _check(tr.max_failures >= 0, f"train.max_failures must be >= 0, got {tr.max_failures}")
+    _check(tr.cpus_per_worker > 0, f"train.cpus_per_worker must be > 0, got {tr.cpus_per_worker}")
+    _check(tr.reader_cpus > 0, f"train.reader_cpus must be > 0, got {tr.reader_cpus}")
+    unknown = [b for b in tr.baselines if b not in BASELINES]
+    _check(not unknown, f"train.baselines has {unknown}; valid baselines: {', '.join(BASELINES)} "
+                        "(or [] for none)")
+    d = cfg.data
+    _check(0 <= d.eval_fraction < 1, f"data.eval_fraction must be in [0, 1), got {d.eval_fraction}")
+
+
+BASELINES = ("hard", "bc")
 
 

@@ -48,8 +48,10 @@ def dataset_files(path: str) -> list[Path]:
 
 
 def iter_records(files: list[Path], *, field: str, fallback_field: str | None, id_field: str,
-                 on_bad_line: str, limit: int | None = None, skipped: list[str] | None = None):
-    """Yield `Record`s in file order; a bad line raises `DataError` (stop) or is noted (skip)."""
+                 on_bad_line: str, limit: int | None = None, skipped: list[str] | None = None,
+                 keep=None):
+    """Yield `Record`s in file order; a bad line raises `DataError` (stop) or is noted (skip).
+    `keep(sample_id)`, if given, selects a split (e.g. train vs. held-out) before `limit` counts."""
     count = 0
     seen_ids: dict[str, str] = {}
     for path in files:
@@ -77,6 +79,8 @@ def iter_records(files: list[Path], *, field: str, fallback_field: str | None, i
                         f"{seen_ids[record.sample_id]}; sample ids must be unique — fix the "
                         f"dataset or drop the '{id_field}' field to use file:line ids")
                 seen_ids[record.sample_id] = where
+                if keep is not None and not keep(record.sample_id):
+                    continue
                 yield record
                 count += 1
                 if limit is not None and count >= limit:
@@ -112,13 +116,13 @@ def _bad(message: str, on_bad_line: str, skipped: list[str] | None) -> None:
 
 
 def scan(path: str, *, field: str, fallback_field: str | None, id_field: str, on_bad_line: str,
-         limit: int | None) -> ScanResult:
+         limit: int | None, keep=None) -> ScanResult:
     """Read the whole dataset once before compute: count records, find bad lines, refuse empty."""
     files = dataset_files(path)
     skipped: list[str] = []
     n = sum(1 for _ in iter_records(files, field=field, fallback_field=fallback_field,
                                     id_field=id_field, on_bad_line=on_bad_line, limit=limit,
-                                    skipped=skipped))
+                                    skipped=skipped, keep=keep))
     if n == 0:
         extra = f" ({len(skipped)} bad lines skipped)" if skipped else ""
         raise DataError(f"data.path {path} holds no usable records{extra}; each line must be a "

@@ -1,212 +1,296 @@
 """The driver: the one place that holds the whole config, calls `ray.init` and starts actors.
 
-Reads top to bottom like a recipe: validate config → inspect teacher → scan data → open the output
-(resume or refuse) → start teachers → capture → record. Run it with `raydistill capture CONFIG`.
+Each recipe reads top to bottom:
+- `capture`: validate → plan the captures (main, held-out, behaviour-cloning samples) → start
+  teachers → capture → record.                                   `raydistill capture CONFIG`
+- `train`: check the captures are complete and genuine → train the KD student and the baselines
+  on Ray Train → evaluate → report.                              `raydistill train CONFIG`
+- `run`: plan → capture the held-out split → stream: teachers capture while the KD student trains
+  on the shards already published (backpressure both ways) → baselines → report.
+                                                                  `raydistill run CONFIG`
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import time
-from dataclasses import asdict
+import threading
+from dataclasses import replace
 
-import pyarrow as pa
-import pyarrow.compute  # noqa: F401  (pa.compute)
-
-from orchestrator import data as data_mod
+from orchestrator.capture_plan import CapturePlan, Teachers, plan_captures
 from orchestrator.config import Config
 from orchestrator.errors import ConfigError, RaydistillError, ShardError
-from orchestrator.manifest import (MANIFEST, SHARDS_DIR, Manifest, ShardInfo, exists, filesystem,
-                                   load_manifest, reconcile, save_manifest)
-from orchestrator.progress import CaptureProgress, say
-from orchestrator.shards import FORMAT_VERSION, load_shard, read_bytes, shard_metadata
+from orchestrator.manifest import SHARDS_DIR, Manifest, filesystem
+from orchestrator.progress import TrainProgress, say
+from orchestrator.shards import read_bytes, shard_metadata
 from orchestrator.teacher_info import inspect_teacher
+
+EXPERIMENTS_DIR = "experiments"
 
 
 def capture(cfg: Config, *, fresh: bool = False, repair: bool = False) -> Manifest:
-    """Capture soft labels for every record of `cfg.data` into `cfg.output_dir`, resumably."""
-    t, d = cfg.teacher, cfg.data
-    info = inspect_teacher(t.model, revision=t.revision)
-    if t.k > info.vocab_size:
-        raise ConfigError(f"teacher.k must be between 1 and the vocabulary size ({info.vocab_size}), "
-                          f"got {t.k}")
-    engine_len = t.max_model_len or info.max_positions
-    max_length = min(d.max_length or engine_len, engine_len)
-    if t.mode == "sample" and t.max_new_tokens >= max_length:
-        raise ConfigError(f"teacher.max_new_tokens ({t.max_new_tokens}) leaves no room for a prompt "
-                          f"in the context of {max_length} tokens; lower it or raise data.max_length")
-    field = d.text_field if t.mode == "score" else d.prompt_field
-    scan = data_mod.scan(d.path, field=field, fallback_field=d.text_field, id_field=d.id_field,
-                         on_bad_line=d.on_bad_line, limit=d.limit)
-    for line in scan.skipped[:5]:
-        say(f"[yellow]skipped[/] {line}")
-    if scan.skipped:
-        say(f"[yellow]{len(scan.skipped)} bad lines skipped[/] (data.on_bad_line=skip)")
-
-    fingerprint = cfg.capture_fingerprint(format_version=FORMAT_VERSION)
-    fs, root = filesystem(cfg.output_dir)
-    total_units = -(-scan.records // cfg.capture.samples_per_shard)
-    manifest = _open_output(fs, root, fingerprint=fingerprint, fresh=fresh, cfg=cfg,
-                            total_units=total_units, total_records=scan.records)
-    shard_meta = {"teacher_model": t.model, "teacher_revision": info.revision,
-                  "tokenizer_fingerprint": info.tokenizer_fingerprint, "k": t.k, "mode": t.mode,
-                  "capture_temperature": t.temperature if t.mode == "sample" else 1.0,
-                  "backend": t.backend, "fingerprint": fingerprint, "vocab_size": info.vocab_size}
-    adopted, dropped = reconcile(fs, root, manifest,
-                                 verify=lambda path, unit: _adopt(fs, path, unit, fingerprint))
-    if adopted or dropped:
-        say(f"resume: adopted {adopted} published shards, {dropped} listed shards were missing")
-    if repair:
-        _drop_corrupt(fs, root, manifest)
-    save_manifest(fs, root, manifest)
-    todo = [u for u in range(total_units) if u not in manifest.shards]
-    if not todo:
-        manifest.complete = True
-        save_manifest(fs, root, manifest)
-        say(f"capture already complete: {len(manifest.shards)} shards in {cfg.output_dir}")
-        return manifest
-    if manifest.shards:
-        say(f"resuming: {len(manifest.shards)}/{total_units} shards already captured")
-
-    records = data_mod.iter_records(scan.files, field=field, fallback_field=d.text_field,
-                                    id_field=d.id_field, on_bad_line=d.on_bad_line, limit=d.limit)
-    wanted = set(todo)
-    units = ((u, [(r.sample_id, r.text) for r in batch])
-             for u, batch in data_mod.units(records, cfg.capture.samples_per_shard) if u in wanted)
-    _run_pool(cfg, manifest, fs, root, units, todo, max_length, shard_meta)
-    manifest.complete = len(manifest.shards) == total_units
-    save_manifest(fs, root, manifest)
-    return manifest
-
-
-def _open_output(fs, root, *, fingerprint, fresh, cfg, total_units, total_records) -> Manifest:
-    existing = load_manifest(fs, root)
-    if existing is not None and existing.fingerprint != fingerprint and not fresh:
-        raise ConfigError(
-            f"output_dir {cfg.output_dir} holds another capture (fingerprint {existing.fingerprint},"
-            f" this config {fingerprint}); its shards would mix with these. Use a new output_dir, "
-            "or rerun with --fresh to delete that capture and start over")
-    if fresh and (existing is not None or exists(fs, f"{root}/{SHARDS_DIR}")):
-        # only what a capture owns: other files a user keeps in output_dir stay
-        say(f"--fresh: deleting the previous capture (manifest.json, shards/) in {cfg.output_dir}")
-        if exists(fs, f"{root}/{SHARDS_DIR}"):
-            fs.delete_dir(f"{root}/{SHARDS_DIR}")
-        if exists(fs, f"{root}/{MANIFEST}"):
-            fs.delete_file(f"{root}/{MANIFEST}")
-        existing = None
-    if existing is None:
-        if exists(fs, f"{root}/{SHARDS_DIR}"):
-            raise ConfigError(f"output_dir {cfg.output_dir} has a shards/ folder but no "
-                              "manifest.json; it is not a capture this config can resume. Use a new "
-                              "output_dir, or rerun with --fresh to delete it")
-        fs.create_dir(f"{root}/{SHARDS_DIR}", recursive=True)
-        capture_keys = {"teacher": asdict(cfg.teacher), "data": asdict(cfg.data),
-                        "capture": asdict(cfg.capture)}
-        existing = Manifest(fingerprint=fingerprint, capture=capture_keys, total_units=total_units,
-                            total_records=total_records)
-    return existing
-
-
-def _drop_corrupt(fs, root: str, manifest: Manifest) -> None:
-    """--repair: check every listed shard against its checksum; bad ones are deleted and redone."""
-    bad = []
-    for unit, info in sorted(manifest.shards.items()):
-        path = f"{root}/{SHARDS_DIR}/{info.file}"
-        if hashlib.sha256(read_bytes(fs, path)).hexdigest() != info.sha256:
-            bad.append(unit)
-            say(f"[yellow]repair:[/] {path} does not match its checksum; it will be recaptured")
-            fs.delete_file(path)
-    for unit in bad:
-        del manifest.shards[unit]
-    say(f"repair: {len(manifest.shards)} shards verified, {len(bad)} to recapture")
-
-
-def _adopt(fs, path: str, unit: int, fingerprint: str) -> ShardInfo | None:
-    """Check a published-but-unrecorded shard; keep it only if it is whole and of this capture."""
-    data = read_bytes(fs, path)
+    """Capture soft labels for every record of `cfg.data` into `cfg.output_dir`, resumably — and
+    the held-out split (evaluation) and behaviour-cloning samples the students will need."""
+    plans = plan_captures(cfg, fresh=fresh, repair=repair)
+    started_ray = _init_ray()
     try:
-        table = load_shard(data, name=path)
-    except ShardError as e:
-        say(f"[yellow]dropping unreadable shard[/] {path}: {e}")
-        fs.delete_file(path)
-        return None
-    meta = shard_metadata(table)
-    if meta.get("fingerprint") != fingerprint or meta.get("unit") != unit:
-        fs.delete_file(path)
-        return None
-    tokens = int(pa.compute.sum(pa.compute.list_value_length(table.column("input_ids"))).as_py())
-    labelled = int(pa.compute.sum(table.column("num_labels")).as_py())
-    return ShardInfo(unit, os.path.basename(path), table.num_rows, tokens, labelled, len(data),
-                     hashlib.sha256(data).hexdigest())
+        with Teachers(cfg) as teachers:
+            for plan in plans:
+                teachers.capture(plan)
+    finally:
+        _stop_ray(started_ray)
+    return plans[0].manifest
 
 
-def _run_pool(cfg: Config, manifest: Manifest, fs, root, units, todo, max_length, shard_meta):
+def train(cfg: Config, *, resume: str | None = None) -> str:
+    """Train the KD student and the baselines on complete captures; returns the report's path."""
+    plans = plan_captures(cfg)
+    for plan in plans:
+        if plan.todo:
+            m = plan.manifest
+            raise ConfigError(
+                f"the {plan.label} capture in {plan.cfg.output_dir} is incomplete "
+                f"({len(m.shards)}/{m.total_units} shards); run `raydistill capture CONFIG` first, "
+                "or `raydistill run CONFIG` to capture and train together")
+        _check_shards(plan, verify_all=True)
+    started_ray = _init_ray()
+    try:
+        _check_resources(cfg, teachers=False)
+        experiment = _experiment(cfg, resume)
+        results = _train_students(cfg, plans, experiment, board=None, streaming=False)
+        return _report(cfg, plans, experiment, results)
+    finally:
+        _stop_ray(started_ray)
+
+
+def run(cfg: Config, *, fresh: bool = False, resume: str | None = None) -> str:
+    """Capture and train together: the KD student consumes shards as the teachers publish them."""
     import ray
 
-    from actors.pool import TeacherPool
+    from orchestrator.board import ShardBoard
 
-    t = cfg.teacher
-    spec = _worker_spec(cfg, max_length=max_length, shard_meta=shard_meta)
+    plans = plan_captures(cfg, fresh=fresh)
+    main, held = plans[0], [p for p in plans if p.label == "held-out"]
+    later = [p for p in plans[1:] if p.label != "held-out"]
+    for plan in plans:
+        if plan.manifest.shards:
+            _check_shards(plan, verify_all=False)
     started_ray = _init_ray()
-    pool = None
-    progress = CaptureProgress(total_units=manifest.total_units, done_units=len(manifest.shards))
     try:
-        say(f"starting {t.num_actors} {t.backend} teacher actor(s) for {t.model}")
-        t0 = time.time()
-        pool = TeacherPool(spec, num_actors=t.num_actors, num_cpus=t.num_cpus, num_gpus=t.num_gpus,
-                           max_inflight=cfg.capture.max_inflight_per_actor,
-                           max_unit_failures=cfg.capture.max_unit_failures,
-                           runtime_env=_actor_env(cfg.output_dir), log=progress.log)
-        pool.wait_ready()
-        say(f"teachers ready in {time.time() - t0:.0f}s; capturing {len(todo)} shards")
-
-        def on_shard(info: ShardInfo) -> None:
-            manifest.shards[info.unit] = info
-            save_manifest(fs, root, manifest)
-            progress.advance(info)
-
-        with progress:
-            pool.run(units, on_shard)
-    except KeyboardInterrupt:
-        raise RaydistillError(
-            f"interrupted: {len(manifest.shards)}/{manifest.total_units} shards are safely written; "
-            "rerun the same command to capture the rest") from None
+        _check_resources(cfg, teachers=bool(main.todo))
+        experiment = _experiment(cfg, resume)
+        max_ahead = max(cfg.train.max_shards_ahead, 2 * max(1, cfg.train.num_workers))
+        board = ray.remote(ShardBoard).options(num_cpus=0).remote(max_ahead=max_ahead)
+        board.publish.remote(len(main.manifest.shards))
+        with Teachers(cfg) as teachers:
+            for plan in held:
+                teachers.capture(plan)
+            streaming = bool(main.todo)
+            worker = _CaptureThread(teachers, main, board) if streaming else None
+            try:
+                kd = _train_students(cfg, [main, *held], experiment, board=board,
+                                     streaming=streaming, only=("kd",))
+            finally:
+                if worker is not None:
+                    worker.finish()
+            for plan in later:
+                teachers.capture(plan)
+        if streaming:
+            snap = ray.get(board.snapshot.remote())
+            say(f"streaming: capture paused {snap['capture_paused_s']:.0f}s for the students "
+                "(backpressure)")
+        results = kd | _train_students(cfg, plans, experiment, board=None, streaming=False,
+                                       only=tuple(cfg.train.baselines))
+        return _report(cfg, plans, experiment, results)
     finally:
-        if pool is not None:
-            pool.shutdown()
-        if started_ray:
-            ray.shutdown()
-    say(progress.summary())
+        _stop_ray(started_ray)
 
 
-def _worker_spec(cfg: Config, *, max_length: int, shard_meta: dict):
-    """The plain values a teacher actor needs (it never sees the whole config)."""
-    from actors.teacher import WorkerSpec
+class _CaptureThread:
+    """The main capture running beside training (in the driver), paused by the board."""
 
-    t = cfg.teacher
-    return WorkerSpec(
-        backend=t.backend, model=t.model, revision=t.revision, mode=t.mode, k=t.k, dtype=t.dtype,
-        scoring=t.scoring, memory_fraction=t.memory_fraction, kv_cache_gib=t.kv_cache_gib, max_model_len=t.max_model_len,
-        tensor_parallel_size=t.tensor_parallel_size, chunk_rows=t.chunk_rows,
-        batch_tokens=t.batch_tokens, temperature=t.temperature, top_p=t.top_p,
-        num_samples=t.num_samples, max_new_tokens=t.max_new_tokens, seed=t.seed,
-        max_length=max_length, long_text=cfg.data.long_text, output_dir=cfg.output_dir,
-        shard_meta=shard_meta)
+    def __init__(self, teachers: Teachers, plan: CapturePlan, board):
+        import ray
+
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+
+        def may_submit(waited: float) -> bool:
+            if self.stop.is_set():
+                raise RaydistillError("stopped: training ended before the capture")
+            return ray.get(board.may_capture.remote(waited))
+
+        def body() -> None:
+            try:
+                teachers.capture(plan, may_submit=may_submit, quiet=True,
+                                 on_published=lambda n: board.publish.remote(n))
+            except BaseException as e:  # noqa: BLE001 — handed to the main thread in finish()
+                self.error = e
+                board.capture_failed.remote(str(e) or type(e).__name__)
+
+        self.thread = threading.Thread(target=body, name="capture", daemon=True)
+        self.thread.start()
+
+    def finish(self) -> None:
+        """Wait for the capture (training is done or failed); re-raise its error."""
+        import sys
+
+        if sys.exc_info()[0] is not None:  # training failed: stop sending work
+            self.stop.set()
+        self.thread.join()
+        if self.error is not None and not self.stop.is_set():
+            raise self.error
 
 
-_STORAGE_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
-                "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE")
+def _train_students(cfg: Config, plans: list[CapturePlan], experiment: str, *, board,
+                    streaming: bool, only: tuple[str, ...] = ("kd", "hard", "bc")) -> dict:
+    """Train the KD student and/or the baselines (same budget, seed, student); label → result."""
+    import ray
+
+    from orchestrator.student import resolve_shape
+    from orchestrator.train_loop import LoopSpec
+    from orchestrator.training import fit_student
+
+    t, s, tr = cfg.teacher, cfg.student, cfg.train
+    by_label = {p.label: p for p in plans}
+    main = by_label["capture"]
+    held = by_label.get("held-out")
+    bc = by_label.get("bc samples", main if t.mode == "sample" else None)
+    shape = resolve_shape(preset=s.preset, layers=s.layers, hidden=s.hidden, heads=s.heads,
+                          intermediate=s.intermediate)
+    runs = {"kd": (main, tr.alpha), "hard": (main, 0.0), "bc": (bc, 0.0)}
+    storage = f"{cfg.output_dir.rstrip('/')}/{EXPERIMENTS_DIR}/{experiment}"
+    results = {}
+    for label in only:
+        plan, alpha = runs[label]
+        if label == "hard" and t.mode == "sample":
+            say("[yellow]skipping the hard-label baseline[/]: a sample-mode capture holds no "
+                "dataset text (its KD student already learns from teacher samples)")
+            continue
+        if plan is None:
+            continue
+        spec = LoopSpec(
+            teacher_model=t.model, shape=vars(shape), init_from_teacher=s.init_from_teacher,
+            shards_uri=plan.cfg.output_dir, units=list(range(plan.manifest.total_units)),
+            streaming=streaming and label == "kd", heldout_uri=held.cfg.output_dir if held else None,
+            eval_samples=tr.eval_samples, expect={"tokenizer_fingerprint":
+                                                  plan.shard_meta["tokenizer_fingerprint"]},
+            loss=tr.loss, temperature=tr.temperature, alpha=alpha, beta=tr.beta, tail=tr.tail,
+            lr=tr.lr, warmup_steps=tr.warmup_steps, batch_size=tr.batch_size,
+            grad_accum=tr.grad_accum, max_steps=tr.max_steps, eval_every=tr.eval_every,
+            log_every=tr.log_every, seed=tr.seed, reader_cpus=tr.reader_cpus,
+            hard_labels_from_prompt=False, board=board, label=label)
+        what = {"kd": f"KD student ({tr.loss}, T={tr.temperature}, alpha={tr.alpha})",
+                "hard": "hard-label baseline", "bc": "behaviour-cloning baseline"}[label]
+        say(f"training the {what}: {shape.layers}×{shape.hidden}, {tr.max_steps} steps on "
+            f"{max(tr.num_workers, 1)} worker(s)")
+        local_board = board
+        if local_board is None:
+            from orchestrator.board import ShardBoard
+
+            local_board = ray.remote(ShardBoard).options(num_cpus=0).remote(max_ahead=1)
+            spec = replace(spec, board=local_board)
+        capture_total = plan.manifest.total_units if spec.streaming else None
+        with TrainProgress(label, total=tr.max_steps, board=local_board,
+                           capture_total=capture_total):
+            results[label] = fit_student(spec, storage=storage, name=label,
+                                         num_workers=tr.num_workers, use_gpu=tr.use_gpu,
+                                         cpus_per_worker=tr.cpus_per_worker,
+                                         max_failures=tr.max_failures)
+        local_board.train_done.remote(label)
+        say(_describe_result(results[label]))
+    return results
 
 
-def _actor_env(output_dir: str) -> dict | None:
-    """Teacher actors write the shards themselves, possibly on other nodes: for an object-store
-    output_dir, forward the storage credentials and endpoint the driver has (only those set)."""
-    if "://" not in output_dir:
-        return None
-    env = {k: os.environ[k] for k in _STORAGE_ENV if os.environ.get(k)}
-    return {"env_vars": env} if env else None
+def _describe_result(r) -> str:
+    f = r.final
+    if "eval_student_nll" not in f:
+        return f"{r.label}: done in {r.wall_s:.0f}s → {r.model_dir}"
+    return (f"{r.label}: held-out {f['eval_student_nll']:.3f} nats/token (teacher "
+            f"{f['eval_teacher_nll']:.3f}), KL {f['eval_kl']:.3f}, top-1 {f['eval_top1']:.1%}, "
+            f"{r.wall_s:.0f}s → {r.model_dir}")
+
+
+def _report(cfg: Config, plans: list[CapturePlan], experiment: str, results: dict) -> str:
+    from orchestrator.report import write_report
+
+    out = f"{cfg.output_dir.rstrip('/')}/{EXPERIMENTS_DIR}/{experiment}"
+    path = write_report(out, results=results, settings=_settings(cfg, plans))
+    say(f"report: {path} (report.json, plots/*.png beside it)")
+    return path
+
+
+def _settings(cfg: Config, plans: list[CapturePlan]) -> dict:
+    from dataclasses import asdict
+
+    return {"teacher": cfg.teacher.model, "k": cfg.teacher.k, "mode": cfg.teacher.mode,
+            "student": asdict(cfg.student), "train": asdict(cfg.train),
+            "captures": {p.label: {"dir": p.cfg.output_dir, "shards": len(p.manifest.shards),
+                                   "rows": sum(s.rows for s in p.manifest.shards.values()),
+                                   "tokens": sum(s.tokens for s in p.manifest.shards.values())}
+                         for p in plans}}
+
+
+def _experiment(cfg: Config, resume: str | None) -> str:
+    """A new unique experiment name, or the one to resume (it must exist)."""
+    from orchestrator.manifest import exists
+    from orchestrator.training import experiment_name
+
+    if resume is None:
+        return experiment_name("exp")
+    fs, root = filesystem(cfg.output_dir)
+    if not exists(fs, f"{root}/{EXPERIMENTS_DIR}/{resume}"):
+        raise ConfigError(f"--resume {resume}: no experiment of that name in "
+                          f"{cfg.output_dir}/{EXPERIMENTS_DIR}; omit --resume to start a new one")
+    return resume
+
+
+def _check_shards(plan: CapturePlan, *, verify_all: bool) -> None:
+    """Before training: the shards must come from this config's teacher and tokenizer, and (for
+    `train`) every one must match its checksum — a bad shard is named, never trained on."""
+    import hashlib as _h
+
+    from orchestrator.train_data import check_shard_origin
+
+    info = inspect_teacher(plan.cfg.teacher.model, revision=plan.cfg.teacher.revision)
+    expect = {"tokenizer_fingerprint": info.tokenizer_fingerprint}
+    for n, (unit, shard) in enumerate(sorted(plan.manifest.shards.items())):
+        path = f"{plan.root}/{SHARDS_DIR}/{shard.file}"
+        if n == 0 or verify_all:
+            try:
+                data = read_bytes(plan.fs, path)
+            except (FileNotFoundError, OSError):
+                raise ShardError(f"shard {path} is listed in the manifest but missing; recapture "
+                                 "it with `raydistill capture CONFIG --repair`") from None
+            if _h.sha256(data).hexdigest() != shard.sha256:
+                raise ShardError(f"shard {path} does not match its checksum in manifest.json "
+                                 "(truncated or corrupt); recapture it with `raydistill capture "
+                                 "CONFIG --repair`")
+            if n == 0:
+                import io
+
+                import pyarrow.parquet as pq
+
+                meta = shard_metadata(pq.read_schema(io.BytesIO(data)))
+                check_shard_origin(meta, expect, name=path)
+        if not verify_all:
+            break
+
+
+def _check_resources(cfg: Config, *, teachers: bool) -> None:
+    """Refuse a layout that cannot run on this cluster rather than hang waiting for CPUs."""
+    import ray
+
+    t, tr = cfg.teacher, cfg.train
+    have = ray.cluster_resources().get("CPU", 0.0)
+    workers = max(tr.num_workers, 1) * (0 if tr.use_gpu else tr.cpus_per_worker)
+    need = workers + tr.reader_cpus + (t.num_actors * t.num_cpus if teachers else 0.0)
+    if need > have + 1e-9:
+        teach = f" + {t.num_actors} teacher(s) × {t.num_cpus}" if teachers else ""
+        raise ConfigError(
+            f"this layout needs {need:g} CPUs ({max(tr.num_workers, 1)} train worker(s) × "
+            f"{tr.cpus_per_worker}{teach} + Ray Data readers {tr.reader_cpus}) but the cluster "
+            f"has {have:g}; lower train.cpus_per_worker / train.num_workers / teacher.num_cpus")
 
 
 def _init_ray() -> bool:
@@ -216,6 +300,7 @@ def _init_ray() -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False,
                  logging_level=logging.ERROR)
@@ -223,3 +308,12 @@ def _init_ray() -> bool:
         ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
                  object_store_memory=256 * 1024 * 1024)
     return True
+
+
+def _stop_ray(started: bool) -> None:
+    if started:
+        import ray
+
+        ray.shutdown()
+
+

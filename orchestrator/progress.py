@@ -19,8 +19,10 @@ def say(message: str) -> None:
 class CaptureProgress:
     """Shards written / total, samples, tokens per second."""
 
-    def __init__(self, *, total_units: int, done_units: int):
-        self.bar = Progress(TextColumn("capture"), BarColumn(), MofNCompleteColumn(),
+    def __init__(self, *, total_units: int, done_units: int, label: str = "capture",
+                 quiet: bool = False):
+        self.quiet = quiet  # another live display (training) owns the terminal
+        self.bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(),
                             TextColumn("shards · {task.fields[samples]} samples · "
                                        "{task.fields[rate]} tok/s"),
                             TimeElapsedColumn(), console=console, transient=False)
@@ -34,11 +36,13 @@ class CaptureProgress:
 
     def __enter__(self):
         self.t0 = self.t_last = time.time()
-        self.bar.__enter__()
+        if not self.quiet:
+            self.bar.__enter__()
         return self
 
     def __exit__(self, *exc):
-        self.bar.__exit__(*exc)
+        if not self.quiet:
+            self.bar.__exit__(*exc)
 
     def log(self, message: str) -> None:
         self.bar.console.print(message)
@@ -57,3 +61,53 @@ class CaptureProgress:
         per_tok = self.bytes / max(self.tokens, 1)
         return (f"captured {self.shards} shards, {self.samples} samples, {self.tokens} tokens in "
                 f"{elapsed:.0f}s ({self.tokens / elapsed:,.0f} tok/s, {per_tok:.1f} B/token)")
+
+
+class TrainProgress:
+    """A student's steps, loss, data-wait share and last evaluation, polled from the run's board
+    (the workers report there), plus the capture's progress in a streaming run."""
+
+    def __init__(self, label: str, *, total: int, board, capture_total: int | None = None):
+        import threading
+
+        self.label, self.board, self.capture_total = label, board, capture_total
+        self.bar = Progress(TextColumn(f"train {label}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("steps · {task.fields[status]}"), TimeElapsedColumn(),
+                            console=console, transient=False)
+        self.task = self.bar.add_task(label, total=total, status="starting workers")
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self):
+        self.bar.__enter__()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=5)
+        self._update()
+        self.bar.__exit__(*exc)
+
+    def _poll(self) -> None:
+        while not self.stop.wait(1.0):
+            self._update()
+
+    def _update(self) -> None:
+        import ray
+
+        try:
+            snap = ray.get(self.board.snapshot.remote(), timeout=5)
+        except Exception:  # noqa: BLE001 — progress is best effort; training goes on
+            return
+        m = snap["metrics"].get(self.label)
+        parts = []
+        if m:
+            parts.append(f"loss {m['loss']:.3f} · {m['tokens_per_s']:,.0f} tok/s · "
+                         f"data wait {m['data_wait_share']:.0%}")
+            if "eval_student_nll" in m:
+                parts.append(f"held-out {m['eval_student_nll']:.3f} · KL {m['eval_kl']:.3f}")
+        if self.capture_total:
+            parts.append(f"capture {snap['published']}/{self.capture_total} shards")
+        if parts:
+            self.bar.update(self.task, completed=m["step"] if m else 0, status=" · ".join(parts))

@@ -65,7 +65,9 @@ def capture_config(tmp_path, model, data, **overrides):
 
     sets = {"teacher.model": model, "data.path": data, "output_dir": str(tmp_path / "out"),
             "teacher.backend": "hf", "teacher.k": 8, "teacher.num_cpus": 0.5,
-            "capture.samples_per_shard": 8, "data.max_length": 128}
+            "capture.samples_per_shard": 8, "data.max_length": 128,
+            # capture-only tests: no held-out split, no behaviour-cloning samples
+            "data.eval_fraction": 0, "train.baselines": "[]"}
     sets.update(overrides)
     return load_config(None, [f"{k}={v}" for k, v in sets.items()])
 

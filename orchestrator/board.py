@@ -1,0 +1,54 @@
+"""The run's status board: a plain class the pipeline wraps in a small Ray actor so that the
+driver, the teacher pool and the train workers of one streaming run can see each other.
+
+- the capture publishes progress and, if it fails, why (readers waiting for a shard stop then);
+- train workers report the shards they have consumed and their latest metrics;
+- the capture asks `may_capture` before sending more work: it pauses while it is more than
+  `max_ahead` shards ahead of the students (backpressure), and runs freely once training is done.
+"""
+
+from __future__ import annotations
+
+
+class ShardBoard:
+    def __init__(self, *, max_ahead: int, consumer: str = "kd"):
+        self.max_ahead = max_ahead
+        self.consumer = consumer
+        self.published = 0
+        self.failure: str | None = None
+        self.consumed_by: dict[str, dict[int, int]] = {}
+        self.metrics: dict[str, dict] = {}
+        self.done: set[str] = set()
+        self.paused_s = 0.0
+
+    def publish(self, shards: int) -> None:
+        self.published = shards
+
+    def capture_failed(self, message: str) -> None:
+        self.failure = message
+
+    def capture_failure(self) -> str | None:
+        return self.failure
+
+    def consumed(self, label: str, rank: int, shards: int) -> None:
+        self.consumed_by.setdefault(label, {})[rank] = shards
+
+    def train_update(self, label: str, metrics: dict) -> None:
+        self.metrics[label] = metrics
+
+    def train_done(self, label: str) -> None:
+        self.done.add(label)
+
+    def may_capture(self, waited_s: float = 0.0) -> bool:
+        """False while the capture is `max_ahead` shards ahead of the consuming students."""
+        self.paused_s += waited_s
+        if self.consumer in self.done:
+            return True
+        consumed = sum(self.consumed_by.get(self.consumer, {}).values())
+        return self.published - consumed < self.max_ahead
+
+    def snapshot(self) -> dict:
+        return {"published": self.published, "failure": self.failure,
+                "consumed": {k: sum(v.values()) for k, v in self.consumed_by.items()},
+                "metrics": dict(self.metrics), "done": sorted(self.done),
+                "capture_paused_s": self.paused_s}

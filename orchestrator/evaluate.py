@@ -1,0 +1,88 @@
+"""Held-out evaluation of a student against the teacher's labels (pure torch, no Ray).
+
+On every held-out position that has a teacher label and a next token:
+- student NLL of the actual next token (→ student perplexity),
+- teacher NLL of the same token, from the capture's stored target log-prob (→ teacher perplexity),
+- KL(teacher ‖ student) over the teacher's top-k plus one tail bucket (T = 1): the divergence the
+  stored labels can measure, a lower bound on the full-vocabulary KL,
+- top-1 agreement: the student's argmax is the teacher's most likely token.
+
+`evaluate` returns sums, so data-parallel workers can add theirs before `finish` divides.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from orchestrator.batches import collate
+from orchestrator.losses import divergence
+
+SUM_KEYS = ("positions", "student_nll", "teacher_nll", "teacher_positions", "kl", "top1")
+
+
+@torch.no_grad()
+def evaluate(model, samples: list[dict], *, batch_size: int = 16, device: str = "cpu",
+             pad_id: int = 0) -> dict[str, float]:
+    """Sums over `samples` (decoded shard rows); see SUM_KEYS."""
+    was_training = model.training
+    model.eval()
+    sums = dict.fromkeys(SUM_KEYS, 0.0)
+    for i in range(0, len(samples), batch_size):
+        batch = collate(samples[i:i + batch_size], pad_id=pad_id)
+        logits = model(input_ids=batch.input_ids.to(device),
+                       attention_mask=batch.attention_mask.to(device)).logits.float()
+        V = logits.shape[-1]
+        flat = batch.flat()
+        rows = (flat["kd_mask"] & (flat["targets"] >= 0)).nonzero().squeeze(1).to(device)
+        if len(rows) == 0:
+            continue
+        lg = logits.reshape(-1, V)[rows]
+        targets = flat["targets"].to(device)[rows]
+        ids = flat["topk_ids"].to(device)[rows].long()
+        lps = flat["topk_logprobs"].to(device)[rows]
+        teacher_t = _teacher_target_lp(samples[i:i + batch_size], batch.input_ids.shape[1])
+        teacher_t = teacher_t.to(device)[rows]
+        known = ~torch.isnan(teacher_t)
+        sums["positions"] += len(rows)
+        sums["student_nll"] += torch.nn.functional.cross_entropy(lg, targets, reduction="sum").item()
+        sums["teacher_nll"] += (-teacher_t[known]).sum().item()
+        sums["teacher_positions"] += known.sum().item()
+        sums["kl"] += divergence(lg, ids, lps, kind="fkl", temperature=1.0,
+                                 tail="bucket").sum().item()
+        sums["top1"] += (lg.argmax(-1) == ids[:, 0]).sum().item()
+    model.train(was_training)
+    return sums
+
+
+def _teacher_target_lp(samples: list[dict], length: int) -> torch.Tensor:
+    """[B·L] the teacher's log-prob of position t's next token (NaN where unknown or padded).
+
+    A shard stores, at label position t, the teacher's log-prob of token t + 1 (target_logprobs)."""
+    out = torch.full((len(samples), length), math.nan)
+    for b, s in enumerate(samples):
+        if "target_logprobs" in s:
+            t = torch.as_tensor(s["target_logprobs"])
+            out[b, :len(t)] = t
+    return out.reshape(-1)
+
+
+def finish(sums: dict[str, float]) -> dict[str, float]:
+    """Means from (possibly all-reduced) sums: perplexities, KL per token, top-1 agreement."""
+    n = max(sums["positions"], 1.0)
+    student = sums["student_nll"] / n
+    teacher = sums["teacher_nll"] / max(sums["teacher_positions"], 1.0)
+    return {"eval_student_nll": student, "eval_student_ppl": math.exp(min(student, 50.0)),
+            "eval_teacher_nll": teacher, "eval_teacher_ppl": math.exp(min(teacher, 50.0)),
+            "eval_kl": sums["kl"] / n, "eval_top1": sums["top1"] / n,
+            "eval_positions": int(sums["positions"])}
+
+
+def gap_recovered(*, student_nll: float, scratch_nll: float, teacher_nll: float) -> float | None:
+    """Share of the NLL gap between a from-scratch (hard-label) student and the teacher that the
+    student closes: 1.0 = as good as the teacher, 0.0 = no better than the from-scratch student."""
+    gap = scratch_nll - teacher_nll
+    if gap <= 1e-9:
+        return None
+    return (scratch_nll - student_nll) / gap

@@ -1,0 +1,215 @@
+"""Where a train worker's samples come from: a deterministic, resumable stream over a capture's
+shards, read, verified and decoded by Ray Data tasks ahead of the training step.
+
+Order. Epoch e visits the shards in a seeded permutation of the units (epoch 0 of a streaming run
+keeps capture order, so the first shards published are the first read); worker r of W takes every
+W-th shard of that order; the rows of a shard are shuffled with a seed derived from
+(seed, epoch, unit). The stream is a pure function of (seed, rank, world, units), so a restarted
+worker resumes exactly where its checkpoint says: it skips `position` samples using the manifest's
+row counts — no shard is skipped or read twice within an epoch because of a restart.
+
+Streaming. A shard exists for readers once manifest.json lists it (the driver records it after the
+atomic write). A read task waits, polling the manifest, until its shard is listed; the wait shows up
+as data-wait time in the training step. Ray Data's streaming executor bounds how many shards are
+read ahead (memory); the capture itself pauses when the students fall behind (`ShardBoard`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Iterator
+
+import numpy as np
+
+from orchestrator.errors import ShardError
+from orchestrator.manifest import MANIFEST, SHARDS_DIR, ShardInfo, exists, filesystem, load_manifest
+from orchestrator.shards import decode_rows, load_shard, read_bytes, shard_metadata
+
+_FIELDS = ("sample_id", "input_ids", "prompt_len", "topk_ids", "topk_logprobs")
+
+
+def epoch_order(units: list[int], *, seed: int, epoch: int, capture_order: bool) -> list[int]:
+    """The order of units in one epoch: capture order for a streaming first epoch, else seeded."""
+    if capture_order:
+        return sorted(units)
+    rng = np.random.default_rng([seed, epoch, 0x5EED])
+    return [units[i] for i in rng.permutation(len(units))]
+
+
+def _row_seed(seed: int, epoch: int, unit: int) -> list[int]:
+    return [seed, epoch, unit, 0xB10C]
+
+
+class ShardWatcher:
+    """Looks up shards in a capture's manifest, waiting for them in a streaming run (picklable)."""
+
+    def __init__(self, root_uri: str, *, wait: bool, board=None, poll_s: float = 0.5):
+        self.root_uri = root_uri
+        self.wait = wait
+        self.board = board
+        self.poll_s = poll_s
+
+    def info(self, unit: int) -> ShardInfo:
+        fs, root = filesystem(self.root_uri)
+        while True:
+            manifest = load_manifest(fs, root)
+            if manifest is not None and unit in manifest.shards:
+                return manifest.shards[unit]
+            if not self.wait:
+                raise ShardError(f"shard unit {unit} is not in {self.root_uri}/{MANIFEST}; the "
+                                 "capture is incomplete: finish it with `raydistill capture CONFIG`")
+            if self.board is not None:
+                import ray
+
+                failure = ray.get(self.board.capture_failure.remote())
+                if failure:
+                    raise ShardError(f"the capture stopped before shard unit {unit}: {failure}")
+            time.sleep(self.poll_s)
+
+    def read(self, unit: int, *, expect: dict | None = None) -> list[dict]:
+        """The decoded, checksum-verified samples of one shard, in stored order."""
+        info = self.info(unit)
+        fs, root = filesystem(self.root_uri)
+        path = f"{root}/{SHARDS_DIR}/{info.file}"
+        if not exists(fs, path):
+            raise ShardError(f"shard {path} is listed in {MANIFEST} but missing; recapture it with "
+                             "`raydistill capture CONFIG --repair`")
+        table = load_shard(read_bytes(fs, path), name=path, sha256=info.sha256)
+        if expect:
+            check_shard_origin(shard_metadata(table), expect, name=path)
+        return list(decode_rows(table))
+
+
+def check_shard_origin(meta: dict, expect: dict, *, name: str) -> None:
+    """Refuse shards whose teacher or tokenizer differs from the one the config names."""
+    for key, what in (("tokenizer_fingerprint", "tokenizer"), ("teacher_model", "teacher model")):
+        if key in expect and meta.get(key) != expect[key]:
+            raise ShardError(
+                f"shard {name} was captured with another {what} ({meta.get(key)!r}) than the "
+                f"config's teacher ({expect[key]!r}); the student would learn another model's "
+                "labels. Point output_dir at a capture of this teacher, or recapture with --fresh")
+
+
+class _ReadShard:
+    """Ray Data map_batches function: one shard unit in, its shuffled samples out."""
+
+    def __init__(self, watcher: ShardWatcher, *, seed: int, epoch: int, expect: dict | None):
+        self.watcher, self.seed, self.epoch, self.expect = watcher, seed, epoch, expect
+
+    def __call__(self, batch: dict) -> dict:
+        out: dict[str, list] = {name: [] for name in (*_FIELDS, "unit")}
+        for unit, skip in zip(batch["unit"], batch["skip"]):
+            samples = self.watcher.read(int(unit), expect=self.expect)
+            rng = np.random.default_rng(_row_seed(self.seed, self.epoch, int(unit)))
+            for i in rng.permutation(len(samples))[int(skip):]:
+                s = samples[i]
+                for name in _FIELDS:
+                    out[name].append(s[name])
+                out["unit"].append(int(unit))
+        return {name: _column(values) for name, values in out.items()}
+
+
+def _column(values: list) -> np.ndarray:
+    if values and isinstance(values[0], np.ndarray):
+        col = np.empty(len(values), dtype=object)
+        col[:] = values
+        return col
+    return np.asarray(values)
+
+
+class SampleStream:
+    """The samples of one train worker from `position` on, epoch after epoch, without end.
+
+    `units`: every unit of the capture (all of them, published or not, in a streaming run).
+    `position`: samples this worker has already consumed (restored from a checkpoint).
+    """
+
+    def __init__(self, watcher: ShardWatcher, *, units: list[int], rank: int, world: int,
+                 seed: int, position: int = 0, streaming: bool = False, expect: dict | None = None,
+                 reader_cpus: float = 0.25, on_shard_done=None):
+        self.watcher, self.units, self.rank, self.world = watcher, list(units), rank, world
+        self.seed, self.position, self.streaming = seed, position, streaming
+        self.expect, self.reader_cpus, self.on_shard_done = expect, reader_cpus, on_shard_done
+        self.epoch = 0
+        self.shards_done = 0
+        if len(self.units) < world:
+            raise ShardError(f"the capture has {len(self.units)} shards for {world} train workers; "
+                             "each worker needs at least one: lower train.num_workers or "
+                             "capture.samples_per_shard")
+
+    def _my_units(self, epoch: int) -> list[int]:
+        order = epoch_order(self.units, seed=self.seed, epoch=epoch,
+                            capture_order=self.streaming and epoch == 0)
+        return order[self.rank::self.world]
+
+    def __iter__(self) -> Iterator[dict]:
+        import ray.data
+
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # the order is part of the resumable state
+        ctx.enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        epoch, skip = self._locate(self.position)
+        while True:
+            self.epoch = epoch
+            todo = self._my_units(epoch)
+            first, rows_in = skip
+            items = [{"unit": u, "skip": rows_in if i == 0 else 0}
+                     for i, u in enumerate(todo[first:])]
+            ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+            ds = ds.map_batches(_ReadShard(self.watcher, seed=self.seed, epoch=epoch,
+                                           expect=self.expect),
+                                batch_size=1, num_cpus=self.reader_cpus, batch_format="numpy")
+            current = None
+            for row in ds.iter_rows():
+                if current is not None and row["unit"] != current:
+                    self._shard_done()
+                current = row["unit"]
+                self.position += 1
+                yield row
+            if current is not None:
+                self._shard_done()
+            epoch, skip = epoch + 1, (0, 0)
+
+    def _shard_done(self) -> None:
+        self.shards_done += 1
+        if self.on_shard_done is not None:
+            self.on_shard_done(self.shards_done)
+
+    def _locate(self, position: int) -> tuple[int, tuple[int, int]]:
+        """(epoch, (shard index within the epoch, rows into it)) of the `position`-th sample."""
+        epoch = 0
+        while True:
+            todo = self._my_units(epoch)
+            for i, unit in enumerate(todo):
+                rows = self.watcher.info(unit).rows
+                if position < rows:
+                    return epoch, (i, position)
+                position -= rows
+                self.shards_done += 1
+            epoch += 1
+
+
+def heldout_samples(watcher: ShardWatcher, *, rank: int, world: int, limit: int | None,
+                    expect: dict | None = None) -> list[dict]:
+    """This worker's slice of a held-out capture: every world-th sample, at most `limit` in all."""
+    fs, root = filesystem(watcher.root_uri)
+    manifest = load_manifest(fs, root)
+    if manifest is None or not manifest.shards:
+        raise ShardError(f"no held-out capture at {watcher.root_uri}; it is captured by "
+                         "`raydistill run` / `raydistill train` before training")
+    samples: list[dict] = []
+    for unit in sorted(manifest.shards):
+        samples.extend(watcher.read(unit, expect=expect))
+        if limit is not None and len(samples) >= limit:
+            break
+    samples = samples[:limit] if limit is not None else samples
+    return samples[rank::world]
+
+
+def stable_fraction(sample_id: str) -> float:
+    """A sample id's fixed place in [0, 1): decides the held-out split the same way everywhere."""
+    digest = hashlib.sha256(sample_id.encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64

@@ -1,0 +1,245 @@
+"""The Ray Train worker loop: one student, data-parallel over `train.num_workers` workers.
+
+Each worker streams its samples from the shards (`train_data.SampleStream`, read by Ray Data),
+runs `grad_accum` micro-batches per optimizer step (DDP syncs only on the last), clips gradients,
+steps AdamW under a warm-up + cosine schedule, and every `eval_every` steps evaluates on its slice
+of the held-out capture (sums all-reduced), saves a checkpoint — a Hugging Face directory that
+transformers and vLLM load, plus `train_state.pt` (optimizer, schedule, step, data position) — and
+reports. On a restart (FailureConfig, or the same run name after a driver crash) it resumes from the
+last checkpoint: same weights, optimizer, schedule, and the exact data position.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+STATE_FILE = "train_state.pt"
+HISTORY_FILE = "history.json"
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    """Plain values one training run needs (no config object crosses into workers)."""
+
+    teacher_model: str
+    shape: dict
+    init_from_teacher: bool
+    shards_uri: str
+    units: list[int]
+    streaming: bool
+    heldout_uri: str | None
+    eval_samples: int
+    expect: dict
+    loss: str
+    temperature: float
+    alpha: float
+    beta: float
+    tail: str
+    lr: float
+    warmup_steps: int
+    batch_size: int
+    grad_accum: int
+    max_steps: int
+    eval_every: int
+    log_every: int
+    seed: int
+    reader_cpus: float = 0.25
+    hard_labels_from_prompt: bool = False
+    board: object = None
+    label: str = "kd"
+    extra: dict = field(default_factory=dict)
+
+
+def lr_lambda(step: int, *, warmup: int, total: int) -> float:
+    """Linear warm-up to 1, then cosine decay to 0.1 at `total`."""
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def train_worker(config: dict) -> None:
+    """`train_loop_per_worker` of the TorchTrainer; config = {"spec": LoopSpec}."""
+    import ray.train
+    import ray.train.torch
+    from transformers import AutoConfig
+
+    from orchestrator.losses import distill_loss
+    from orchestrator.student import StudentShape, build_student
+    from orchestrator.teacher_info import load_tokenizer
+    from orchestrator.train_data import SampleStream, ShardWatcher, heldout_samples
+
+    spec: LoopSpec = config["spec"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    teacher_cfg = AutoConfig.from_pretrained(spec.teacher_model)
+    teacher = None
+    if spec.init_from_teacher:
+        from transformers import AutoModelForCausalLM
+
+        teacher = AutoModelForCausalLM.from_pretrained(spec.teacher_model, dtype=torch.float32)
+    model, _ = build_student(teacher_cfg, StudentShape(**spec.shape), init_from_teacher=teacher,
+                             seed=spec.seed)
+    del teacher
+    tokenizer = load_tokenizer(spec.teacher_model)
+    model.to(device)  # before the optimizer and its restored state
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01,
+                                  betas=(0.9, 0.95))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, warmup=spec.warmup_steps, total=spec.max_steps))
+    state = _restore(model, optimizer, schedule)
+    step, history = state.get("step", 0), state.get("history", [])
+    per_step = spec.batch_size * spec.grad_accum
+    core = model
+    model = ray.train.torch.prepare_model(model) if world > 1 else model
+
+    watcher = ShardWatcher(spec.shards_uri, wait=spec.streaming, board=spec.board)
+    stream = SampleStream(watcher, units=spec.units, rank=rank, world=world, seed=spec.seed,
+                          position=step * per_step, streaming=spec.streaming, expect=spec.expect,
+                          reader_cpus=spec.reader_cpus, on_shard_done=_consumed(spec, rank))
+    samples = iter(stream)
+    heldout = []
+    if spec.heldout_uri:
+        heldout = heldout_samples(ShardWatcher(spec.heldout_uri, wait=False), rank=rank,
+                                  world=world, limit=spec.eval_samples, expect=spec.expect)
+
+    window = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "tokens": 0, "wait": 0.0, "time": 0.0, "n": 0}
+    model.train()
+    while step < spec.max_steps:
+        t0 = time.perf_counter()
+        wait = 0.0
+        for micro in range(spec.grad_accum):
+            tw = time.perf_counter()
+            rows = [next(samples) for _ in range(spec.batch_size)]
+            wait += time.perf_counter() - tw
+            batch = _collate(rows, spec)
+            sync = micro == spec.grad_accum - 1 or world == 1
+            with (model.no_sync() if not sync and hasattr(model, "no_sync") else _null()):
+                logits = model(input_ids=batch.input_ids.to(device),
+                               attention_mask=batch.attention_mask.to(device)).logits
+                flat = {k: v.to(device) for k, v in batch.flat().items()}
+                parts = distill_loss(logits.reshape(-1, logits.shape[-1]), kind=spec.loss,
+                                     temperature=spec.temperature, alpha=spec.alpha,
+                                     beta=spec.beta, tail=spec.tail, **flat)
+                (parts.total / spec.grad_accum).backward()
+            window["loss"] += parts.total.item() / spec.grad_accum
+            window["kd"] += parts.kd.item() / spec.grad_accum
+            window["ce"] += parts.ce.item() / spec.grad_accum
+            window["tokens"] += int(batch.attention_mask.sum())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        window["wait"] += wait
+        window["time"] += time.perf_counter() - t0
+        window["n"] += 1
+        evaluate_now = step % spec.eval_every == 0 or step == spec.max_steps
+        if step % spec.log_every == 0 or evaluate_now:
+            metrics = _window_metrics(window, step=step, lr=schedule.get_last_lr()[0],
+                                      epoch=stream.epoch, world=world)
+            window = dict.fromkeys(window, 0.0)
+            if evaluate_now and heldout:
+                metrics.update(_evaluate(core, heldout, device=device, world=world))
+            history.append(metrics)
+            if spec.board is not None and rank == 0:
+                spec.board.train_update.remote(spec.label, metrics)
+            _report(metrics, history, step=step, position=step * per_step, model=core,
+                    tokenizer=tokenizer, optimizer=optimizer, schedule=schedule,
+                    checkpoint=evaluate_now, rank=rank)
+
+
+def _consumed(spec: LoopSpec, rank: int):
+    """Tell the board each time this worker finishes a shard (the capture's backpressure signal)."""
+    if spec.board is None:
+        return None
+    return lambda shards: spec.board.consumed.remote(spec.label, rank, shards)
+
+
+def _collate(rows: list[dict], spec: LoopSpec):
+    from orchestrator.batches import collate
+
+    return collate(rows, hard_labels_from_prompt=spec.hard_labels_from_prompt)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _window_metrics(window: dict, *, step: int, lr: float, epoch: int, world: int) -> dict:
+    n = max(window["n"], 1)
+    return {"step": step, "epoch": epoch, "lr": lr, "loss": window["loss"] / n,
+            "kd": window["kd"] / n, "ce": window["ce"] / n,
+            "step_time_s": window["time"] / n, "data_wait_s": window["wait"] / n,
+            "data_wait_share": window["wait"] / max(window["time"], 1e-9),
+            "tokens_per_s": window["tokens"] * world / max(window["time"], 1e-9)}
+
+
+def _evaluate(model, heldout: list[dict], *, device, world: int) -> dict:
+    from orchestrator.evaluate import SUM_KEYS, evaluate, finish
+
+    sums = evaluate(model, heldout, device=str(device))
+    if world > 1:
+        import torch.distributed as dist
+
+        t = torch.tensor([sums[k] for k in SUM_KEYS], dtype=torch.float64)
+        dist.all_reduce(t)
+        sums = dict(zip(SUM_KEYS, t.tolist()))
+    return finish(sums)
+
+
+def _report(metrics: dict, history: list, *, step: int, position: int, model, tokenizer,
+            optimizer, schedule, checkpoint: bool, rank: int) -> None:
+    """Every rank reports (Ray Train requires it); rank 0 attaches the checkpoint."""
+    import ray.train
+
+    if not checkpoint or rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    tmp = tempfile.mkdtemp(prefix="raydistill-ckpt-")
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                    "step": step, "position": position}, os.path.join(tmp, STATE_FILE))
+        with open(os.path.join(tmp, HISTORY_FILE), "w") as f:
+            json.dump(history, f)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _restore(model, optimizer, schedule) -> dict:
+    """Load the last checkpoint of this run, if any (weights_only: no untrusted unpickling)."""
+    import ray.train
+    from safetensors.torch import load_file
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return {}
+    with checkpoint.as_directory() as d:
+        weights = load_file(os.path.join(d, "model.safetensors"))
+        missing, _ = model.load_state_dict(weights, strict=False)
+        if [m for m in missing if "lm_head" not in m]:  # a tied head is saved once
+            raise RuntimeError(f"checkpoint {d} lacks weights: {missing[:5]}")
+        if "lm_head.weight" in missing:
+            model.tie_weights()
+        state = torch.load(os.path.join(d, STATE_FILE), weights_only=True)
+        with open(os.path.join(d, HISTORY_FILE)) as f:
+            history = json.load(f)
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    return {"step": state["step"], "history": history}

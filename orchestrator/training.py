@@ -1,0 +1,123 @@
+"""Driver side of student training: one `TorchTrainer` run per student, its checkpoints under
+`{storage}/{name}/`, the final student exported as a plain Hugging Face directory
+`{storage}/{name}/model/` (loadable by transformers and vLLM).
+
+Run names are unique per experiment: Ray Train V2 silently resumes a run whose name and storage
+path it has seen before, which is what resuming on purpose (`--resume`) relies on and what a fresh
+experiment must avoid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+from orchestrator.errors import RaydistillError
+from orchestrator.manifest import exists, filesystem
+from orchestrator.train_loop import HISTORY_FILE, STATE_FILE, LoopSpec
+
+MODEL_DIR = "model"
+
+
+@dataclass
+class StudentResult:
+    label: str
+    model_dir: str
+    history: list[dict]
+    final: dict
+    """The last evaluation's metrics (eval_*) and the run's throughput figures."""
+    wall_s: float
+
+
+def experiment_name(prefix: str) -> str:
+    """A fresh, sortable, unique experiment name."""
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
+
+
+def fit_student(spec: LoopSpec, *, storage: str, name: str, num_workers: int, use_gpu: bool,
+                cpus_per_worker: float, max_failures: int) -> StudentResult:
+    """Train one student with Ray Train and export it; resumes if `storage/name` holds a run."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator.train_loop import train_worker
+
+    fs, root = filesystem(storage)
+    model_uri = f"{storage.rstrip('/')}/{name}/{MODEL_DIR}"
+    done = _load_done(fs, f"{root}/{name}")
+    if done is not None:  # finished before: nothing to resume
+        return StudentResult(spec.label, model_uri, done["history"], done["final"], done["wall_s"])
+    t0 = time.time()
+    resources = {"GPU": 1} if use_gpu else {"CPU": cpus_per_worker}
+    trainer = TorchTrainer(
+        train_worker, train_loop_config={"spec": spec},
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=resources if num_workers else None),
+        run_config=RunConfig(name=name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:  # noqa: BLE001 — Ray wraps the worker's error; name its root cause
+        raise RaydistillError(f"training of the {spec.label} student failed: {_root_cause(e)}. "
+                              f"Checkpoints are kept under {storage}/{name}; rerun with "
+                              "--resume to continue from the last one") from e
+    if result.checkpoint is None:
+        raise RaydistillError(f"the {spec.label} student run {name} produced no checkpoint")
+    history, final = _export(result.checkpoint, fs, f"{root}/{name}/{MODEL_DIR}")
+    wall = time.time() - t0
+    _save_done(fs, f"{root}/{name}", {"history": history, "final": final, "wall_s": wall})
+    return StudentResult(spec.label, model_uri, history, final, wall)
+
+
+def _export(checkpoint, fs, dest: str) -> tuple[list[dict], dict]:
+    """Copy the checkpoint's HF files (not the optimizer state) to `dest`; return its history."""
+    import pyarrow.fs as pafs
+
+    with checkpoint.as_directory() as d:
+        with open(os.path.join(d, HISTORY_FILE)) as f:
+            history = json.load(f)
+        fs.create_dir(dest, recursive=True)
+        local = pafs.LocalFileSystem()
+        for fname in sorted(os.listdir(d)):
+            if fname in (STATE_FILE, HISTORY_FILE) or fname.startswith("."):
+                continue
+            pafs.copy_files(os.path.join(d, fname), f"{dest}/{fname}", source_filesystem=local,
+                            destination_filesystem=fs)
+    final = {}
+    for row in history:
+        final.update(row)
+    return history, final
+
+
+def _done_path(run_root: str) -> str:
+    return f"{run_root}/done.json"
+
+
+def _load_done(fs, run_root: str) -> dict | None:
+    path = _done_path(run_root)
+    if not exists(fs, path):
+        return None
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read())
+
+
+def _save_done(fs, run_root: str, record: dict) -> None:
+    from orchestrator.manifest import write_atomic
+
+    write_atomic(fs, _done_path(run_root), json.dumps(record).encode())
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost message of a chain of Ray/Train wrappers."""
+    seen = error
+    while True:
+        nxt = getattr(seen, "cause", None) or seen.__cause__
+        if nxt is None or nxt is seen:
+            break
+        seen = nxt
+    text = str(seen).strip().splitlines()
+    return text[-1] if text else type(seen).__name__
