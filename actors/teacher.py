@@ -74,6 +74,7 @@ class TeacherWorker:
         """Label one unit's (sample_id, text) records and publish them as one shard — into the
         spec's output, or into `target` = (output_dir, shard_meta) of another capture of the same
         mode (the held-out split shares the engine of the main capture)."""
+        _test_delay()
         rows = self.label(records)
         if target is None:
             return write_shard(self.fs, f"{self.root}/shards", unit, rows, self.spec.shard_meta)
@@ -103,6 +104,18 @@ class TeacherWorker:
 
     def close(self) -> None:
         self.backend.close()
+
+
+def _test_delay() -> None:
+    """HACK (test hook): RAYDISTILL_TEST_TEACHER_DELAY_S makes every unit take that much longer,
+    so tests can have a real teacher that produces slower than the students consume (streaming).
+    Unset, it costs nothing."""
+    import os
+    import time
+
+    delay = float(os.environ.get("RAYDISTILL_TEST_TEACHER_DELAY_S", "0") or 0)
+    if delay > 0:
+        time.sleep(delay)
 
 
 def split_tokens(tokens: list[int], max_length: int, policy: str) -> list[list[int]]:

@@ -70,6 +70,13 @@ def plan_captures(cfg: Config, *, fresh: bool = False, repair: bool = False) -> 
         plans.append(plan_capture(held, label="held-out", keep=keep, fresh=fresh, repair=repair))
     if "bc" in cfg.train.baselines and cfg.teacher.mode == "score":
         bc = bc_config(cfg)
+        room = main.max_length - cfg.train.bc_prompt_tokens - 1
+        if room < 1:
+            raise ConfigError(f"train.bc_prompt_tokens ({cfg.train.bc_prompt_tokens}) leaves no "
+                              f"room for a continuation in {main.max_length} tokens; lower it, or "
+                              "drop bc from train.baselines")
+        bc = replace(bc, teacher=replace(bc.teacher, max_new_tokens=min(cfg.teacher.max_new_tokens,
+                                                                         room)))
         _write_bc_prompts(main, bc.data.path, tokens=cfg.train.bc_prompt_tokens)
         plans.append(plan_capture(bc, label="bc samples", fresh=fresh, repair=repair))
     return plans
@@ -335,7 +342,8 @@ _STORAGE_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN
 def _actor_env(output_dir: str) -> dict | None:
     """Teacher actors write the shards themselves, possibly on other nodes: for an object-store
     output_dir, forward the storage credentials and endpoint the driver has (only those set)."""
+    hook = {k: os.environ[k] for k in ("RAYDISTILL_TEST_TEACHER_DELAY_S",) if os.environ.get(k)}
     if "://" not in output_dir:
-        return None
-    env = {k: os.environ[k] for k in _STORAGE_ENV if os.environ.get(k)}
+        return {"env_vars": hook} if hook else None
+    env = hook | {k: os.environ[k] for k in _STORAGE_ENV if os.environ.get(k)}
     return {"env_vars": env} if env else None

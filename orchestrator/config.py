@@ -147,7 +147,7 @@ class TrainConfig:
     seed: int = 0
     """Seed of initialisation and data shuffling."""
     num_workers: int = 1
-    """Ray Train workers (DDP)."""
+    """Ray Train workers (DDP); 0 trains in the driver process (local mode: quick checks)."""
     use_gpu: bool = False
     """Train on GPUs (one per worker)."""
     cpus_per_worker: float = 0.5
@@ -367,7 +367,8 @@ def _validate_training(cfg: Config) -> None:
     _check(0 <= tr.alpha <= 1, f"train.alpha must be in [0, 1] (weight of the KD term), got {tr.alpha}")
     _check(0 < tr.beta < 1, f"train.beta must be in (0, 1), got {tr.beta}")
     _check(tr.lr > 0, f"train.lr must be > 0, got {tr.lr}")
-    for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "num_workers", "log_every",
+    _check(tr.num_workers >= 0, f"train.num_workers must be >= 0 (0: in-process), got {tr.num_workers}")
+    for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "log_every",
                  "eval_samples", "max_shards_ahead", "bc_prompt_tokens"):
         value = getattr(tr, name)
         _check(value >= 1, f"train.{name} must be at least 1, got {value}")

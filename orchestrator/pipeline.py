@@ -57,7 +57,8 @@ def train(cfg: Config, *, resume: str | None = None) -> str:
     try:
         _check_resources(cfg, teachers=False)
         experiment = _experiment(cfg, resume)
-        results = _train_students(cfg, plans, experiment, board=None, streaming=False)
+        with _interruptible(experiment):
+            results = _train_students(cfg, plans, experiment, board=None, streaming=False)
         return _report(cfg, plans, experiment, results)
     finally:
         _stop_ray(started_ray)
@@ -82,7 +83,7 @@ def run(cfg: Config, *, fresh: bool = False, resume: str | None = None) -> str:
         max_ahead = max(cfg.train.max_shards_ahead, 2 * max(1, cfg.train.num_workers))
         board = ray.remote(ShardBoard).options(num_cpus=0).remote(max_ahead=max_ahead)
         board.publish.remote(len(main.manifest.shards))
-        with Teachers(cfg) as teachers:
+        with _interruptible(experiment), Teachers(cfg) as teachers:
             for plan in held:
                 teachers.capture(plan)
             streaming = bool(main.todo)
@@ -95,13 +96,15 @@ def run(cfg: Config, *, fresh: bool = False, resume: str | None = None) -> str:
                     worker.finish()
             for plan in later:
                 teachers.capture(plan)
-        if streaming:
             snap = ray.get(board.snapshot.remote())
-            say(f"streaming: capture paused {snap['capture_paused_s']:.0f}s for the students "
-                "(backpressure)")
-        results = kd | _train_students(cfg, plans, experiment, board=None, streaming=False,
-                                       only=tuple(cfg.train.baselines))
-        return _report(cfg, plans, experiment, results)
+        if streaming:
+            say(f"streaming: the capture paused {snap['capture_paused_s']:.0f}s waiting for the "
+                "students (backpressure)")
+        with _interruptible(experiment):
+            results = kd | _train_students(cfg, plans, experiment, board=None, streaming=False,
+                                           only=tuple(cfg.train.baselines))
+        return _report(cfg, plans, experiment, results,
+                       streaming={"streamed": streaming, **snap})
     finally:
         _stop_ray(started_ray)
 
@@ -158,6 +161,7 @@ def _train_students(cfg: Config, plans: list[CapturePlan], experiment: str, *, b
     bc = by_label.get("bc samples", main if t.mode == "sample" else None)
     shape = resolve_shape(preset=s.preset, layers=s.layers, hidden=s.hidden, heads=s.heads,
                           intermediate=s.intermediate)
+    _warn_if_not_smaller(t.model, shape)
     runs = {"kd": (main, tr.alpha), "hard": (main, 0.0), "bc": (bc, 0.0)}
     storage = f"{cfg.output_dir.rstrip('/')}/{EXPERIMENTS_DIR}/{experiment}"
     results = {}
@@ -202,6 +206,18 @@ def _train_students(cfg: Config, plans: list[CapturePlan], experiment: str, *, b
     return results
 
 
+def _warn_if_not_smaller(teacher: str, shape) -> None:
+    from transformers import AutoConfig
+
+    from orchestrator.student import size_ratio
+
+    ratio = size_ratio(AutoConfig.from_pretrained(teacher), shape)
+    if ratio >= 1.0:
+        say(f"[yellow]warning:[/] the student ({shape.layers}×{shape.hidden}) is about "
+            f"{ratio:.1f}× the teacher's size; distillation normally trains a smaller model — "
+            "pick a smaller student.preset or student.layers/hidden")
+
+
 def _describe_result(r) -> str:
     f = r.final
     if "eval_student_nll" not in f:
@@ -211,11 +227,15 @@ def _describe_result(r) -> str:
             f"{r.wall_s:.0f}s → {r.model_dir}")
 
 
-def _report(cfg: Config, plans: list[CapturePlan], experiment: str, results: dict) -> str:
+def _report(cfg: Config, plans: list[CapturePlan], experiment: str, results: dict,
+            streaming: dict | None = None) -> str:
     from orchestrator.report import write_report
 
     out = f"{cfg.output_dir.rstrip('/')}/{EXPERIMENTS_DIR}/{experiment}"
-    path = write_report(out, results=results, settings=_settings(cfg, plans))
+    settings = _settings(cfg, plans) | {"experiment": experiment}
+    if streaming is not None:
+        settings["streaming"] = {k: streaming[k] for k in ("streamed", "capture_paused_s")}
+    path = write_report(out, results=results, settings=settings)
     say(f"report: {path} (report.json, plots/*.png beside it)")
     return path
 
@@ -229,6 +249,23 @@ def _settings(cfg: Config, plans: list[CapturePlan]) -> dict:
                                    "rows": sum(s.rows for s in p.manifest.shards.values()),
                                    "tokens": sum(s.tokens for s in p.manifest.shards.values())}
                          for p in plans}}
+
+
+class _interruptible:
+    """Ctrl-C during training: checkpoints are kept; say how to continue."""
+
+    def __init__(self, experiment: str):
+        self.experiment = experiment
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb):
+        if kind is KeyboardInterrupt:
+            raise RaydistillError(
+                f"interrupted: experiment {self.experiment}'s checkpoints and finished shards are "
+                f"kept; continue with the same command plus --resume {self.experiment}") from None
+        return False
 
 
 def _experiment(cfg: Config, resume: str | None) -> str:

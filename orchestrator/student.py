@@ -124,6 +124,14 @@ def _copy_from_teacher(student, teacher) -> list[int]:
     return sorted(copied)
 
 
+def size_ratio(teacher_config, shape: StudentShape) -> float:
+    """Estimated student parameters / teacher parameters (checked before training starts)."""
+    cfg = copy.deepcopy(teacher_config)
+    cfg.num_hidden_layers, cfg.hidden_size = shape.layers, shape.hidden
+    cfg.intermediate_size = shape.intermediate
+    return _param_estimate(cfg) / max(1, _param_estimate(teacher_config))
+
+
 def _param_estimate(config) -> int:
     h, layers = config.hidden_size, config.num_hidden_layers
     inter = getattr(config, "intermediate_size", 4 * h)

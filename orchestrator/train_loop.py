@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -55,7 +55,8 @@ class LoopSpec:
     hard_labels_from_prompt: bool = False
     board: object = None
     label: str = "kd"
-    extra: dict = field(default_factory=dict)
+    local: bool = False
+    """Local mode (num_workers=0): Ray Train keeps the checkpoint where it was written."""
 
 
 def lr_lambda(step: int, *, warmup: int, total: int) -> float:
@@ -98,6 +99,7 @@ def train_worker(config: dict) -> None:
         optimizer, lambda s: lr_lambda(s, warmup=spec.warmup_steps, total=spec.max_steps))
     state = _restore(model, optimizer, schedule)
     step, history = state.get("step", 0), state.get("history", [])
+    resumed_from = step if state else None
     per_step = spec.batch_size * spec.grad_accum
     core = model
     model = ray.train.torch.prepare_model(model) if world > 1 else model
@@ -147,6 +149,9 @@ def train_worker(config: dict) -> None:
         if step % spec.log_every == 0 or evaluate_now:
             metrics = _window_metrics(window, step=step, lr=schedule.get_last_lr()[0],
                                       epoch=stream.epoch, world=world)
+            metrics.update(time=time.time(), pid=os.getpid())
+            if resumed_from is not None:
+                metrics["resumed_from"] = resumed_from
             window = dict.fromkeys(window, 0.0)
             if evaluate_now and heldout:
                 metrics.update(_evaluate(core, heldout, device=device, world=world))
@@ -155,7 +160,7 @@ def train_worker(config: dict) -> None:
                 spec.board.train_update.remote(spec.label, metrics)
             _report(metrics, history, step=step, position=step * per_step, model=core,
                     tokenizer=tokenizer, optimizer=optimizer, schedule=schedule,
-                    checkpoint=evaluate_now, rank=rank)
+                    checkpoint=evaluate_now, rank=rank, keep=spec.local)
 
 
 def _consumed(spec: LoopSpec, rank: int):
@@ -181,7 +186,7 @@ class _null:
 
 def _window_metrics(window: dict, *, step: int, lr: float, epoch: int, world: int) -> dict:
     n = max(window["n"], 1)
-    return {"step": step, "epoch": epoch, "lr": lr, "loss": window["loss"] / n,
+    return {"step": step, "epoch": epoch, "workers": world, "lr": lr, "loss": window["loss"] / n,
             "kd": window["kd"] / n, "ce": window["ce"] / n,
             "step_time_s": window["time"] / n, "data_wait_s": window["wait"] / n,
             "data_wait_share": window["wait"] / max(window["time"], 1e-9),
@@ -202,8 +207,10 @@ def _evaluate(model, heldout: list[dict], *, device, world: int) -> dict:
 
 
 def _report(metrics: dict, history: list, *, step: int, position: int, model, tokenizer,
-            optimizer, schedule, checkpoint: bool, rank: int) -> None:
-    """Every rank reports (Ray Train requires it); rank 0 attaches the checkpoint."""
+            optimizer, schedule, checkpoint: bool, rank: int, keep: bool) -> None:
+    """Every rank reports (Ray Train requires it); rank 0 attaches the checkpoint. Ray copies it
+    to storage, so the local copy is removed — except in local mode, where it is the checkpoint
+    (the driver exports it, then removes it)."""
     import ray.train
 
     if not checkpoint or rank != 0:
@@ -219,7 +226,8 @@ def _report(metrics: dict, history: list, *, step: int, position: int, model, to
             json.dump(history, f)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _restore(model, optimizer, schedule) -> dict:

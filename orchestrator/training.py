@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from orchestrator.errors import RaydistillError
 from orchestrator.manifest import exists, filesystem
@@ -50,6 +50,8 @@ def fit_student(spec: LoopSpec, *, storage: str, name: str, num_workers: int, us
     if done is not None:  # finished before: nothing to resume
         return StudentResult(spec.label, model_uri, done["history"], done["final"], done["wall_s"])
     t0 = time.time()
+    if num_workers == 0:
+        spec = replace(spec, local=True)
     resources = {"GPU": 1} if use_gpu else {"CPU": cpus_per_worker}
     trainer = TorchTrainer(
         train_worker, train_loop_config={"spec": spec},
@@ -59,18 +61,45 @@ def fit_student(spec: LoopSpec, *, storage: str, name: str, num_workers: int, us
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
+    result = _fit(trainer, spec, storage=storage, name=name)
+    if result.checkpoint is None:
+        raise RaydistillError(f"the {spec.label} student run {name} produced no checkpoint")
+    with result.checkpoint.as_directory() as d:
+        with open(os.path.join(d, HISTORY_FILE)) as f:
+            last_step = json.load(f)[-1]["step"]
+    if last_step < spec.max_steps:  # Ray Train's own Ctrl-C handler aborted the run
+        raise KeyboardInterrupt
+    history, final = _export(result.checkpoint, fs, f"{root}/{name}/{MODEL_DIR}")
+    if spec.local:  # local mode: the worker's own directory was the checkpoint
+        import shutil
+
+        shutil.rmtree(result.checkpoint.path, ignore_errors=True)
+    wall = time.time() - t0
+    _save_done(fs, f"{root}/{name}", {"history": history, "final": final, "wall_s": wall})
+    return StudentResult(spec.label, model_uri, history, final, wall)
+
+
+def _fit(trainer, spec: LoopSpec, *, storage: str, name: str):
+    """trainer.fit(), with Ray Train's Ctrl-C handling turned back into KeyboardInterrupt (its
+    handler aborts the run, may exit via SystemExit, and stays installed after fit)."""
+    import signal
+    import threading
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main_thread else None
     try:
-        result = trainer.fit()
+        return trainer.fit()
+    except SystemExit:
+        raise KeyboardInterrupt from None
+    except KeyboardInterrupt:
+        raise
     except Exception as e:  # noqa: BLE001 — Ray wraps the worker's error; name its root cause
         raise RaydistillError(f"training of the {spec.label} student failed: {_root_cause(e)}. "
                               f"Checkpoints are kept under {storage}/{name}; rerun with "
                               "--resume to continue from the last one") from e
-    if result.checkpoint is None:
-        raise RaydistillError(f"the {spec.label} student run {name} produced no checkpoint")
-    history, final = _export(result.checkpoint, fs, f"{root}/{name}/{MODEL_DIR}")
-    wall = time.time() - t0
-    _save_done(fs, f"{root}/{name}", {"history": history, "final": final, "wall_s": wall})
-    return StudentResult(spec.label, model_uri, history, final, wall)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _export(checkpoint, fs, dest: str) -> tuple[list[dict], dict]:

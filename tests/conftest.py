@@ -89,3 +89,32 @@ def s3_server(monkeypatch):
     client.create_bucket(Bucket=bucket)
     yield f"s3://{bucket}/run1?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
     server.stop()
+
+
+def train_config(out_dir, model, data, **overrides):
+    """A Config for training tests: a tiny capture with a held-out split, a nano student, a few
+    steps, cheap workers (2 CPUs)."""
+    from orchestrator.config import load_config
+
+    sets = {"teacher.model": model, "data.path": data, "output_dir": str(out_dir),
+            "teacher.backend": "hf", "teacher.k": 8, "teacher.num_cpus": 0.5,
+            "teacher.max_new_tokens": 16, "capture.samples_per_shard": 8, "data.max_length": 128,
+            "data.eval_fraction": 0.1, "train.baselines": "[hard, bc]",
+            "train.bc_prompt_tokens": 8, "student.preset": "nano", "train.max_steps": 12,
+            "train.eval_every": 6, "train.log_every": 3, "train.batch_size": 4,
+            "train.num_workers": 1, "train.eval_samples": 16, "train.warmup_steps": 2}
+    sets.update(overrides)
+    return load_config(None, [f"{k}={v}" for k, v in sets.items()])
+
+
+@pytest.fixture(scope="session")
+def captured(tmp_path_factory, tiny_teacher, texts, ray_session):
+    """One finished capture (main, held-out split, behaviour-cloning samples) that training tests
+    share read-only; each test trains into its own experiment directory."""
+    from orchestrator.pipeline import capture
+
+    root = tmp_path_factory.mktemp("captured")
+    data = write_jsonl(root / "data.jsonl", [{"id": i, "text": t} for i, t in enumerate(texts)])
+    cfg = train_config(root / "out", tiny_teacher, data)
+    capture(cfg)
+    return {"root": root, "data": data, "out": str(root / "out"), "model": tiny_teacher}

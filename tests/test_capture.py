@@ -39,9 +39,14 @@ def dataset(tmp_path, texts):
 def test_hf_score_capture_via_cli(tmp_path, tiny_teacher, dataset, ray_session, capsys):
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(f"teacher: {{model: {tiny_teacher}, backend: hf, k: 8, num_cpus: 0.5}}\n"
-                        f"data: {{path: {dataset}, max_length: 64, long_text: split}}\n"
+                        f"data: {{path: {dataset}, max_length: 64, long_text: split, "
+                        "eval_fraction: 0}\n"
                         f"capture: {{samples_per_shard: 8}}\noutput_dir: {tmp_path / 'out'}\n")
     assert main(["capture", str(cfg_path), "--set", "teacher.num_actors=2"]) == 0
+    # the behaviour-cloning baseline's samples were captured beside (train.baselines default)
+    bc = list(read_shards(str(tmp_path / "out" / "bc")))
+    assert {r["sample_id"].split("#")[0] for r in bc} == {f"t{i}" for i in range(40)}
+    assert all(r["prompt_len"] < len(r["input_ids"]) for r in bc)
     rows = list(read_shards(str(tmp_path / "out")))
     # texts longer than 64 tokens were split into pieces with stable ids
     assert any("#p1" in r["sample_id"] for r in rows)
@@ -55,7 +60,7 @@ def test_hf_score_capture_via_cli(tmp_path, tiny_teacher, dataset, ray_session, 
     assert np.abs(rows[0]["topk_logprobs"] - ref.topk_logprobs).max() <= 0.01
     # rerun: nothing to do
     assert main(["capture", str(cfg_path)]) == 0
-    assert "already complete" in capsys.readouterr().err
+    assert "capture: complete" in capsys.readouterr().err
     assert main(["inspect", str(tmp_path / "out")]) == 0
 
 
@@ -95,7 +100,7 @@ def test_actor_process_killed_midway_is_replaced(tmp_path, tiny_teacher, dataset
     from actors.pool import TeacherPool
     from orchestrator import data as data_mod
     from orchestrator.manifest import filesystem
-    from orchestrator.pipeline import _worker_spec
+    from orchestrator.capture_plan import _worker_spec
 
     cfg = capture_config(tmp_path, tiny_teacher, dataset, **{"capture.samples_per_shard": 4})
     filesystem(cfg.output_dir)[0].create_dir(f"{cfg.output_dir}/shards", recursive=True)
@@ -125,7 +130,8 @@ def test_interrupted_capture_resumes_exactly_once(tmp_path, tiny_teacher, texts,
     out = tmp_path / "out"
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(f"teacher: {{model: {tiny_teacher}, backend: hf, k: 8, num_cpus: 0.5}}\n"
-                        f"data: {{path: {data}, max_length: 128, long_text: truncate}}\n"
+                        f"data: {{path: {data}, max_length: 128, long_text: truncate, "
+                        "eval_fraction: 0}\ntrain: {baselines: []}\n"
                         f"capture: {{samples_per_shard: 10}}\noutput_dir: {out}\n")
     env = dict(os.environ, RAY_ADDRESS=ray_session.address_info["address"])
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "capture", str(cfg_path)],
@@ -220,11 +226,12 @@ def test_import_directions():
             for mod in _imports(ast.parse(f.read_text())):
                 assert mod.split(".")[0] not in banned, f"{f} imports {mod}"
     for f in (root / "orchestrator").rglob("*.py"):
-        if f.stem in ("pipeline", "cli"):
+        if f.stem in ("pipeline", "capture_plan", "cli"):  # the driver (capture_plan is its part)
             continue
         for mod in _imports(ast.parse(f.read_text())):
             assert mod.split(".")[0] not in ("actors", "tune_spaces", "serve"), f"{f} imports {mod}"
-    for name in ("softlabels", "shards", "config", "data", "manifest"):
+    for name in ("softlabels", "shards", "config", "data", "manifest", "losses", "student",
+                 "batches", "evaluate"):
         mods = _imports(ast.parse((root / "orchestrator" / f"{name}.py").read_text()))
         assert not any(m.split(".")[0] in ("ray", "vllm") for m in mods), name
 

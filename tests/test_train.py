@@ -1,0 +1,266 @@
+"""Students on Ray Train: local mode and real DDP workers, the report and its plots, students that
+load in transformers, resume after a killed worker or an interrupted driver, and every bad input
+refused before training starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import train_config, write_jsonl
+from orchestrator.cli import main
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _report(path: str) -> dict:
+    return json.loads((Path(path).parent / "report.json").read_text())
+
+
+def test_local_mode_trains_kd_and_baselines_with_report_and_loadable_students(captured):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from orchestrator import pipeline
+
+    cfg = train_config(captured["out"], captured["model"], captured["data"],
+                       **{"train.num_workers": 0})
+    path = pipeline.train(cfg)
+    report = _report(path)
+    assert set(report["students"]) == {"kd", "hard", "bc"}
+    for label, row in report["students"].items():
+        assert row["steps"] == 12
+        assert 0 < row["student_nll"] < 10 and 0 <= row["top1"] <= 1 and row["kl"] > 0, label
+        assert row["teacher_nll"] == pytest.approx(report["students"]["kd"]["teacher_nll"])
+    assert [h["step"] for h in report["history"]["kd"]] == [3, 6, 9, 12]
+    assert "gap_recovered" in report["students"]["kd"]
+    exp = Path(path).parent
+    for plot in ("loss.png", "metrics.png"):
+        assert (exp / "plots" / plot).read_bytes()[:8] == PNG
+    md = Path(path).read_text()
+    assert "| KD (soft labels) |" in md and "| hard labels |" in md and "behaviour cloning" in md
+    # the students are plain Hugging Face directories
+    model_dir = report["students"]["kd"]["model_dir"]
+    assert not (Path(model_dir) / "train_state.pt").exists()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    ids = tok("def main():", return_tensors="pt")["input_ids"]
+    out = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 5
+    assert torch.isfinite(model(ids).logits).all()
+
+
+def test_two_ddp_workers(captured):
+    from orchestrator import pipeline
+
+    cfg = train_config(captured["out"], captured["model"], captured["data"],
+                       **{"train.num_workers": 2, "train.baselines": "[]"})
+    report = _report(pipeline.train(cfg))
+    kd = report["history"]["kd"]
+    assert kd[-1]["step"] == 12 and kd[-1]["workers"] == 2
+    assert report["students"]["kd"]["student_nll"] < 10
+
+
+def _spec(captured, **kw):
+    from orchestrator.manifest import filesystem, load_manifest
+    from orchestrator.student import resolve_shape
+    from orchestrator.teacher_info import inspect_teacher
+    from orchestrator.train_loop import LoopSpec
+
+    fs, root = filesystem(captured["out"])
+    m = load_manifest(fs, root)
+    info = inspect_teacher(captured["model"])
+    args = dict(teacher_model=captured["model"], shape=vars(resolve_shape(preset="nano")),
+                init_from_teacher=False, shards_uri=captured["out"],
+                units=list(range(m.total_units)), streaming=False,
+                heldout_uri=captured["out"] + "/heldout", eval_samples=16,
+                expect={"tokenizer_fingerprint": info.tokenizer_fingerprint}, loss="fkl",
+                temperature=2.0, alpha=0.5, beta=0.5, tail="renormalize", lr=2e-3,
+                warmup_steps=5, batch_size=4, grad_accum=2, max_steps=60, eval_every=10,
+                log_every=5, seed=7)
+    args.update(kw)
+    return LoopSpec(**args)
+
+
+def test_killed_worker_resumes_from_checkpoint_and_matches_an_uninterrupted_run(captured,
+                                                                                 tmp_path):
+    import ray
+
+    from orchestrator.board import ShardBoard
+    from orchestrator.training import fit_student
+
+    board = ray.remote(ShardBoard).options(num_cpus=0).remote(max_ahead=1)
+    killed = []
+
+    def killer():
+        while not killed:
+            m = ray.get(board.snapshot.remote())["metrics"].get("kd")
+            if m and m["step"] >= 25:  # checkpoints at 10 and 20 are persisted
+                os.kill(m["pid"], signal.SIGKILL)
+                killed.append(m["step"])
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    kw = dict(num_workers=1, use_gpu=False, cpus_per_worker=0.5)
+    hit = fit_student(_spec(captured, board=board), storage=str(tmp_path), name="hit",
+                      max_failures=2, **kw)
+    killed.append(-1)  # stop the killer if the run ended first
+    assert killed[0] > 0, "the worker was never killed"
+    steps = [h["step"] for h in hit.history]
+    assert steps == sorted(set(steps)) and steps[-1] == 60  # no step lost or repeated
+    # the last checkpoint Ray Train had registered before the kill
+    assert hit.final["resumed_from"] in (10, 20, 30, 40) and hit.final["resumed_from"] < killed[0]
+    clean = fit_student(_spec(captured), storage=str(tmp_path), name="clean", max_failures=0, **kw)
+    # same seed, exact data position and optimizer state: the same student
+    assert hit.final["eval_student_nll"] == pytest.approx(clean.final["eval_student_nll"], abs=1e-4)
+    assert hit.final["eval_kl"] == pytest.approx(clean.final["eval_kl"], abs=1e-4)
+
+
+def test_interrupted_driver_resumes_the_experiment(captured, ray_session, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({
+        "teacher": {"model": captured["model"], "backend": "hf", "k": 8, "num_cpus": 0.5,
+                    "max_new_tokens": 16},
+        "data": {"path": captured["data"], "max_length": 128, "eval_fraction": 0.1},
+        "capture": {"samples_per_shard": 8},
+        "train": {"max_steps": 100, "eval_every": 10, "log_every": 10, "batch_size": 4,
+                  "baselines": [], "eval_samples": 16, "bc_prompt_tokens": 8},
+        "output_dir": captured["out"]}))
+    env = dict(os.environ, RAY_ADDRESS=ray_session.address_info["address"])
+    exe = [sys.executable, "-m", "orchestrator.cli"]
+    (Path(captured["out"]) / "experiments").mkdir(exist_ok=True)
+    before = set(os.listdir(Path(captured["out"]) / "experiments"))
+    proc = subprocess.Popen([*exe, "train", str(cfg)], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    exp = None
+    while time.time() < deadline and exp is None:
+        time.sleep(0.5)
+        for name in set(os.listdir(Path(captured["out"]) / "experiments")) - before:
+            # a checkpoint Ray Train has registered (in its snapshot), not just uploaded
+            snap = Path(captured["out"]) / "experiments" / name / "kd" / \
+                "checkpoint_manager_snapshot.json"
+            if snap.exists() and '"checkpoint_dir_name"' in snap.read_text():
+                exp = name
+    assert exp is not None, "no checkpoint appeared"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    assert f"--resume {exp}" in err
+    done = subprocess.run([*exe, "train", str(cfg), "--resume", exp], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    final = json.loads((Path(captured["out"]) / "experiments" / exp / "report.json").read_text())
+    kd = final["history"]["kd"]
+    assert kd[-1]["step"] == 100 and kd[-1]["resumed_from"] >= 10
+    steps = [h["step"] for h in kd]
+    assert steps == sorted(set(steps))
+
+
+@pytest.fixture
+def copied_capture(captured, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(captured["out"], out, ignore=shutil.ignore_patterns("experiments"))
+    return out
+
+
+def _train_cli(captured, out, *sets):
+    base = ["--set", f"teacher.model={captured['model']}", "--set", f"data.path={captured['data']}",
+            "--set", f"output_dir={out}"]
+    cfg = train_config(out, captured["model"], captured["data"])
+    path = Path(out).parent / "c.yaml"
+    from dataclasses import asdict
+
+    path.write_text(json.dumps({k: asdict(getattr(cfg, k)) for k in
+                                ("teacher", "data", "capture", "student", "train")}))
+    return main(["train", str(path), *base, *[x for s in sets for x in ("--set", s)]])
+
+
+def test_corrupt_shard_is_named_and_nothing_trains(captured, copied_capture, capsys):
+    shard = sorted((copied_capture / "shards").glob("*.parquet"))[2]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert _train_cli(captured, copied_capture) == 2
+    err = capsys.readouterr().err
+    assert shard.name in err and "checksum" in err and "--repair" in err
+    assert not (copied_capture / "experiments").exists()
+
+
+def test_shards_of_another_tokenizer_are_refused(captured, tmp_path, ray_session, capsys):
+    from orchestrator import tiny
+    from orchestrator.pipeline import capture
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(captured["model"], teacher)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"id": i, "text": "x = 1\n" * (i + 3)}
+                                              for i in range(20)])
+    out = tmp_path / "out"
+    capture(train_config(out, str(teacher), data, **{"train.baselines": "[]"}))
+    # the teacher directory's tokenizer is replaced after the capture (same path, same vocab size)
+    texts = list(tiny.chunks_of_text(tiny.stdlib_sources()[100:130]))
+    tiny.train_tokenizer(texts, teacher, vocab_size=1024)
+    code = main(["train", "--set", f"teacher.model={teacher}", "--set", f"data.path={data}",
+                 "--set", f"output_dir={out}", "--set", "train.baselines=[]",
+                 *sum((["--set", f"{k}={v}"] for k, v in {
+                     "teacher.backend": "hf", "teacher.k": 8, "capture.samples_per_shard": 8,
+                     "data.max_length": 128, "data.eval_fraction": 0.1,
+                     "train.eval_samples": 16}.items()), []),
+                 str(_empty_config(tmp_path))])
+    assert code == 2
+    assert "another tokenizer" in capsys.readouterr().err
+
+
+def _empty_config(tmp_path) -> Path:
+    p = tmp_path / "empty.yaml"
+    p.write_text("{}\n")
+    return p
+
+
+@pytest.mark.parametrize("override, message", [
+    ("student.heads=3", "must divide student.hidden"),
+    ("train.loss=kl", "fkl | rkl | jsd | tvd"),
+    ("train.baselines=[hard, teacher]", "valid baselines: hard, bc"),
+    ("student.preset=huge", "student.preset must be one of nano"),
+])
+def test_bad_training_settings_fail_before_any_work(captured, tmp_path, override, message,
+                                                    capsys):
+    assert _train_cli(captured, tmp_path / "out", override) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_student_larger_than_the_teacher_is_warned_about(captured, capsys):
+    from orchestrator import pipeline
+    from orchestrator.student import resolve_shape
+
+    pipeline._warn_if_not_smaller(captured["model"], resolve_shape(preset="small"))
+    assert "the student (4×512) is about" in capsys.readouterr().err
+    pipeline._warn_if_not_smaller(captured["model"], resolve_shape(preset="nano"))
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_train_refuses_an_incomplete_capture(captured, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(captured["out"], out, ignore=shutil.ignore_patterns("experiments"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["shards"] = manifest["shards"][:-1]
+    manifest["complete"] = False
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    # the unrecorded last shard is still on disk and is adopted: the capture is complete again
+    assert _train_cli(captured, out, "train.max_steps=3", "train.eval_every=3",
+                      "train.baselines=[]", "train.num_workers=0") == 0
+    for f in (out / "shards").glob("*.parquet"):
+        f.unlink()
+        break
+    assert _train_cli(captured, out) == 2
+    assert "capture in" in (err := capsys.readouterr().err) and "is incomplete" in err
