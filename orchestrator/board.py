@@ -2,9 +2,9 @@
 driver, the teacher pool and the train workers of one streaming run can see each other.
 
 - the capture publishes progress and, if it fails, why (readers waiting for a shard stop then);
-- train workers report the shards they have consumed and their latest metrics;
+- the students' shard readers report each shard they have read, train workers their metrics;
 - the capture asks `may_capture` before sending more work: it pauses while it is more than
-  `max_ahead` shards ahead of the students (backpressure), and runs freely once training is done.
+  `max_ahead` shards ahead of the readers (backpressure), and runs freely once training is done.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ class ShardBoard:
         self.consumer = consumer
         self.published = 0
         self.failure: str | None = None
-        self.consumed_by: dict[str, dict[int, int]] = {}
+        self.read_by: dict[str, set[int]] = {}
         self.metrics: dict[str, dict] = {}
         self.done: set[str] = set()
         self.paused_s = 0.0
@@ -30,8 +30,8 @@ class ShardBoard:
     def capture_failure(self) -> str | None:
         return self.failure
 
-    def consumed(self, label: str, rank: int, shards: int) -> None:
-        self.consumed_by.setdefault(label, {})[rank] = shards
+    def shard_read(self, label: str, unit: int) -> None:
+        self.read_by.setdefault(label, set()).add(unit)
 
     def train_update(self, label: str, metrics: dict) -> None:
         self.metrics[label] = metrics
@@ -44,11 +44,10 @@ class ShardBoard:
         self.paused_s += waited_s
         if self.consumer in self.done:
             return True
-        consumed = sum(self.consumed_by.get(self.consumer, {}).values())
-        return self.published - consumed < self.max_ahead
+        return self.published - len(self.read_by.get(self.consumer, ())) < self.max_ahead
 
     def snapshot(self) -> dict:
         return {"published": self.published, "failure": self.failure,
-                "consumed": {k: sum(v.values()) for k, v in self.consumed_by.items()},
+                "read": {k: len(v) for k, v in self.read_by.items()},
                 "metrics": dict(self.metrics), "done": sorted(self.done),
                 "capture_paused_s": self.paused_s}

@@ -75,8 +75,9 @@ def plan_captures(cfg: Config, *, fresh: bool = False, repair: bool = False) -> 
             raise ConfigError(f"train.bc_prompt_tokens ({cfg.train.bc_prompt_tokens}) leaves no "
                               f"room for a continuation in {main.max_length} tokens; lower it, or "
                               "drop bc from train.baselines")
-        bc = replace(bc, teacher=replace(bc.teacher, max_new_tokens=min(cfg.teacher.max_new_tokens,
-                                                                         room)))
+        # continuations fill the context, so the BC student sees about as many tokens per
+        # sequence as the KD student (same token budget)
+        bc = replace(bc, teacher=replace(bc.teacher, max_new_tokens=room))
         _write_bc_prompts(main, bc.data.path, tokens=cfg.train.bc_prompt_tokens)
         plans.append(plan_capture(bc, label="bc samples", fresh=fresh, repair=repair))
     return plans

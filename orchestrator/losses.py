@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 LossKind = Literal["fkl", "rkl", "jsd", "tvd"]
 TailMode = Literal["renormalize", "bucket"]
@@ -63,28 +62,39 @@ def distill_loss(
     positions that have teacher labels (prompt positions are False in sample mode).
     """
     logits = student_logits.float()
-    ce = _masked_mean(F.cross_entropy(logits, targets.clamp(min=0), reduction="none"),
-                      targets >= 0)
+    lp = torch.log_softmax(logits, dim=-1)     # [N, V]: the only full-vocab tensor of the step
+    has_target = targets >= 0
+    nll = -lp.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1)
+    ce = _masked_mean(nll, has_target)
     if alpha == 0.0:
         return LossParts(total=ce, kd=ce.new_zeros(()), ce=ce)
-    rows = kd_mask.nonzero().squeeze(1)
-    kd = divergence(logits[rows], topk_ids[rows].long(), topk_logprobs[rows].float(), kind=kind,
-                    temperature=temperature, beta=beta, tail=tail)
-    kd = kd.mean() if len(rows) else logits.new_zeros(())
+    # at T = 1 the KD term reuses the CE log-softmax; only [N, k] gathers are added. Rows without
+    # teacher labels are computed too (cheaply, on zeroed labels) and masked out: indexing the
+    # labelled rows would copy an [n, V] tensor.
+    s_lp = lp if temperature == 1.0 else torch.log_softmax(logits / temperature, dim=-1)
+    labelled = kd_mask.unsqueeze(1)
+    ids = torch.where(labelled, topk_ids, torch.zeros_like(topk_ids)).long()
+    t_lp = torch.where(labelled, topk_logprobs.float(), torch.zeros_like(topk_logprobs, dtype=torch.float32))
+    d = divergence(logits, ids, t_lp, kind=kind, temperature=temperature, beta=beta, tail=tail,
+                   student_logprobs=s_lp)
+    kd = _masked_mean(d, kd_mask)
     return LossParts(total=alpha * kd + (1.0 - alpha) * ce, kd=kd, ce=ce)
 
 
 def divergence(logits: torch.Tensor, ids: torch.Tensor, teacher_lp: torch.Tensor, *,
                kind: LossKind, temperature: float, beta: float = 0.5,
-               tail: TailMode = "renormalize") -> torch.Tensor:
-    """Per-row divergence × T² between teacher (top-k) and student (full logits [n, V])."""
+               tail: TailMode = "renormalize",
+               student_logprobs: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row divergence × T² between teacher (top-k) and student (full logits [n, V]).
+    `student_logprobs` = log_softmax(logits / T) when the caller already has it."""
     if kind not in LOSS_KINDS:
         raise ValueError(f"loss kind must be one of {', '.join(LOSS_KINDS)}, got {kind!r}")
     if tail not in TAIL_MODES:
         raise ValueError(f"tail must be one of {', '.join(TAIL_MODES)}, got {tail!r}")
     T = temperature
     vocab, k = logits.shape[-1], ids.shape[-1]
-    s_lp_all = torch.log_softmax(logits / T, dim=-1)
+    s_lp_all = student_logprobs if student_logprobs is not None else \
+        torch.log_softmax(logits / T, dim=-1)
     s_top = s_lp_all.gather(-1, ids)                                 # [n, k]
     s_tail = _log1mexp(torch.logsumexp(s_top, -1, keepdim=True))     # [n, 1]
     t_top, t_tail = _teacher(teacher_lp, T=T, vocab=vocab, k=k, tail=tail)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import replace
 
 from orchestrator.capture_plan import CapturePlan, Teachers, plan_captures
 from orchestrator.config import Config
@@ -164,7 +163,11 @@ def _train_students(cfg: Config, plans: list[CapturePlan], experiment: str, *, b
     _warn_if_not_smaller(t.model, shape)
     runs = {"kd": (main, tr.alpha), "hard": (main, 0.0), "bc": (bc, 0.0)}
     storage = f"{cfg.output_dir.rstrip('/')}/{EXPERIMENTS_DIR}/{experiment}"
-    results = {}
+    if board is None:
+        from orchestrator.board import ShardBoard
+
+        board = ray.remote(ShardBoard).options(num_cpus=0).remote(max_ahead=1)
+    specs = {}
     for label in only:
         plan, alpha = runs[label]
         if label == "hard" and t.mode == "sample":
@@ -173,7 +176,7 @@ def _train_students(cfg: Config, plans: list[CapturePlan], experiment: str, *, b
             continue
         if plan is None:
             continue
-        spec = LoopSpec(
+        specs[label] = LoopSpec(
             teacher_model=t.model, shape=vars(shape), init_from_teacher=s.init_from_teacher,
             shards_uri=plan.cfg.output_dir, units=list(range(plan.manifest.total_units)),
             streaming=streaming and label == "kd", heldout_uri=held.cfg.output_dir if held else None,
@@ -186,24 +189,46 @@ def _train_students(cfg: Config, plans: list[CapturePlan], experiment: str, *, b
             hard_labels_from_prompt=False, board=board, label=label)
         what = {"kd": f"KD student ({tr.loss}, T={tr.temperature}, alpha={tr.alpha})",
                 "hard": "hard-label baseline", "bc": "behaviour-cloning baseline"}[label]
-        say(f"training the {what}: {shape.layers}×{shape.hidden}, {tr.max_steps} steps on "
-            f"{max(tr.num_workers, 1)} worker(s)")
-        local_board = board
-        if local_board is None:
-            from orchestrator.board import ShardBoard
+        say(f"training the {what}: {shape.layers}×{shape.hidden}, {tr.max_steps} steps × "
+            f"{tr.batch_size * tr.grad_accum} sequences on {max(tr.num_workers, 1)} worker(s)")
+    if not specs:
+        return {}
 
-            local_board = ray.remote(ShardBoard).options(num_cpus=0).remote(max_ahead=1)
-            spec = replace(spec, board=local_board)
-        capture_total = plan.manifest.total_units if spec.streaming else None
-        with TrainProgress(label, total=tr.max_steps, board=local_board,
-                           capture_total=capture_total):
-            results[label] = fit_student(spec, storage=storage, name=label,
-                                         num_workers=tr.num_workers, use_gpu=tr.use_gpu,
-                                         cpus_per_worker=tr.cpus_per_worker,
-                                         max_failures=tr.max_failures)
-        local_board.train_done.remote(label)
-        say(_describe_result(results[label]))
+    def fit(label: str):
+        result = fit_student(specs[label], storage=storage, name=label,
+                             num_workers=tr.num_workers, use_gpu=tr.use_gpu,
+                             cpus_per_worker=tr.cpus_per_worker, max_failures=tr.max_failures)
+        board.train_done.remote(label)
+        return result
+
+    streamed = [sp for sp in specs.values() if sp.streaming]
+    capture_total = by_label["capture"].manifest.total_units if streamed else None
+    parallel = _students_at_once(cfg, len(specs))
+    results = {}
+    with TrainProgress(list(specs), total=tr.max_steps, board=board, capture_total=capture_total):
+        if parallel > 1:  # independent students share the cluster: train them side by side
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(parallel) as pool:
+                futures = {label: pool.submit(fit, label) for label in specs}
+                results = {label: f.result() for label, f in futures.items()}
+        else:
+            results = {label: fit(label) for label in specs}
+    for r in results.values():
+        say(_describe_result(r))
     return results
+
+
+def _students_at_once(cfg: Config, n: int) -> int:
+    """How many students fit on the cluster side by side (each: its workers + a reader)."""
+    import ray
+
+    tr = cfg.train
+    if tr.use_gpu or n <= 1:
+        return 1
+    per = max(tr.num_workers, 1) * tr.cpus_per_worker + tr.reader_cpus
+    have = ray.available_resources().get("CPU", 0.0)
+    return max(1, min(n, int(have // per)))
 
 
 def _warn_if_not_smaller(teacher: str, shape) -> None:

@@ -64,17 +64,18 @@ class CaptureProgress:
 
 
 class TrainProgress:
-    """A student's steps, loss, data-wait share and last evaluation, polled from the run's board
-    (the workers report there), plus the capture's progress in a streaming run."""
+    """Each student's steps, loss, data-wait share and last evaluation, polled from the run's
+    board (the workers report there), plus the capture's progress in a streaming run."""
 
-    def __init__(self, label: str, *, total: int, board, capture_total: int | None = None):
+    def __init__(self, labels: list[str], *, total: int, board, capture_total: int | None = None):
         import threading
 
-        self.label, self.board, self.capture_total = label, board, capture_total
-        self.bar = Progress(TextColumn(f"train {label}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("steps · {task.fields[status]}"), TimeElapsedColumn(),
-                            console=console, transient=False)
-        self.task = self.bar.add_task(label, total=total, status="starting workers")
+        self.board, self.capture_total = board, capture_total
+        self.bar = Progress(TextColumn("train {task.description}"), BarColumn(),
+                            MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+                            TimeElapsedColumn(), console=console, transient=False)
+        self.tasks = {label: self.bar.add_task(label, total=total, status="starting")
+                      for label in labels}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._poll, daemon=True)
 
@@ -100,14 +101,15 @@ class TrainProgress:
             snap = ray.get(self.board.snapshot.remote(), timeout=5)
         except Exception:  # noqa: BLE001 — progress is best effort; training goes on
             return
-        m = snap["metrics"].get(self.label)
-        parts = []
-        if m:
-            parts.append(f"loss {m['loss']:.3f} · {m['tokens_per_s']:,.0f} tok/s · "
-                         f"data wait {m['data_wait_share']:.0%}")
-            if "eval_student_nll" in m:
-                parts.append(f"held-out {m['eval_student_nll']:.3f} · KL {m['eval_kl']:.3f}")
-        if self.capture_total:
-            parts.append(f"capture {snap['published']}/{self.capture_total} shards")
-        if parts:
-            self.bar.update(self.task, completed=m["step"] if m else 0, status=" · ".join(parts))
+        for label, task in self.tasks.items():
+            m = snap["metrics"].get(label)
+            parts = []
+            if m:
+                parts.append(f"loss {m['loss']:.2f} · {m['tokens_per_s']:,.0f} tok/s · "
+                             f"wait {m['data_wait_share']:.0%}")
+                if "eval_student_nll" in m:
+                    parts.append(f"held-out {m['eval_student_nll']:.2f}")
+            if self.capture_total and label == "kd":
+                parts.append(f"capture {snap['published']}/{self.capture_total}")
+            if parts:
+                self.bar.update(task, completed=m["step"] if m else 0, status=" · ".join(parts))

@@ -11,7 +11,10 @@ row counts — no shard is skipped or read twice within an epoch because of a re
 Streaming. A shard exists for readers once manifest.json lists it (the driver records it after the
 atomic write). A read task waits, polling the manifest, until its shard is listed; the wait shows up
 as data-wait time in the training step. Ray Data's streaming executor bounds how many shards are
-read ahead (memory); the capture itself pauses when the students fall behind (`ShardBoard`).
+read ahead (memory); each read task tells the run's board when it has read its shard, and the
+capture pauses while it is too far ahead of the readers (`ShardBoard`). Counting reads, not rows
+trained on, keeps the chain deadlock-free: a slow trainer backpressures Ray Data, whose readers stop,
+which pauses the capture — while Ray Data's own read-ahead can never wait on a paused capture.
 """
 
 from __future__ import annotations
@@ -95,13 +98,18 @@ def check_shard_origin(meta: dict, expect: dict, *, name: str) -> None:
 class _ReadShard:
     """Ray Data map_batches function: one shard unit in, its shuffled samples out."""
 
-    def __init__(self, watcher: ShardWatcher, *, seed: int, epoch: int, expect: dict | None):
+    def __init__(self, watcher: ShardWatcher, *, seed: int, epoch: int, expect: dict | None,
+                 reported: tuple | None = None):
         self.watcher, self.seed, self.epoch, self.expect = watcher, seed, epoch, expect
+        self.reported = reported  # (board, label): where to report each shard read
 
     def __call__(self, batch: dict) -> dict:
         out: dict[str, list] = {name: [] for name in (*_FIELDS, "unit")}
         for unit, skip in zip(batch["unit"], batch["skip"]):
             samples = self.watcher.read(int(unit), expect=self.expect)
+            if self.reported is not None:
+                board, label = self.reported
+                board.shard_read.remote(label, int(unit))
             rng = np.random.default_rng(_row_seed(self.seed, self.epoch, int(unit)))
             for i in rng.permutation(len(samples))[int(skip):]:
                 s = samples[i]
@@ -128,12 +136,11 @@ class SampleStream:
 
     def __init__(self, watcher: ShardWatcher, *, units: list[int], rank: int, world: int,
                  seed: int, position: int = 0, streaming: bool = False, expect: dict | None = None,
-                 reader_cpus: float = 0.25, on_shard_done=None):
+                 reader_cpus: float = 0.25, report_to: tuple | None = None):
         self.watcher, self.units, self.rank, self.world = watcher, list(units), rank, world
         self.seed, self.position, self.streaming = seed, position, streaming
-        self.expect, self.reader_cpus, self.on_shard_done = expect, reader_cpus, on_shard_done
+        self.expect, self.reader_cpus, self.report_to = expect, reader_cpus, report_to
         self.epoch = 0
-        self.shards_done = 0
         if len(self.units) < world:
             raise ShardError(f"the capture has {len(self.units)} shards for {world} train workers; "
                              "each worker needs at least one: lower train.num_workers or "
@@ -160,23 +167,12 @@ class SampleStream:
                      for i, u in enumerate(todo[first:])]
             ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
             ds = ds.map_batches(_ReadShard(self.watcher, seed=self.seed, epoch=epoch,
-                                           expect=self.expect),
+                                           expect=self.expect, reported=self.report_to),
                                 batch_size=1, num_cpus=self.reader_cpus, batch_format="numpy")
-            current = None
             for row in ds.iter_rows():
-                if current is not None and row["unit"] != current:
-                    self._shard_done()
-                current = row["unit"]
                 self.position += 1
                 yield row
-            if current is not None:
-                self._shard_done()
             epoch, skip = epoch + 1, (0, 0)
-
-    def _shard_done(self) -> None:
-        self.shards_done += 1
-        if self.on_shard_done is not None:
-            self.on_shard_done(self.shards_done)
 
     def _locate(self, position: int) -> tuple[int, tuple[int, int]]:
         """(epoch, (shard index within the epoch, rows into it)) of the `position`-th sample."""
@@ -188,7 +184,6 @@ class SampleStream:
                 if position < rows:
                     return epoch, (i, position)
                 position -= rows
-                self.shards_done += 1
             epoch += 1
 
 

@@ -107,7 +107,8 @@ def train_worker(config: dict) -> None:
     watcher = ShardWatcher(spec.shards_uri, wait=spec.streaming, board=spec.board)
     stream = SampleStream(watcher, units=spec.units, rank=rank, world=world, seed=spec.seed,
                           position=step * per_step, streaming=spec.streaming, expect=spec.expect,
-                          reader_cpus=spec.reader_cpus, on_shard_done=_consumed(spec, rank))
+                          reader_cpus=spec.reader_cpus,
+                          report_to=(spec.board, spec.label) if spec.board is not None else None)
     samples = iter(stream)
     heldout = []
     if spec.heldout_uri:
@@ -161,13 +162,6 @@ def train_worker(config: dict) -> None:
             _report(metrics, history, step=step, position=step * per_step, model=core,
                     tokenizer=tokenizer, optimizer=optimizer, schedule=schedule,
                     checkpoint=evaluate_now, rank=rank, keep=spec.local)
-
-
-def _consumed(spec: LoopSpec, rank: int):
-    """Tell the board each time this worker finishes a shard (the capture's backpressure signal)."""
-    if spec.board is None:
-        return None
-    return lambda shards: spec.board.consumed.remote(spec.label, rank, shards)
 
 
 def _collate(rows: list[dict], spec: LoopSpec):
