@@ -107,7 +107,10 @@ def bc_config(cfg: Config) -> Config:
         prompts = _join(out, "prompts.jsonl")
     data = replace(cfg.data, path=prompts, prompt_field="prompt", text_field="prompt",
                    id_field="id", eval_path="", eval_fraction=0.0, limit=None, on_bad_line="stop")
-    return replace(cfg, teacher=replace(cfg.teacher, mode="sample"), data=data, output_dir=out)
+    # the BC student learns only the sampled tokens: k=1 keeps the sampling engine's per-token
+    # log-prob bookkeeping (Python objects per rank) to a minimum
+    return replace(cfg, teacher=replace(cfg.teacher, mode="sample", k=1), data=data,
+                   output_dir=out)
 
 
 def plan_capture(cfg: Config, *, label: str, keep=None, fresh: bool = False,

@@ -57,7 +57,8 @@ def train(cfg: Config, *, resume: str | None = None) -> str:
         _check_resources(cfg, teachers=False)
         experiment = _experiment(cfg, resume)
         with _interruptible(experiment):
-            results = _train_students(cfg, plans, experiment, board=None, streaming=False)
+            results = _train_students(cfg, plans, experiment, board=None, streaming=False,
+                                      only=("kd", *cfg.train.baselines))
         return _report(cfg, plans, experiment, results)
     finally:
         _stop_ray(started_ray)
@@ -86,15 +87,17 @@ def run(cfg: Config, *, fresh: bool = False, resume: str | None = None) -> str:
             for plan in held:
                 teachers.capture(plan)
             streaming = bool(main.todo)
-            worker = _CaptureThread(teachers, main, board) if streaming else None
+            # the capture thread then goes on to the baselines' captures while the KD student
+            # still trains, so the teacher's CPUs are never idle
+            work = [main] if streaming else []
+            work += [p for p in later if p.todo]
+            worker = _CaptureThread(teachers, work, board) if work else None
             try:
                 kd = _train_students(cfg, [main, *held], experiment, board=board,
                                      streaming=streaming, only=("kd",))
             finally:
                 if worker is not None:
                     worker.finish()
-            for plan in later:
-                teachers.capture(plan)
             snap = ray.get(board.snapshot.remote())
         if streaming:
             say(f"streaming: the capture paused {snap['capture_paused_s']:.0f}s waiting for the "
@@ -109,9 +112,10 @@ def run(cfg: Config, *, fresh: bool = False, resume: str | None = None) -> str:
 
 
 class _CaptureThread:
-    """The main capture running beside training (in the driver), paused by the board."""
+    """Captures running beside the KD student's training (in the driver): the streamed main
+    capture, paused by the board, then the baselines' captures."""
 
-    def __init__(self, teachers: Teachers, plan: CapturePlan, board):
+    def __init__(self, teachers: Teachers, plans: list[CapturePlan], board):
         import ray
 
         self.error: BaseException | None = None
@@ -124,8 +128,13 @@ class _CaptureThread:
 
         def body() -> None:
             try:
-                teachers.capture(plan, may_submit=may_submit, quiet=True,
-                                 on_published=lambda n: board.publish.remote(n))
+                for plan in plans:  # the streamed capture (if any) first, under backpressure
+                    if self.stop.is_set():
+                        return
+                    streamed = plan.label == "capture"
+                    teachers.capture(plan, may_submit=may_submit if streamed else None,
+                                     quiet=True, on_published=(lambda n: board.publish.remote(n))
+                                     if streamed else None)
             except BaseException as e:  # noqa: BLE001 — handed to the main thread in finish()
                 self.error = e
                 board.capture_failed.remote(str(e) or type(e).__name__)
@@ -186,7 +195,8 @@ def _train_students(cfg: Config, plans: list[CapturePlan], experiment: str, *, b
             lr=tr.lr, warmup_steps=tr.warmup_steps, batch_size=tr.batch_size,
             grad_accum=tr.grad_accum, max_steps=tr.max_steps, eval_every=tr.eval_every,
             log_every=tr.log_every, seed=tr.seed, reader_cpus=tr.reader_cpus,
-            hard_labels_from_prompt=False, board=board, label=label)
+            hard_labels_from_prompt=False, board=board, label=label,
+            torch_threads=max(1, int(tr.cpus_per_worker)))
         what = {"kd": f"KD student ({tr.loss}, T={tr.temperature}, alpha={tr.alpha})",
                 "hard": "hard-label baseline", "bc": "behaviour-cloning baseline"}[label]
         say(f"training the {what}: {shape.layers}×{shape.hidden}, {tr.max_steps} steps × "
@@ -227,7 +237,7 @@ def _students_at_once(cfg: Config, n: int) -> int:
     if tr.use_gpu or n <= 1:
         return 1
     per = max(tr.num_workers, 1) * tr.cpus_per_worker + tr.reader_cpus
-    have = ray.available_resources().get("CPU", 0.0)
+    have = ray.cluster_resources().get("CPU", 0.0)  # available() lags just-killed actors
     return max(1, min(n, int(have // per)))
 
 

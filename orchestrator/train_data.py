@@ -31,6 +31,7 @@ from orchestrator.manifest import MANIFEST, SHARDS_DIR, ShardInfo, exists, files
 from orchestrator.shards import decode_rows, load_shard, read_bytes, shard_metadata
 
 _FIELDS = ("sample_id", "input_ids", "prompt_len", "topk_ids", "topk_logprobs")
+_EPOCHS_PER_PIPELINE = 8
 
 
 def epoch_order(units: list[int], *, seed: int, epoch: int, capture_order: bool) -> list[int]:
@@ -98,24 +99,25 @@ def check_shard_origin(meta: dict, expect: dict, *, name: str) -> None:
 class _ReadShard:
     """Ray Data map_batches function: one shard unit in, its shuffled samples out."""
 
-    def __init__(self, watcher: ShardWatcher, *, seed: int, epoch: int, expect: dict | None,
+    def __init__(self, watcher: ShardWatcher, *, seed: int, expect: dict | None,
                  reported: tuple | None = None):
-        self.watcher, self.seed, self.epoch, self.expect = watcher, seed, epoch, expect
+        self.watcher, self.seed, self.expect = watcher, seed, expect
         self.reported = reported  # (board, label): where to report each shard read
 
     def __call__(self, batch: dict) -> dict:
-        out: dict[str, list] = {name: [] for name in (*_FIELDS, "unit")}
-        for unit, skip in zip(batch["unit"], batch["skip"]):
+        out: dict[str, list] = {name: [] for name in (*_FIELDS, "unit", "epoch")}
+        for epoch, unit, skip in zip(batch["epoch"], batch["unit"], batch["skip"]):
             samples = self.watcher.read(int(unit), expect=self.expect)
             if self.reported is not None:
                 board, label = self.reported
                 board.shard_read.remote(label, int(unit))
-            rng = np.random.default_rng(_row_seed(self.seed, self.epoch, int(unit)))
+            rng = np.random.default_rng(_row_seed(self.seed, int(epoch), int(unit)))
             for i in rng.permutation(len(samples))[int(skip):]:
                 s = samples[i]
                 for name in _FIELDS:
                     out[name].append(s[name])
                 out["unit"].append(int(unit))
+                out["epoch"].append(int(epoch))
         return {name: _column(values) for name, values in out.items()}
 
 
@@ -158,21 +160,23 @@ class SampleStream:
         ctx.execution_options.preserve_order = True  # the order is part of the resumable state
         ctx.enable_progress_bars = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)
-        epoch, skip = self._locate(self.position)
+        epoch, (first, rows_in) = self._locate(self.position)
         while True:
-            self.epoch = epoch
-            todo = self._my_units(epoch)
-            first, rows_in = skip
-            items = [{"unit": u, "skip": rows_in if i == 0 else 0}
-                     for i, u in enumerate(todo[first:])]
+            # one Ray Data pipeline spans several epochs: starting one costs seconds
+            items = []
+            for e in range(epoch, epoch + _EPOCHS_PER_PIPELINE):
+                todo = self._my_units(e)[first if e == epoch else 0:]
+                items += [{"epoch": e, "unit": u, "skip": rows_in if (e == epoch and i == 0) else 0}
+                          for i, u in enumerate(todo)]
             ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-            ds = ds.map_batches(_ReadShard(self.watcher, seed=self.seed, epoch=epoch,
-                                           expect=self.expect, reported=self.report_to),
+            ds = ds.map_batches(_ReadShard(self.watcher, seed=self.seed, expect=self.expect,
+                                           reported=self.report_to),
                                 batch_size=1, num_cpus=self.reader_cpus, batch_format="numpy")
             for row in ds.iter_rows():
+                self.epoch = int(row["epoch"])
                 self.position += 1
                 yield row
-            epoch, skip = epoch + 1, (0, 0)
+            epoch, first, rows_in = epoch + _EPOCHS_PER_PIPELINE, 0, 0
 
     def _locate(self, position: int) -> tuple[int, tuple[int, int]]:
         """(epoch, (shard index within the epoch, rows into it)) of the `position`-th sample."""

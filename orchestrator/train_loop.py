@@ -55,6 +55,9 @@ class LoopSpec:
     hard_labels_from_prompt: bool = False
     board: object = None
     label: str = "kd"
+    torch_threads: int = 1
+    """Intra-op threads of each worker (its CPU share; Ray leaves fractional shares unset, and
+    two students each using every core slow each other down several-fold)."""
     local: bool = False
     """Local mode (num_workers=0): Ray Train keeps the checkpoint where it was written."""
 
@@ -79,6 +82,8 @@ def train_worker(config: dict) -> None:
     from orchestrator.train_data import SampleStream, ShardWatcher, heldout_samples
 
     spec: LoopSpec = config["spec"]
+    if not spec.local:
+        torch.set_num_threads(spec.torch_threads)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()

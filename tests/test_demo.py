@@ -1,4 +1,5 @@
-"""The README's main job, `raydistill demo`, end to end on a tiny budget."""
+"""The README's main job, `raydistill demo`, end to end on a tiny budget: teacher built and cached,
+capture streamed into a KD student, both baselines, the report."""
 
 import json
 
@@ -7,18 +8,30 @@ import pytest
 from orchestrator.cli import main
 from orchestrator.shards import read_shards
 
+TINY = ["--set", "data.limit=12", "--set", "teacher.kv_cache_gib=0.25",
+        "--set", "train.max_steps=6", "--set", "train.eval_every=3", "--set", "train.log_every=3",
+        "--set", "train.batch_size=2", "--set", "train.eval_samples=8"]
+
 
 @pytest.mark.slow
-def test_demo_builds_teacher_and_captures(tmp_path, ray_session, monkeypatch):
+def test_demo_builds_teacher_captures_trains_and_reports(tmp_path, ray_session, monkeypatch,
+                                                          capsys):
     monkeypatch.chdir(tmp_path)
     home = tmp_path / "home"
-    assert main(["demo", "--home", str(home), "--teacher-minutes", "0.15",
-                 "--set", "data.limit=12", "--set", "teacher.kv_cache_gib=0.25"]) == 0
+    assert main(["demo", "--home", str(home), "--teacher-minutes", "0.15", *TINY]) == 0
     info = json.loads((home / "demo-teacher" / "demo.json").read_text())
     assert info["steps"] > 0 and info["heldout_nats"] < info["unigram_nats"] + 1.0
     assert (home / "demo-data" / "transfer.jsonl").exists()
-    rows = list(read_shards(str(tmp_path / "runs" / "quickstart")))
+    out = tmp_path / "runs" / "quickstart"
+    rows = list(read_shards(str(out)))
     assert len({r["sample_id"].split("#")[0] for r in rows}) == 12
     assert rows[0]["topk_ids"].shape[1] == 64
-    # second run reuses the cached teacher and the finished capture
-    assert main(["demo", "--home", str(home), "--set", "data.limit=12"]) == 0
+    (exp,) = (out / "experiments").iterdir()
+    report = json.loads((exp / "report.json").read_text())
+    assert set(report["students"]) == {"kd", "hard", "bc"}
+    err = capsys.readouterr().err
+    assert "report.md" in err and "plots:" in err
+    # a second run reuses the cached teacher and the finished captures
+    assert main(["demo", "--home", str(home), *TINY]) == 0
+    err = capsys.readouterr().err
+    assert "using the cached demo teacher" in err and "capture: complete" in err
