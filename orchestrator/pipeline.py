@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from dataclasses import replace
 
 from orchestrator.capture_plan import CapturePlan, Teachers, plan_captures
 from orchestrator.config import Config
@@ -195,8 +196,7 @@ def _train_students(cfg: Config, plans: list[CapturePlan], experiment: str, *, b
             lr=tr.lr, warmup_steps=tr.warmup_steps, batch_size=tr.batch_size,
             grad_accum=tr.grad_accum, max_steps=tr.max_steps, eval_every=tr.eval_every,
             log_every=tr.log_every, seed=tr.seed, reader_cpus=tr.reader_cpus,
-            hard_labels_from_prompt=False, board=board, label=label,
-            torch_threads=max(1, int(tr.cpus_per_worker)))
+            hard_labels_from_prompt=False, board=board, label=label)
         what = {"kd": f"KD student ({tr.loss}, T={tr.temperature}, alpha={tr.alpha})",
                 "hard": "hard-label baseline", "bc": "behaviour-cloning baseline"}[label]
         say(f"training the {what}: {shape.layers}×{shape.hidden}, {tr.max_steps} steps × "
@@ -214,6 +214,9 @@ def _train_students(cfg: Config, plans: list[CapturePlan], experiment: str, *, b
     streamed = [sp for sp in specs.values() if sp.streaming]
     capture_total = by_label["capture"].manifest.total_units if streamed else None
     parallel = _students_at_once(cfg, len(specs))
+    if parallel > 1:
+        threads = max(1, int(tr.cpus_per_worker))
+        specs = {label: replace(sp, torch_threads=threads) for label, sp in specs.items()}
     results = {}
     with TrainProgress(list(specs), total=tr.max_steps, board=board, capture_total=capture_total):
         if parallel > 1:  # independent students share the cluster: train them side by side
@@ -234,11 +237,11 @@ def _students_at_once(cfg: Config, n: int) -> int:
     import ray
 
     tr = cfg.train
-    if tr.use_gpu or n <= 1:
+    if tr.use_gpu or n <= 1 or tr.students_at_once <= 1:
         return 1
     per = max(tr.num_workers, 1) * tr.cpus_per_worker + tr.reader_cpus
     have = ray.cluster_resources().get("CPU", 0.0)  # available() lags just-killed actors
-    return max(1, min(n, int(have // per)))
+    return max(1, min(n, tr.students_at_once, int(have // per)))
 
 
 def _warn_if_not_smaller(teacher: str, shape) -> None:

@@ -55,9 +55,9 @@ class LoopSpec:
     hard_labels_from_prompt: bool = False
     board: object = None
     label: str = "kd"
-    torch_threads: int = 1
-    """Intra-op threads of each worker (its CPU share; Ray leaves fractional shares unset, and
-    two students each using every core slow each other down several-fold)."""
+    torch_threads: int = 0
+    """Intra-op threads of each worker; 0 leaves torch's default (every core). Students trained
+    side by side get their CPU share: each using every core slows both down several-fold."""
     local: bool = False
     """Local mode (num_workers=0): Ray Train keeps the checkpoint where it was written."""
 
@@ -82,7 +82,7 @@ def train_worker(config: dict) -> None:
     from orchestrator.train_data import SampleStream, ShardWatcher, heldout_samples
 
     spec: LoopSpec = config["spec"]
-    if not spec.local:
+    if spec.torch_threads and not spec.local:
         torch.set_num_threads(spec.torch_threads)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
