@@ -222,9 +222,12 @@ def _train_students(cfg: Config, plans: list[CapturePlan], experiment: str, *, b
         if parallel > 1:  # independent students share the cluster: train them side by side
             from concurrent.futures import ThreadPoolExecutor
 
-            with ThreadPoolExecutor(parallel) as pool:
+            pool = ThreadPoolExecutor(parallel)
+            try:
                 futures = {label: pool.submit(fit, label) for label in specs}
                 results = {label: f.result() for label, f in futures.items()}
+            finally:  # on Ctrl-C do not wait for the other fits: ray.shutdown ends them
+                pool.shutdown(wait=False, cancel_futures=True)
         else:
             results = {label: fit(label) for label in specs}
     for r in results.values():
