@@ -80,7 +80,8 @@ def _markdown(rows: dict, settings: dict, plots: list[str]) -> str:
         f"Teacher `{settings['teacher']}` (top-{settings['k']}, {settings['mode']} mode); student "
         f"{_shape(settings['student'])}; {tr['max_steps']} steps × {tr['batch_size']} × "
         f"{tr['grad_accum']} sequences per worker, {max(tr['num_workers'], 1)} worker(s), seed "
-        f"{tr['seed']}; KD loss {tr['loss']} at T={tr['temperature']}, alpha={tr['alpha']}.", "",
+        f"{tr['seed']}; KD loss {tr['loss']} at T={tr['temperature']}, alpha={tr['alpha']}, "
+        f"tail={tr['tail']}.", "",
         "Held-out split, teacher-scored. NLL in nats/token; KL(teacher‖student) over the teacher's "
         "top-k + tail; top-1 = the student's argmax is the teacher's.", "",
         "| student | NLL | perplexity | teacher NLL | KL | top-1 | gap recovered | wall s |",
