@@ -79,7 +79,14 @@ def plan_captures(cfg: Config, *, fresh: bool = False, repair: bool = False) -> 
         # sequence as the KD student (same token budget)
         bc = replace(bc, teacher=replace(bc.teacher, max_new_tokens=room))
         _write_bc_prompts(main, bc.data.path, tokens=cfg.train.bc_prompt_tokens)
-        plans.append(plan_capture(bc, label="bc samples", fresh=fresh, repair=repair))
+        # the prompts derive from the main capture: fingerprint them by its fingerprint and the
+        # sampling settings, not by the prompts file's location (a moved output_dir stays valid)
+        t = bc.teacher
+        keys = [main.manifest.fingerprint, cfg.train.bc_prompt_tokens, t.temperature, t.top_p,
+                t.num_samples, t.max_new_tokens, t.seed, t.k, FORMAT_VERSION]
+        fingerprint = hashlib.sha256(json.dumps(keys).encode()).hexdigest()[:16]
+        plans.append(plan_capture(bc, label="bc samples", fresh=fresh, repair=repair,
+                                  fingerprint=fingerprint))
     return plans
 
 
@@ -114,7 +121,7 @@ def bc_config(cfg: Config) -> Config:
 
 
 def plan_capture(cfg: Config, *, label: str, keep=None, fresh: bool = False,
-                 repair: bool = False) -> CapturePlan:
+                 repair: bool = False, fingerprint: str | None = None) -> CapturePlan:
     """Validate against the teacher, scan the data, open (or resume, or refuse) the output."""
     t, d = cfg.teacher, cfg.data
     info = inspect_teacher(t.model, revision=t.revision)
@@ -134,7 +141,7 @@ def plan_capture(cfg: Config, *, label: str, keep=None, fresh: bool = False,
     if scan.skipped:
         say(f"[yellow]{len(scan.skipped)} bad lines skipped[/] (data.on_bad_line=skip)")
 
-    fingerprint = cfg.capture_fingerprint(format_version=FORMAT_VERSION)
+    fingerprint = fingerprint or cfg.capture_fingerprint(format_version=FORMAT_VERSION)
     fs, root = filesystem(cfg.output_dir)
     total_units = -(-scan.records // cfg.capture.samples_per_shard)
     manifest = _open_output(fs, root, fingerprint=fingerprint, fresh=fresh, cfg=cfg,

@@ -190,10 +190,12 @@ class Config:
         t, d = self.teacher, self.data
         keys = {"format_version": format_version,
             "model": t.model, "revision": t.revision, "k": t.k, "mode": t.mode,
-            "temperature": t.temperature, "top_p": t.top_p, "num_samples": t.num_samples,
-            "max_new_tokens": t.max_new_tokens, "seed": t.seed, "max_model_len": t.max_model_len,
+            "max_model_len": t.max_model_len,
             "data": dataclasses.asdict(d), "samples_per_shard": self.capture.samples_per_shard,
         }
+        if t.mode == "sample":  # sampling settings change nothing a scoring capture holds
+            keys |= {"temperature": t.temperature, "top_p": t.top_p, "seed": t.seed,
+                     "num_samples": t.num_samples, "max_new_tokens": t.max_new_tokens}
         blob = json.dumps(keys, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -88,6 +88,8 @@ def run(cfg: Config, *, fresh: bool = False, resume: str | None = None) -> str:
             for plan in held:
                 teachers.capture(plan)
             streaming = bool(main.todo)
+            if not streaming:
+                teachers.capture(main)  # says it is complete; nothing to stream
             # the capture thread then goes on to the baselines' captures while the KD student
             # still trains, so the teacher's CPUs are never idle
             work = [main] if streaming else []

@@ -2,6 +2,7 @@
 capture streamed into a KD student, both baselines, the report."""
 
 import json
+import math
 
 import pytest
 
@@ -18,9 +19,9 @@ def test_demo_builds_teacher_captures_trains_and_reports(tmp_path, ray_session, 
                                                           capsys):
     monkeypatch.chdir(tmp_path)
     home = tmp_path / "home"
-    assert main(["demo", "--home", str(home), "--teacher-minutes", "0.15", *TINY]) == 0
+    assert main(["demo", "--home", str(home), "--teacher-minutes", "0.25", *TINY]) == 0
     info = json.loads((home / "demo-teacher" / "demo.json").read_text())
-    assert info["steps"] > 0 and info["heldout_nats"] < info["unigram_nats"] + 1.0
+    assert info["steps"] > 0 and info["heldout_nats"] < math.log(info["vocab_size"])
     assert (home / "demo-data" / "transfer.jsonl").exists()
     out = tmp_path / "runs" / "quickstart"
     rows = list(read_shards(str(out)))

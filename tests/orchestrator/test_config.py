@@ -27,6 +27,12 @@ def test_fingerprint_tracks_content_settings_only():
     a = load_config(None, BASE)
     assert a.capture_fingerprint() == load_config(None, BASE + ["teacher.num_actors=4"]).capture_fingerprint()
     assert a.capture_fingerprint() != load_config(None, BASE + ["teacher.k=32"]).capture_fingerprint()
+    # sampling settings matter to sample-mode captures only
+    assert a.capture_fingerprint() == \
+        load_config(None, BASE + ["teacher.max_new_tokens=7"]).capture_fingerprint()
+    s = load_config(None, BASE + ["teacher.mode=sample"])
+    assert s.capture_fingerprint() != \
+        load_config(None, BASE + ["teacher.mode=sample", "teacher.max_new_tokens=7"]).capture_fingerprint()
 
 
 @pytest.mark.parametrize("override, message", [
