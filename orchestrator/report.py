@@ -151,9 +151,12 @@ def _plots(tmp: str, results: dict, rows: dict) -> list[str]:
                                   ("held-out NLL (nats/token)", "KL(teacher‖student)",
                                    "top-1 agreement")):
             ax.bar(labels, [v[key] for v in evaluated.values()], color="#4c72b0")
-            if key == "student_nll" and teacher is not None:
-                ax.axhline(teacher, color="black", linestyle="--", label="teacher")
-                ax.legend()
+            if key == "student_nll":  # zoom in: the differences are tenths of a nat
+                values = [v[key] for v in evaluated.values()] + ([teacher] if teacher else [])
+                ax.set_ylim(min(values) - 0.3, max(values) + 0.2)
+                if teacher is not None:
+                    ax.axhline(teacher, color="black", linestyle="--", label="teacher")
+                    ax.legend()
             ax.set_title(title)
             ax.tick_params(axis="x", labelrotation=15)
         fig.tight_layout()
