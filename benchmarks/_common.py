@@ -83,3 +83,31 @@ def make_batch(teacher: Path, n: int, seq: int = SEQ) -> list[list[int]]:
 
 def stack(sls, attr: str) -> np.ndarray:
     return np.concatenate([getattr(s, attr) for s in sls])
+
+
+def peak_rss(run, *, interval_s: float = 0.002) -> tuple[int, int, float]:
+    """Run `run()` while polling this process's RSS; returns (rss before, peak rss, seconds)."""
+    import threading
+
+    import psutil
+
+    proc = psutil.Process()
+    base = proc.memory_info().rss
+    peak = [base]
+    stop = threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(interval_s)
+
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
+    t = time.perf_counter()
+    try:
+        run()
+    finally:
+        secs = time.perf_counter() - t
+        stop.set()
+        th.join()
+    return base, max(peak[0], proc.memory_info().rss), secs

@@ -7,20 +7,16 @@ import json
 import os
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
-from benchmarks._common import BATCH_TOKENS, K, REPO, SEQ, make_batch, vm_hwm_mib
+from benchmarks._common import BATCH_TOKENS, K, REPO, SEQ, make_batch, peak_rss, vm_hwm_mib
 
 
 def memory_probe(spec: dict) -> dict:
     """Runs in a fresh subprocess: load, score, and report RSS (before, peak while scoring)."""
-    import psutil
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    proc = psutil.Process()
     teacher = Path(spec["teacher"])
     seqs = make_batch(teacher, spec["n"], spec.get("seq", SEQ))
     if spec["kind"] == "hf":
@@ -40,24 +36,13 @@ def memory_probe(spec: dict) -> dict:
             for b in range(0, ids.shape[0], rows):
                 model(input_ids=ids[b:b + rows]).logits  # noqa: B018  (each batch's logits dropped)
     gc.collect()
-    base = proc.memory_info().rss
-    peak = [base]
-    stop = threading.Event()
 
-    def poll():
-        while not stop.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.002)
+    def scored():
+        with torch.inference_mode():
+            run()
 
-    th = threading.Thread(target=poll, daemon=True)
-    th.start()
-    t = time.perf_counter()
-    with torch.inference_mode():
-        run()
-    secs = time.perf_counter() - t
-    stop.set()
-    th.join()
-    peak[0] = max(peak[0], proc.memory_info().rss)
+    base, top, secs = peak_rss(scored)
+    peak = [top]
     return {**spec, "tokens": sum(map(len, seqs)), "seconds": secs,
             "rss_before_mib": base / 2**20, "peak_scoring_mib": peak[0] / 2**20,
             "delta_mib": (peak[0] - base) / 2**20, "hwm_mib": vm_hwm_mib()}

@@ -21,11 +21,10 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-from benchmarks._common import REPO, log
+from benchmarks._common import REPO, log, peak_rss
 
 SECTION = "## Training (issue 3)"
 VOCAB, K, BATCH, SEQ = 32000, 64, 8, 256
@@ -112,28 +111,12 @@ def step_times(rounds: int) -> dict:
 
 def _memory_child(variant: str) -> None:
     """Subprocess body: one warm-up step, trim the heap, then the measured step's RSS peak."""
-    import psutil
-
     model, opt, batch = _setup()
     _step(variant, model, opt, batch)
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-    proc = psutil.Process()
-    base = proc.memory_info().rss
-    peak = [base]
-    stop = threading.Event()
-
-    def poll():
-        while not stop.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.001)
-
-    th = threading.Thread(target=poll, daemon=True)
-    th.start()
-    _step(variant, model, opt, batch)
-    stop.set()
-    th.join()
-    print(json.dumps({"base_mib": base / 2**20, "peak_mib": (peak[0] - base) / 2**20}))
+    base, peak, _ = peak_rss(lambda: _step(variant, model, opt, batch), interval_s=0.001)
+    print(json.dumps({"base_mib": base / 2**20, "peak_mib": (peak - base) / 2**20}))
 
 
 def peak_memory() -> dict:
