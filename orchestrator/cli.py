@@ -5,6 +5,11 @@
     raydistill train CONFIG [--resume EXP]   # KD student + baselines on Ray Train, then a report
     raydistill run CONFIG [--fresh] [--resume EXP]   # capture and train together (streaming)
     raydistill inspect OUTPUT_DIR           # what a capture holds
+    raydistill tune CONFIG [--space NAME] [--resume SWEEP]   # Ray Tune sweep over one capture
+    raydistill serve RUN_DIR [--top N]      # Ray Serve: OpenAI-compatible routes for the winners
+    raydistill query "text" [--model ID]    # ask a served student
+    raydistill submit CONFIG --address http://HEAD:8265 [-- run|tune|capture ...]   # Ray Jobs
+    raydistill jobs [list|logs ID|stop ID] --address http://HEAD:8265
 
 User errors print one message (no traceback unless --debug) and exit with status 2.
 """
@@ -54,13 +59,69 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--fresh", action="store_true",
                       help="recapture from scratch (e.g. after an upgrade changed the shard format)")
 
+    tune = sub.add_parser("tune", help="Ray Tune sweep of student sizes, temperatures and losses "
+                                       "over one capture; leaderboard, Pareto plot, winners")
+    tune.add_argument("config", help="YAML run config")
+    tune.add_argument("--space", default=None,
+                      help="search space: a name in tune_spaces/ (sizes, temperature, loss, "
+                           "default), a YAML file, or omit for the config's tune.space")
+    tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config field, e.g. --set tune.num_samples=2")
+    tune.add_argument("--resume", metavar="SWEEP", default=None,
+                      help="continue an interrupted sweep (its name under output_dir/sweeps)")
+
+    srv = sub.add_parser("serve", help="host a run's winners behind OpenAI-compatible HTTP routes")
+    srv.add_argument("run_dir", help="a sweep directory (winners.json), an experiment directory, "
+                                     "a model directory, or an output_dir (its newest sweep)")
+    srv.add_argument("--top", type=int, default=None, help="serve the best N (default serve.top)")
+    srv.add_argument("--config", default=None, help="YAML config whose serve: section to use")
+    srv.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a serve setting, e.g. --set serve.port=8001")
+
+    qry = sub.add_parser("query", help="send one completion request to a served student")
+    qry.add_argument("prompt", help="the prompt text")
+    qry.add_argument("--model", default=None, help="model id (default: the first one served)")
+    qry.add_argument("--url", default="http://127.0.0.1:8000",
+                     help="the server (default http://127.0.0.1:8000)")
+    qry.add_argument("--max-tokens", type=int, default=64)
+    qry.add_argument("--temperature", type=float, default=0.0)
+    qry.add_argument("--stream", action="store_true", help="print tokens as they arrive")
+    qry.add_argument("--api-key", default=None,
+                     help="API key (default: the RAYDISTILL_API_KEY environment variable)")
+
+    sbm = sub.add_parser("submit", help="run `run`, `tune` or `capture` on a Ray cluster as a "
+                                        "Ray Job (the project is the working_dir)")
+    sbm.add_argument("config", help="YAML run config (inside the project directory)")
+    sbm.add_argument("--address", default=None,
+                     help="the cluster's dashboard, e.g. http://HEAD:8265 (default "
+                          "RAY_JOB_ADDRESS / RAY_ADDRESS)")
+    sbm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    sbm.add_argument("--no-wait", action="store_true",
+                     help="print the job id and return instead of following the logs")
+    sbm.add_argument("--no-pip", action="store_true",
+                     help="rely on the cluster's Python environment (no pip in the runtime_env)")
+    sbm.epilog = ("Put the raydistill command to run after --, e.g. `raydistill submit cfg.yaml "
+                  "--address http://HEAD:8265 -- tune --space sizes` (default: run).")
+
+    jobs = sub.add_parser("jobs", help="list, follow or stop Ray Jobs on a cluster")
+    jobs.add_argument("action", nargs="?", default="list", choices=["list", "logs", "stop"])
+    jobs.add_argument("job_id", nargs="?", default=None)
+    jobs.add_argument("--address", default=None, help="http://HEAD:8265 (default RAY_JOB_ADDRESS)")
+
     ins = sub.add_parser("inspect", help="summarise a capture's manifest and shard metadata")
     ins.add_argument("output_dir")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    job_command: list[str] = []
+    if "--" in argv:  # `submit ... -- COMMAND ARGS`: what the job runs
+        cut = argv.index("--")
+        argv, job_command = argv[:cut], argv[cut + 1:]
     args = _parser().parse_args(argv)
+    if job_command and args.command != "submit":
+        _parser().error("only `raydistill submit` takes a command after --")
     try:
         if args.command == "capture":
             from orchestrator.config import load_config
@@ -84,6 +145,35 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_demo(overrides=args.set, teacher_minutes=args.teacher_minutes,
                             home=args.home, rebuild=args.rebuild, fresh=args.fresh)
+        if args.command == "tune":
+            from orchestrator import pipeline
+            from orchestrator.config import load_config
+
+            overrides = list(args.set)
+            if args.space is not None:
+                overrides.append(f"tune.space={args.space}")
+            cfg = load_config(args.config, overrides)
+            pipeline.tune(cfg, resume=args.resume)
+            return 0
+        if args.command == "serve":
+            from orchestrator.config import load_serve_config
+            from serve.app import run_server
+
+            return run_server(args.run_dir, load_serve_config(args.config, args.set), top=args.top)
+        if args.command == "query":
+            from serve.client import query
+
+            return query(args.prompt, url=args.url, model=args.model, max_tokens=args.max_tokens,
+                         temperature=args.temperature, stream=args.stream, api_key=args.api_key)
+        if args.command == "submit":
+            from orchestrator.jobs import submit
+
+            return submit(args.config, address=args.address, command=job_command,
+                          overrides=args.set, follow=not args.no_wait, pip=not args.no_pip)
+        if args.command == "jobs":
+            from orchestrator.jobs import jobs
+
+            return jobs(args.action, job_id=args.job_id, address=args.address)
         if args.command == "inspect":
             from orchestrator.inspect import describe
 

@@ -175,12 +175,85 @@ class TrainConfig:
 
 
 @dataclass
+class TuneConfig:
+    space: str | dict = "default"
+    """A named search space (`tune_spaces/<name>.yaml`, or a YAML file path), or an inline mapping
+    of config keys to distributions, e.g. `{train.temperature: {grid: [1, 2]}}`."""
+    metric: str = "eval_kl"
+    """Held-out metric trials are ranked and early-stopped on: eval_kl, eval_student_nll,
+    eval_top1 (higher is better), …"""
+    num_samples: int = 1
+    """Repeats of the space's grid (grid axes) × samples of its random axes."""
+    max_concurrent_trials: int = 0
+    """Trials running at once; 0 = as many as the cluster's CPUs (or GPUs) hold. On a 2-core
+    machine 1 is fastest: concurrent students share memory bandwidth."""
+    scheduler: Literal["asha", "fifo"] = "asha"
+    """`asha`: stop trials that trail the others at the same step (successive halving);
+    `fifo`: run every trial to train.max_steps."""
+    grace_period: int | None = None
+    """ASHA: steps every trial runs before it can be stopped; default train.eval_every."""
+    reduction_factor: float = 2.0
+    """ASHA: keep 1/reduction_factor of the trials at each rung."""
+    search: Literal["basic", "optuna"] = "basic"
+    """`basic`: Tune's grid/random variant generator; `optuna`: TPE over the space (no grid axes;
+    needs `pip install optuna`)."""
+    winners: Literal["pareto", "top"] = "pareto"
+    """Which finished trials are winners: the Pareto front of quality vs size and latency (capped
+    at `top`), or simply the `top` best by the metric."""
+    top: int = 3
+    """Most winners recorded (and served by default)."""
+    trial_cpus: float = 0.1
+    """Logical CPUs of each trial's driver (its train workers reserve train.cpus_per_worker)."""
+    max_failures: int = 0
+    """Retries of a crashed trial before it is reported as errored (the sweep continues)."""
+    latency_tokens: int = 32
+    """Tokens generated (greedy, batch 1) when measuring each finished student's latency."""
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    """Address the HTTP proxy binds; 0.0.0.0 exposes it to the network (set an API key)."""
+    port: int = 8000
+    """HTTP port of the OpenAI-compatible routes (`/v1/models`, `/v1/completions`, `/health`)."""
+    top: int = 3
+    """Winners hosted (the best `top` of the run's winners.json)."""
+    api_key_env: str = "RAYDISTILL_API_KEY"
+    """Environment variable holding the API key; when it is set, requests need
+    `Authorization: Bearer <key>`. Unset: no key is required."""
+    max_batch_size: int = 8
+    """Requests for one model decoded together (Ray Serve request batching)."""
+    batch_wait_timeout_s: float = 0.01
+    """How long a batch waits to fill before it runs."""
+    min_replicas: int = 1
+    """Autoscaling: fewest replicas."""
+    max_replicas: int = 1
+    """Autoscaling: most replicas (each holds up to models_per_replica students)."""
+    target_ongoing_requests: float = 4.0
+    """Autoscaling: requests in flight per replica the autoscaler aims for."""
+    max_ongoing_requests: int = 16
+    """Requests one replica works on at once; more wait in the queue."""
+    max_queued_requests: int = 64
+    """Requests waiting beyond max_ongoing_requests; more are refused with 503 (not collapse)."""
+    models_per_replica: int = 3
+    """Students one replica keeps loaded (model multiplexing; least recently used is evicted)."""
+    replica_cpus: float = 1.0
+    """Logical CPUs each replica reserves."""
+    max_prompt_tokens: int = 1024
+    """Longest prompt accepted (also capped by the model's context)."""
+    max_tokens: int = 256
+    """Largest `max_tokens` a request may ask for."""
+
+
+@dataclass
 class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: DataConfig = field(default_factory=DataConfig)
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     output_dir: str = ""
     """Where shards and the manifest go: a local path or an `s3://bucket/prefix` URI."""
 
@@ -201,7 +274,8 @@ class Config:
 
 
 _SECTIONS = {"teacher": TeacherConfig, "data": DataConfig, "capture": CaptureConfig,
-             "student": StudentConfig, "train": TrainConfig}
+             "student": StudentConfig, "train": TrainConfig, "tune": TuneConfig,
+             "serve": ServeConfig}
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -294,6 +368,11 @@ def _coerce(name: str, tp, value):
             allowed = " | ".join(str(a) for a in args)
             raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
         return value
+    if set(args) == {str, dict}:  # tune.space: a name or an inline mapping
+        if isinstance(value, (str, dict)):
+            return value
+        raise ConfigError(f"{name} must be a space name or a mapping of config keys to "
+                          f"distributions, got {value!r}")
     if args and type(None) in args:  # X | None
         if value is None:
             return None
@@ -319,6 +398,70 @@ def _coerce(name: str, tp, value):
     kind = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
             list: "a list of names"}[tp]
     raise ConfigError(f"{name} must be {kind}, got {value!r} ({type(value).__name__})")
+
+
+def load_serve_config(path: str | Path | None, overrides: list[str] = ()) -> ServeConfig:
+    """Only the `serve` section of a config file (plus `serve.*` overrides): serving needs no
+    teacher or data."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist; pass the path of a YAML config "
+                              "or omit --config")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections")
+    raw = {"serve": raw.get("serve") or {}}
+    for item in overrides:
+        if not item.partition("=")[0].strip().startswith("serve."):
+            raise ConfigError(f"--set {item!r}: serving takes only serve.* settings, "
+                              "e.g. --set serve.port=8001")
+        _apply_override(raw, item)
+    if not isinstance(raw["serve"], dict):
+        raise ConfigError(f"serve must be a mapping of fields, got {raw['serve']!r}")
+    cfg = _build_section("serve", ServeConfig, raw["serve"])
+    validate_serve(cfg)
+    return cfg
+
+
+def validate_serve(s: ServeConfig) -> None:
+    _check(1 <= s.port <= 65535, f"serve.port must be between 1 and 65535, got {s.port}")
+    _check(bool(s.host), "serve.host is empty; use 127.0.0.1 (this machine) or 0.0.0.0")
+    for name in ("top", "max_batch_size", "min_replicas", "max_replicas", "max_ongoing_requests",
+                 "models_per_replica", "max_prompt_tokens", "max_tokens"):
+        value = getattr(s, name)
+        _check(value >= 1, f"serve.{name} must be at least 1, got {value}")
+    _check(s.max_replicas >= s.min_replicas,
+           f"serve.max_replicas ({s.max_replicas}) must be >= serve.min_replicas "
+           f"({s.min_replicas})")
+    _check(s.max_queued_requests >= -1,
+           f"serve.max_queued_requests must be >= 0 (or -1: unbounded), got {s.max_queued_requests}")
+    _check(s.batch_wait_timeout_s >= 0,
+           f"serve.batch_wait_timeout_s must be >= 0, got {s.batch_wait_timeout_s}")
+    _check(s.target_ongoing_requests > 0,
+           f"serve.target_ongoing_requests must be > 0, got {s.target_ongoing_requests}")
+    _check(s.replica_cpus > 0, f"serve.replica_cpus must be > 0, got {s.replica_cpus}")
+
+
+def _validate_tune(t: TuneConfig) -> None:
+    _check(t.num_samples >= 1, f"tune.num_samples must be at least 1, got {t.num_samples}")
+    _check(t.max_concurrent_trials >= 0,
+           f"tune.max_concurrent_trials must be >= 0 (0: as many as fit), got "
+           f"{t.max_concurrent_trials}")
+    _check(t.top >= 1, f"tune.top must be at least 1, got {t.top}")
+    _check(t.trial_cpus > 0, f"tune.trial_cpus must be > 0, got {t.trial_cpus}")
+    _check(t.max_failures >= 0, f"tune.max_failures must be >= 0, got {t.max_failures}")
+    _check(t.reduction_factor > 1, f"tune.reduction_factor must be > 1, got {t.reduction_factor}")
+    _check(t.latency_tokens >= 1, f"tune.latency_tokens must be at least 1, got {t.latency_tokens}")
+    if t.grace_period is not None:
+        _check(t.grace_period >= 1, f"tune.grace_period must be at least 1, got {t.grace_period}")
+    _check(t.metric.startswith("eval_"),
+           f"tune.metric must be a held-out metric (eval_kl, eval_student_nll, eval_top1, …), "
+           f"got {t.metric!r}")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -361,6 +504,8 @@ def validate(cfg: Config) -> None:
     _check(c.max_unit_failures >= 1,
            f"capture.max_unit_failures must be at least 1, got {c.max_unit_failures}")
     _validate_training(cfg)
+    _validate_tune(cfg.tune)
+    validate_serve(cfg.serve)
 
 
 def _validate_training(cfg: Config) -> None:
