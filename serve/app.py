@@ -1,0 +1,167 @@
+"""Host a run's students behind OpenAI-compatible HTTP routes on Ray Serve.
+
+    raydistill serve RUN_DIR [--top N] [--set serve.port=8001]
+
+`run_server` (the CLI's entry) finds the models, connects to Ray (RAY_ADDRESS, else a local Ray
+it starts), starts the HTTP proxy on serve.host:serve.port, deploys the application, prints how
+to query it and blocks until SIGINT/SIGTERM, then removes the application and stops what it
+started. `build_app` returns the bound application for callers that `serve.run` it themselves in
+an existing Ray (tests); `start`/`stop` do the same around a caller's own Ray (the demo).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+
+from orchestrator.config import ServeConfig
+from orchestrator.errors import RaydistillError
+from orchestrator.winners import ServedModel, find_models
+
+APP_NAME = "raydistill"
+READY_TIMEOUT_S = 120.0
+
+
+def build_app(models: list[ServedModel], settings: ServeConfig, *, api_key: str | None = None):
+    """The bound Serve application (one deployment) hosting `models` with `settings`."""
+    if not models:
+        raise RaydistillError("no models to serve; pass a run directory that holds students")
+    from serve.openai_api import bind
+
+    return bind(models, settings, api_key=api_key)
+
+
+def start(models: list[ServedModel], settings: ServeConfig, *, api_key: str | None = None) -> str:
+    """Deploy in the current Ray (ray.init already called); returns the base URL once /health
+    answers. The HTTP port must be free (RaydistillError otherwise)."""
+    from ray import serve
+
+    _check_port(settings.host, settings.port)
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.run(build_app(models, settings, api_key=api_key), name=APP_NAME, route_prefix="/",
+              blocking=False)
+    url = base_url(settings)
+    _wait_ready(url)
+    return url
+
+
+def stop() -> None:
+    """Delete the application and shut Serve down (the Ray it ran in stays up)."""
+    from ray import serve
+
+    try:
+        serve.delete(APP_NAME)
+    finally:
+        serve.shutdown()
+
+
+def run_server(run_dir: str, settings: ServeConfig, *, top: int | None = None) -> int:
+    """`raydistill serve`: serve the best `top` (default serve.top) students until interrupted."""
+    models = find_models(run_dir, top=top or settings.top)
+    api_key = os.environ.get(settings.api_key_env) or None
+    _check_port(settings.host, settings.port)
+    started_ray = _init_ray()
+    try:
+        url = start(models, settings, api_key=api_key)
+        print(banner(url, models, settings, keyed=api_key is not None), flush=True)
+        _wait_for_signal()
+        print("stopping the server ...", flush=True)
+        stop()
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    return 0
+
+
+def base_url(settings: ServeConfig) -> str:
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    return f"http://{host}:{settings.port}"
+
+
+def banner(url: str, models: list[ServedModel], settings: ServeConfig, *, keyed: bool) -> str:
+    """What `raydistill serve` prints once the routes answer."""
+    key = (f"requests need `Authorization: Bearer ${settings.api_key_env}`" if keyed
+           else f"no API key; set ${settings.api_key_env} to require one")
+    lines = [f"serving {len(models)} model(s) at {url}  ({key})"]
+    lines += [f"  {m.id}" + (f"  {_metrics(m)}" if m.metrics else "") for m in models]
+    lines += ["", "routes: GET /health, GET /v1/models, POST /v1/completions (OpenAI format)",
+              "try:", f'  raydistill query "def f(" --url {url} --model {models[0].id} --stream',
+              "  python - <<'EOF'", "  from openai import OpenAI",
+              f'  client = OpenAI(base_url="{url}/v1", api_key="none")',
+              f'  out = client.completions.create(model="{models[0].id}", prompt="def f(", '
+              "max_tokens=32, temperature=0)",
+              "  print(out.choices[0].text)", "  EOF", "", "Ctrl-C stops the server."]
+    return "\n".join(lines)
+
+
+def _metrics(m: ServedModel) -> str:
+    shown = [f"{k}={v:.4g}" for k, v in list(m.metrics.items())[:3] if isinstance(v, (int, float))]
+    return ", ".join(shown)
+
+
+def _check_port(host: str, port: int) -> None:
+    """RaydistillError naming the port and the fix when something already listens on it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise RaydistillError(
+                f"port {port} on {host} is not free ({e.strerror}); stop what uses it or pick "
+                f"another port: --set serve.port={port + 1 if port < 65535 else 8001}") from None
+
+
+def _wait_ready(url: str, *, timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Poll GET /health until the proxy routes to a live replica."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError) as e:
+            last = str(e)
+        time.sleep(0.25)
+    raise RaydistillError(f"the server at {url} did not answer /health within {timeout_s:.0f} s "
+                          f"({last}); see the Ray Serve logs under /tmp/ray/session_latest/logs")
+
+
+def _init_ray() -> bool:
+    """Connect to RAY_ADDRESS if set, else start a local Ray; True if this call started it.
+    (The pattern of orchestrator/pipeline.py, which serve/ may not import.)"""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False,
+                 logging_level=logging.ERROR)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
+                 object_store_memory=256 * 1024 * 1024)
+    return True
+
+
+def _wait_for_signal() -> None:
+    """Block until SIGINT or SIGTERM; the previous handlers are restored afterwards."""
+    stop_event = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop_event.set())
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop_event.wait(0.5):
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,356 @@
+"""The Ray Serve deployment behind the OpenAI-compatible routes: one FastAPI ingress that hosts
+several students (model multiplexing) and decodes requests for the same student together
+(request batching). Built and started by serve/app.py (`raydistill serve RUN_DIR`).
+
+Routes: `GET /health` (open), `GET /v1/models`, `POST /v1/completions` (the key, when one is
+set, is checked before any model work). Every error has OpenAI's shape
+`{"error": {"message", "type", "param", "code"}}`.
+
+Design:
+- Multiplexing: `serve.multiplexed(max_num_models_per_replica=models_per_replica)` wraps the
+  loader, so a replica keeps its most recently used students and evicts the least recently used.
+  The student is chosen by the body's `model` field; a request that also carries the header
+  `serve_multiplexed_model_id: <id>` (our client sends it) is routed by the proxy to a replica that
+  already holds that student, which matters once max_replicas > 1. Without the header any replica
+  serves it, loading the student on first use.
+- Batching: one `@serve.batch` queue per student, built at first use from the deployment's
+  settings (max_batch_size, batch_wait_timeout_s), so requests for different students never share
+  a batch. The batched function is an async generator: each step it yields one entry per request
+  (a `generate.Delta`, or StopIteration once that request has ended), which Ray Serve fans out to
+  the callers. Streamed and non-streamed requests share the queues (a non-streamed request just
+  joins its deltas), so both are batched. A batch is fixed once it starts (no continuous
+  batching), and Ray forms the next batch as soon as the previous one is dispatched, from what
+  arrives within batch_wait_timeout_s; under load batches are therefore often smaller than
+  max_batch_size (BENCHMARKS.md, "Serving").
+- Compute: every decode step and every model load runs on one worker thread per replica, so the
+  event loop stays free to accept requests (and fill the next batch) while torch works;
+  torch uses int(replica_cpus) threads (at least 1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from starlette.exceptions import HTTPException
+
+from orchestrator.config import ServeConfig
+from orchestrator.winners import ServedModel
+from serve import protocol
+from serve.generate import Delta, Sampling, Student, decode_batch, encode_prompt, load_student
+from serve.protocol import ApiError
+
+log = logging.getLogger("ray.serve")
+DEPLOYMENT = "StudentServer"
+
+api = FastAPI(title="raydistill", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@api.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    if exc.status_code == 404:
+        message += "; routes are GET /health, GET /v1/models, POST /v1/completions"
+    return JSONResponse(protocol.error_body(message, code=str(exc.status_code)),
+                        status_code=exc.status_code)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
+    return JSONResponse(protocol.error_body(f"{'.'.join(map(str, first['loc']))}: {first['msg']}"),
+                        status_code=400)
+
+
+# Module-level helpers the deployment uses stand above it: Ray Serve pickles the class when
+# it is decorated, so names defined below it would be missing in the replicas.
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One prompt of one request, validated and tokenized, waiting for its batch."""
+
+    model_id: str
+    student: Student
+    prompt_ids: list[int]
+    sampling: Sampling
+
+
+class _Stats:
+    """Counters this replica reports on /health (batch sizes show that batching happens)."""
+
+    def __init__(self):
+        self.requests = self.prompts = self.batches = self.batched_rows = 0
+        self.max_batch_size = self.completion_tokens = self.errors = 0
+        self.started = time.time()
+
+    def batch(self, size: int) -> None:
+        self.batches += 1
+        self.batched_rows += size
+        self.max_batch_size = max(self.max_batch_size, size)
+
+    def as_dict(self) -> dict:
+        return {"requests": self.requests, "prompts": self.prompts, "batches": self.batches,
+                "max_batch_size": self.max_batch_size,
+                "mean_batch_size": round(self.batched_rows / self.batches, 2) if self.batches else 0,
+                "completion_tokens": self.completion_tokens, "errors": self.errors,
+                "uptime_s": round(time.time() - self.started, 1)}
+
+
+async def _merged(streams: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int, Delta]]:
+    """(index, delta) from several streams as they arrive (a request with a list of prompts)."""
+    if len(streams) == 1:
+        async for d in streams[0]:
+            yield 0, d
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[Delta]) -> None:
+        try:
+            async for d in stream:
+                await queue.put((index, d))
+            await queue.put((index, None))
+        except Exception as e:  # noqa: BLE001 - re-raised by the reader
+            await queue.put((index, e))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        left = len(streams)
+        while left:
+            index, item = await queue.get()
+            if item is None:
+                left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+@serve.deployment(name=DEPLOYMENT)
+@serve.ingress(api)
+class StudentServer:
+    """A replica: the multiplexed students, their batch queues and the decode thread."""
+
+    def __init__(self, models: list[ServedModel], settings: ServeConfig,
+                 api_key: str | None = None):
+        import torch
+
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self._models = {m.id: m for m in models}
+        self._settings = settings
+        self._api_key = api_key or None
+        self._threads = max(1, int(settings.replica_cpus))
+        torch.set_num_threads(self._threads)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raydistill-decode")
+        self._batchers: dict[str, object] = {}
+        self._stats = _Stats()
+        self._created = int(time.time())
+
+        async def load_student_by_id(model_id: str) -> Student:
+            path = self._models[model_id].path
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._pool, lambda: load_student(
+                path, threads=self._threads))
+
+        self._load_fn = load_student_by_id
+        self._student = serve.multiplexed(
+            max_num_models_per_replica=settings.models_per_replica)(load_student_by_id)
+
+    # ------------------------------------------------------------------------------------------
+    # Routes
+    # ------------------------------------------------------------------------------------------
+
+    @api.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok", "models": list(self._models), "loaded": self._loaded(),
+                "replica": serve.get_replica_context().replica_tag, "stats": self._stats.as_dict()}
+
+    @api.get("/v1/models")
+    async def list_models(self, request: Request) -> dict:
+        self._authorize(request)
+        return {"object": "list",
+                "data": [{"id": m.id, "object": "model", "created": self._created,
+                          "owned_by": "raydistill", "rank": m.rank, "metrics": m.metrics}
+                         for m in self._models.values()]}
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        self._authorize(request)
+        req = protocol.parse_completion_request(await request.body())
+        student = await self._find_student(req.model)
+        jobs = [self._job(req, student, prompt) for prompt in req.prompts()]
+        self._stats.requests += 1
+        self._stats.prompts += len(jobs)
+        cid, created = protocol.new_completion_id(), int(time.time())
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(self._stream(jobs, req.model, cid, created, include_usage),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        try:
+            results = await asyncio.gather(*(self._collect(job) for job in jobs))
+        except Exception as e:  # noqa: BLE001 - any decode failure is the client's 500
+            raise self._internal(e) from None
+        choices = [protocol.choice(i, text, reason) for i, (text, reason, _) in enumerate(results)]
+        return protocol.completion(cid, req.model, choices, created=created,
+                                   prompt_tokens=sum(len(j.prompt_ids) for j in jobs),
+                                   completion_tokens=sum(n for _, _, n in results))
+
+    # ------------------------------------------------------------------------------------------
+    # Checks
+    # ------------------------------------------------------------------------------------------
+
+    def _authorize(self, request: Request) -> None:
+        if self._api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                                 self._api_key.encode()):
+            raise ApiError(401, "missing or wrong API key: send the header `Authorization: "
+                                f"Bearer <key>` with the key the server read from "
+                                f"${self._settings.api_key_env}", code="invalid_api_key",
+                           kind="authentication_error")
+
+    async def _find_student(self, model_id: str) -> Student:
+        if model_id not in self._models:
+            raise ApiError(404, f"model {model_id!r} does not exist; this server hosts "
+                                f"{', '.join(self._models)}", param="model",
+                           code="model_not_found")
+        try:
+            return await self._student(model_id)
+        except Exception as e:  # noqa: BLE001
+            raise self._internal(e, what=f"loading model {model_id!r}") from None
+
+    def _job(self, req: protocol.CompletionRequest, student: Student, prompt: str) -> _Job:
+        s = self._settings
+        if req.max_tokens > s.max_tokens:
+            raise ApiError(400, f"max_tokens={req.max_tokens} is above this server's limit of "
+                                f"{s.max_tokens} (serve.max_tokens)", param="max_tokens",
+                           code="max_tokens_too_large")
+        ids = encode_prompt(student, prompt)
+        limit = min(s.max_prompt_tokens, student.context - 1)
+        if not ids:
+            raise ApiError(400, "prompt is empty (0 tokens); send some text", param="prompt")
+        if len(ids) > limit:
+            raise ApiError(400, f"prompt is {len(ids)} tokens; the limit is {limit} tokens "
+                                f"(serve.max_prompt_tokens={s.max_prompt_tokens}, {req.model}'s "
+                                f"context {student.context} - 1)", param="prompt",
+                           code="context_length_exceeded")
+        if len(ids) + req.max_tokens > student.context:
+            raise ApiError(400, f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) = "
+                                f"{len(ids) + req.max_tokens} is more than {req.model}'s context "
+                                f"of {student.context} tokens; ask for at most max_tokens="
+                                f"{student.context - len(ids)}", param="max_tokens",
+                           code="context_length_exceeded")
+        sampling = Sampling(max_tokens=req.max_tokens, temperature=req.temperature,
+                            top_p=req.top_p, seed=req.seed, stop=req.stops())
+        return _Job(model_id=req.model, student=student, prompt_ids=ids, sampling=sampling)
+
+    def _internal(self, e: Exception, *, what: str = "decoding") -> ApiError:
+        self._stats.errors += 1
+        log.exception("raydistill: %s failed", what)
+        return ApiError(500, f"{what} failed on the server: {type(e).__name__}: {e}",
+                        kind="server_error", code="internal_error")
+
+    # ------------------------------------------------------------------------------------------
+    # Batching and decoding
+    # ------------------------------------------------------------------------------------------
+
+    def _batcher(self, model_id: str):
+        """The student's `@serve.batch` queue: call it with one _Job, iterate its deltas."""
+        fn = self._batchers.get(model_id)
+        if fn is None:
+            async def decode_together(jobs: list[_Job]):
+                async for step in self._decode(jobs):
+                    yield step
+
+            fn = serve.batch(max_batch_size=self._settings.max_batch_size,
+                             batch_wait_timeout_s=self._settings.batch_wait_timeout_s)(
+                decode_together)
+            self._batchers[model_id] = fn
+        return fn
+
+    async def _decode(self, jobs: list[_Job]):
+        """One batch: per step one entry per job (a Delta, or StopIteration once it ended)."""
+        loop = asyncio.get_running_loop()
+        self._stats.batch(len(jobs))
+        steps = decode_batch(jobs[0].student, [j.prompt_ids for j in jobs],
+                             [j.sampling for j in jobs])
+        while True:
+            out = await loop.run_in_executor(self._pool, next, steps, None)
+            if out is None:
+                return
+            for d in out:
+                if d is not None and d.finish_reason:
+                    self._stats.completion_tokens += d.tokens
+            yield [StopIteration if d is None else d for d in out]
+
+    async def _deltas(self, job: _Job) -> AsyncIterator[Delta]:
+        # Read to the end (the StopIteration one step after the last delta): leaving early
+        # would leave Ray Serve's next future unread ("Future exception was never retrieved").
+        async for delta in self._batcher(job.model_id)(job):
+            yield delta
+
+    async def _collect(self, job: _Job) -> tuple[str, str, int]:
+        parts, last = [], None
+        async for last in self._deltas(job):
+            parts.append(last.text)
+        if last is None:
+            raise RuntimeError("the batch ended without producing any token")
+        return "".join(parts), last.finish_reason, last.tokens
+
+    async def _stream(self, jobs: list[_Job], model: str, cid: str, created: int,
+                      include_usage: bool) -> AsyncIterator[str]:
+        """Server-sent events: one chunk per non-empty delta, then usage (if asked), [DONE]."""
+        tokens = 0
+        try:
+            async for index, d in _merged([self._deltas(j) for j in jobs]):
+                if d.text or d.finish_reason:
+                    yield protocol.chunk(cid, model, [protocol.choice(index, d.text,
+                                                                      d.finish_reason)],
+                                         created=created)
+                if d.finish_reason:
+                    tokens += d.tokens
+        except Exception as e:  # noqa: BLE001 - headers are sent: report it in the stream
+            yield protocol.sse(self._internal(e).body())
+            return
+        if include_usage:
+            yield protocol.chunk(cid, model, [], created=created, usage_=protocol.usage(
+                sum(len(j.prompt_ids) for j in jobs), tokens))
+        yield protocol.DONE
+
+    def _loaded(self) -> list[str]:
+        # Hack: Ray Serve keeps the loaded models in a private attribute of the multiplexed
+        # function (no public API lists them); /health only reports it, so a rename costs nothing.
+        wrapper = getattr(self._load_fn, "__serve_multiplex_wrapper", None)
+        return list(getattr(wrapper, "models", {}) or {})
+
+
+def bind(models: list[ServedModel], settings: ServeConfig, *, api_key: str | None = None):
+    """The application: the deployment with the settings' replicas, queues and CPUs."""
+    autoscaling = {"min_replicas": settings.min_replicas, "max_replicas": settings.max_replicas,
+                   "target_ongoing_requests": settings.target_ongoing_requests}
+    return StudentServer.options(
+        autoscaling_config=autoscaling, max_ongoing_requests=settings.max_ongoing_requests,
+        max_queued_requests=settings.max_queued_requests,
+        ray_actor_options={"num_cpus": settings.replica_cpus},
+    ).bind(list(models), settings, api_key)
