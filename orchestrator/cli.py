@@ -98,8 +98,10 @@ def _parser() -> argparse.ArgumentParser:
     sbm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     sbm.add_argument("--no-wait", action="store_true",
                      help="print the job id and return instead of following the logs")
-    sbm.add_argument("--no-pip", action="store_true",
-                     help="rely on the cluster's Python environment (no pip in the runtime_env)")
+    sbm.add_argument("--pip", action="store_true",
+                     help="install the project's dependencies in the job's runtime_env (on a "
+                          "venv-based cluster Ray first copies the venv: ~40 s, GBs of disk); "
+                          "default: the cluster's Python environment")
     sbm.epilog = ("Put the raydistill command to run after --, e.g. `raydistill submit cfg.yaml "
                   "--address http://HEAD:8265 -- tune --space sizes` (default: run).")
 
@@ -169,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             from orchestrator.jobs import submit
 
             return submit(args.config, address=args.address, command=job_command,
-                          overrides=args.set, follow=not args.no_wait, pip=not args.no_pip)
+                          overrides=args.set, follow=not args.no_wait, pip=args.pip)
         if args.command == "jobs":
             from orchestrator.jobs import jobs
 
