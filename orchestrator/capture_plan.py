@@ -146,6 +146,7 @@ def plan_capture(cfg: Config, *, label: str, keep=None, fresh: bool = False,
     total_units = -(-scan.records // cfg.capture.samples_per_shard)
     manifest = _open_output(fs, root, fingerprint=fingerprint, fresh=fresh, cfg=cfg,
                             total_units=total_units, total_records=scan.records)
+    as_read = manifest.to_json()
     shard_meta = {"teacher_model": t.model, "teacher_revision": info.revision,
                   "tokenizer_fingerprint": info.tokenizer_fingerprint, "k": t.k, "mode": t.mode,
                   "capture_temperature": t.temperature if t.mode == "sample" else 1.0,
@@ -159,7 +160,8 @@ def plan_capture(cfg: Config, *, label: str, keep=None, fresh: bool = False,
         _drop_corrupt(fs, root, manifest)
     todo = [u for u in range(total_units) if u not in manifest.shards]
     manifest.complete = not todo
-    save_manifest(fs, root, manifest)
+    if manifest.to_json() != as_read or not exists(fs, f"{root}/{MANIFEST}"):
+        save_manifest(fs, root, manifest)  # a finished capture is only read (sweeps share it)
     if manifest.shards and todo:
         say(f"resuming {label}: {len(manifest.shards)}/{total_units} shards already captured")
     return CapturePlan(label, cfg, fs, root, manifest, todo, max_length, shard_meta, keep)

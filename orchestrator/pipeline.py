@@ -8,6 +8,9 @@ Each recipe reads top to bottom:
 - `run`: plan → capture the held-out split → stream: teachers capture while the KD student trains
   on the shards already published (backpressure both ways) → baselines → report.
                                                                   `raydistill run CONFIG`
+- `tune`: validate the space → capture once (only what is missing) → one Ray Tune trial per point
+  of the space on the same shards (ASHA on the held-out metric) → latency of the finished
+  students → leaderboard, Pareto plot, winners.                  `raydistill tune CONFIG`
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from orchestrator.shards import read_bytes, shard_metadata
 from orchestrator.teacher_info import inspect_teacher
 
 EXPERIMENTS_DIR = "experiments"
+SWEEPS_DIR = "sweeps"
 
 
 def capture(cfg: Config, *, fresh: bool = False, repair: bool = False) -> Manifest:
@@ -114,6 +118,148 @@ def run(cfg: Config, *, fresh: bool = False, resume: str | None = None) -> str:
         _stop_ray(started_ray)
 
 
+def tune(cfg: Config, *, resume: str | None = None) -> str:
+    """Sweep students over `cfg.tune.space` on one capture; returns the sweep directory."""
+    from tune_spaces import load_space
+    from tune_spaces.leaderboard import build_rows, measure, write_leaderboard
+    from tune_spaces.sweep import run_sweep
+
+    if "://" in cfg.output_dir:
+        raise ConfigError(f"tune needs a local (or shared-filesystem) output_dir, got "
+                          f"{cfg.output_dir}; sweeps on object storage are not supported yet")
+    space = load_space(cfg.tune.space)
+    _check_space(cfg, space)
+    sweep = resume or _new_name("sweep")
+    sweep_dir = os.path.join(cfg.output_dir, SWEEPS_DIR, sweep)
+    if resume and not os.path.isdir(sweep_dir):
+        raise ConfigError(f"--resume {resume}: no sweep of that name in "
+                          f"{cfg.output_dir}/{SWEEPS_DIR}; omit --resume to start a new one")
+    capture_cfg = replace(cfg, train=replace(cfg.train, baselines=[]))  # KD students only
+    plans = plan_captures(capture_cfg)
+    held = next((p for p in plans if p.label == "held-out"), None)
+    if held is None:
+        raise ConfigError("tune ranks students on held-out metrics: set data.eval_path, or "
+                          "data.eval_fraction > 0")
+    started_ray = _init_ray()
+    try:
+        _capture_once(capture_cfg, plans)
+        settings = _sweep_settings(cfg)
+        _check_resources(replace(cfg, train=replace(cfg.train, num_workers=settings.num_workers)),
+                         teachers=False, extra=cfg.tune.trial_cpus)
+        base = _loop_spec(cfg, plan=plans[0], held=held, alpha=cfg.train.alpha, board=None,
+                          streaming=False, label="kd")
+        student = {k: getattr(cfg.student, k) for k in
+                   ("preset", "layers", "hidden", "heads", "intermediate", "init_from_teacher")}
+        os.makedirs(sweep_dir, exist_ok=True)
+        _save_config(cfg, os.path.join(sweep_dir, "config.yaml"))
+        say(f"sweep {sweep}: {space.describe()} — {space.grid_size() * cfg.tune.num_samples} "
+            f"trial(s) × up to {cfg.train.max_steps} steps, ranked by {settings.metric} "
+            f"({cfg.tune.scheduler}, {cfg.tune.search})")
+        outcomes = run_sweep(base, space=space, student=student, sweep_dir=sweep_dir,
+                             settings=settings, resume=resume is not None)
+        measured = {}
+        for o in outcomes:
+            if o.status == "finished":
+                measured[o.trial_id] = measure(o.model_dir, tokens=cfg.tune.latency_tokens)
+        rows = build_rows(outcomes, metric=settings.metric, mode=settings.mode, measured=measured)
+        paths = write_leaderboard(sweep_dir, rows, metric=settings.metric, mode=settings.mode,
+                                  winners=cfg.tune.winners, top=cfg.tune.top,
+                                  title=f"sweep {sweep} ({space.name})")
+        for r in rows:
+            say(_describe_row(r, settings.metric))
+        say(f"leaderboard: {paths['md']} (+ leaderboard.csv), Pareto plot: {paths['png']}")
+        say(f"winners: {', '.join(paths['winner_ids']) or 'none'} — serve them with "
+            f"`raydistill serve {sweep_dir}`")
+        return sweep_dir
+    finally:
+        _stop_ray(started_ray)
+
+
+def _capture_once(cfg: Config, plans: list[CapturePlan]) -> None:
+    """Capture only what is missing; every trial reads the same shards."""
+    todo = [p for p in plans if p.todo]
+    if todo:
+        with Teachers(cfg) as teachers:
+            for plan in todo:
+                teachers.capture(plan)
+    else:
+        m = plans[0].manifest
+        say(f"reusing the capture in {cfg.output_dir} ({len(m.shards)} shards, "
+            f"{sum(s.rows for s in m.shards.values())} samples): no teacher started")
+    for plan in plans:
+        _check_shards(plan, verify_all=True)
+
+
+def _sweep_settings(cfg: Config):
+    from tune_spaces.sweep import SweepSettings, metric_mode
+
+    tu, tr = cfg.tune, cfg.train
+    if tr.num_workers == 0:
+        say("tune: trials run their students on 1 Ray Train worker (train.num_workers 0, "
+            "in-process mode, cannot report to Tune)")
+    return SweepSettings(
+        metric=tu.metric, mode=metric_mode(tu.metric), num_samples=tu.num_samples,
+        max_concurrent_trials=tu.max_concurrent_trials, scheduler=tu.scheduler,
+        grace_period=tu.grace_period or min(tr.eval_every, tr.max_steps),
+        reduction_factor=tu.reduction_factor, search=tu.search, trial_cpus=tu.trial_cpus,
+        max_failures=tu.max_failures, num_workers=max(1, tr.num_workers), use_gpu=tr.use_gpu,
+        cpus_per_worker=tr.cpus_per_worker, train_max_failures=tr.max_failures)
+
+
+def _check_space(cfg: Config, space) -> None:
+    """Every combination a trial can draw must be a valid config — before any trial starts."""
+    from orchestrator.config import validate
+    from tune_spaces.spaces import split_params
+
+    bad = []
+    corners = space.corners()
+    for params in corners:
+        s_fields, t_fields = split_params(params)
+        trial = replace(cfg, student=replace(cfg.student, **s_fields),
+                        train=replace(cfg.train, **t_fields))
+        try:
+            validate(trial)
+        except ConfigError as e:
+            bad.append(f"{_short_params(params)}: {e}")
+    if bad:
+        listed = "\n  ".join(bad[:5]) + (f"\n  … and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ConfigError(f"search space {space.name}: {len(bad)} of {len(corners)} combinations "
+                          f"are invalid; fix or remove them from the space:\n  {listed}")
+
+
+def _short_params(params: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in params.items())
+
+
+def _describe_row(r: dict, metric: str) -> str:
+    value = r.get(metric)
+    shown = f"{value:.4f}" if isinstance(value, float) else "–"
+    extra = ""
+    if r["latency_ms_per_token"] is not None:
+        extra = f", {r['params_m']:.2f}M params, {r['latency_ms_per_token']:.2f} ms/token"
+    mark = " [green]winner[/]" if r.get("winner") else ""
+    status = r["status"] if r["status"] != "error" else f"[red]error[/]: {r['error']}"
+    return f"  #{r['rank']} {r['id']}: {status} at step {r['step']}, {metric} {shown}{extra}{mark}"
+
+
+def _save_config(cfg: Config, path: str) -> None:
+    """The resolved config beside the sweep (its serve: section is what `raydistill serve` uses)."""
+    from dataclasses import asdict
+
+    import yaml
+
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(asdict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def _new_name(prefix: str) -> str:
+    from orchestrator.training import experiment_name
+
+    return experiment_name(prefix)
+
+
 class _CaptureThread:
     """Captures running beside the KD student's training (in the driver): the streamed main
     capture, paused by the board, then the baselines' captures."""
@@ -162,7 +308,6 @@ def _train_students(cfg: Config, plans: list[CapturePlan], experiment: str, *, b
     import ray
 
     from orchestrator.student import resolve_shape
-    from orchestrator.train_loop import LoopSpec
     from orchestrator.training import fit_student
 
     t, s, tr = cfg.teacher, cfg.student, cfg.train
@@ -188,17 +333,8 @@ def _train_students(cfg: Config, plans: list[CapturePlan], experiment: str, *, b
             continue
         if plan is None:
             continue
-        specs[label] = LoopSpec(
-            teacher_model=t.model, shape=vars(shape), init_from_teacher=s.init_from_teacher,
-            shards_uri=plan.cfg.output_dir, units=list(range(plan.manifest.total_units)),
-            streaming=streaming and label == "kd", heldout_uri=held.cfg.output_dir if held else None,
-            eval_samples=tr.eval_samples, expect={"tokenizer_fingerprint":
-                                                  plan.shard_meta["tokenizer_fingerprint"]},
-            loss=tr.loss, temperature=tr.temperature, alpha=alpha, beta=tr.beta, tail=tr.tail,
-            lr=tr.lr, warmup_steps=tr.warmup_steps, batch_size=tr.batch_size,
-            grad_accum=tr.grad_accum, max_steps=tr.max_steps, eval_every=tr.eval_every,
-            log_every=tr.log_every, seed=tr.seed, reader_cpus=tr.reader_cpus,
-            hard_labels_from_prompt=False, board=board, label=label)
+        specs[label] = _loop_spec(cfg, plan=plan, held=held, alpha=alpha, board=board,
+                                  streaming=streaming and label == "kd", label=label)
         what = {"kd": f"KD student ({tr.loss}, T={tr.temperature}, alpha={tr.alpha})",
                 "hard": "hard-label baseline", "bc": "behaviour-cloning baseline"}[label]
         say(f"training the {what}: {shape.layers}×{shape.hidden}, {tr.max_steps} steps × "
@@ -235,6 +371,28 @@ def _train_students(cfg: Config, plans: list[CapturePlan], experiment: str, *, b
     for r in results.values():
         say(_describe_result(r))
     return results
+
+
+def _loop_spec(cfg: Config, *, plan: CapturePlan, held: CapturePlan | None, alpha: float, board,
+               streaming: bool, label: str):
+    """The plain values one student run needs (no config object crosses into workers)."""
+    from orchestrator.student import resolve_shape
+    from orchestrator.train_loop import LoopSpec
+
+    t, s, tr = cfg.teacher, cfg.student, cfg.train
+    shape = resolve_shape(preset=s.preset, layers=s.layers, hidden=s.hidden, heads=s.heads,
+                          intermediate=s.intermediate)
+    return LoopSpec(
+        teacher_model=t.model, shape=vars(shape), init_from_teacher=s.init_from_teacher,
+        shards_uri=plan.cfg.output_dir, units=list(range(plan.manifest.total_units)),
+        streaming=streaming, heldout_uri=held.cfg.output_dir if held else None,
+        eval_samples=tr.eval_samples,
+        expect={"tokenizer_fingerprint": plan.shard_meta["tokenizer_fingerprint"]},
+        loss=tr.loss, temperature=tr.temperature, alpha=alpha, beta=tr.beta, tail=tr.tail,
+        lr=tr.lr, warmup_steps=tr.warmup_steps, batch_size=tr.batch_size,
+        grad_accum=tr.grad_accum, max_steps=tr.max_steps, eval_every=tr.eval_every,
+        log_every=tr.log_every, seed=tr.seed, reader_cpus=tr.reader_cpus,
+        hard_labels_from_prompt=False, board=board, label=label)
 
 
 def _students_at_once(cfg: Config, n: int) -> int:
@@ -357,14 +515,14 @@ def _check_shards(plan: CapturePlan, *, verify_all: bool) -> None:
             break
 
 
-def _check_resources(cfg: Config, *, teachers: bool) -> None:
+def _check_resources(cfg: Config, *, teachers: bool, extra: float = 0.0) -> None:
     """Refuse a layout that cannot run on this cluster rather than hang waiting for CPUs."""
     import ray
 
     t, tr = cfg.teacher, cfg.train
     have = ray.cluster_resources().get("CPU", 0.0)
     workers = max(tr.num_workers, 1) * (0 if tr.use_gpu else tr.cpus_per_worker)
-    need = workers + tr.reader_cpus + (t.num_actors * t.num_cpus if teachers else 0.0)
+    need = workers + tr.reader_cpus + extra + (t.num_actors * t.num_cpus if teachers else 0.0)
     if need > have + 1e-9:
         teach = f" + {t.num_actors} teacher(s) × {t.num_cpus}" if teachers else ""
         raise ConfigError(

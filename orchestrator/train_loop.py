@@ -109,6 +109,7 @@ def train_worker(config: dict) -> None:
     core = model
     model = ray.train.torch.prepare_model(model) if world > 1 else model
 
+    group = None if spec.local else ray.util.get_current_placement_group()
     watcher = ShardWatcher(spec.shards_uri, wait=spec.streaming, board=spec.board)
     stream = SampleStream(watcher, units=spec.units, rank=rank, world=world, seed=spec.seed,
                           position=step * per_step, streaming=spec.streaming, expect=spec.expect,
@@ -156,6 +157,8 @@ def train_worker(config: dict) -> None:
             metrics = _window_metrics(window, step=step, lr=schedule.get_last_lr()[0],
                                       epoch=stream.epoch, world=world)
             metrics.update(time=time.time(), pid=os.getpid())
+            if group is not None:  # lets a sweep reap the group of a trial Tune killed
+                metrics["placement_group"] = group.id.hex()
             if resumed_from is not None:
                 metrics["resumed_from"] = resumed_from
             window = dict.fromkeys(window, 0.0)

@@ -37,8 +37,10 @@ def experiment_name(prefix: str) -> str:
 
 
 def fit_student(spec: LoopSpec, *, storage: str, name: str, num_workers: int, use_gpu: bool,
-                cpus_per_worker: float, max_failures: int) -> StudentResult:
-    """Train one student with Ray Train and export it; resumes if `storage/name` holds a run."""
+                cpus_per_worker: float, max_failures: int,
+                callbacks: list | None = None) -> StudentResult:
+    """Train one student with Ray Train and export it; resumes if `storage/name` holds a run.
+    `callbacks`: Ray Train callbacks (a sweep's trial forwards evaluations to Tune)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -59,7 +61,8 @@ def fit_student(spec: LoopSpec, *, storage: str, name: str, num_workers: int, us
                                      resources_per_worker=resources if num_workers else None),
         run_config=RunConfig(name=name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             callbacks=callbacks),
     )
     result = _fit(trainer, spec, storage=storage, name=name)
     if result.checkpoint is None:
@@ -124,6 +127,12 @@ def _export(checkpoint, fs, dest: str) -> tuple[list[dict], dict]:
 
 def _done_path(run_root: str) -> str:
     return f"{run_root}/done.json"
+
+
+def load_done(run_root: str) -> dict | None:
+    """The finished-run record of `run_root` (history, final metrics, wall time), or None."""
+    fs, root = filesystem(run_root)
+    return _load_done(fs, root)
 
 
 def _load_done(fs, run_root: str) -> dict | None:

@@ -1,0 +1,216 @@
+"""Search spaces (loading, validation before any trial) and real Ray Tune sweeps over one capture:
+no recapture, the leaderboard / Pareto plot / winners, the placement groups of stopped trials
+released, Optuna, and an interrupted sweep resumed."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import train_config
+from orchestrator.errors import ConfigError
+
+PNG = b"\x89PNG\r\n\x1a\n"
+SIZES = {"grid": [{"preset": "nano"}, {"preset": "micro"}]}
+
+
+# --------------------------------------------------------------------------- spaces (no Ray)
+
+def test_shipped_spaces_load_and_every_combination_is_a_valid_config(tiny_teacher, tmp_path):
+    from orchestrator.pipeline import _check_space
+    from tune_spaces import available, load_space
+
+    assert {"default", "sizes", "temperature", "loss"} <= set(available())
+    cfg = train_config(tmp_path, tiny_teacher, str(tmp_path / "d.jsonl"))
+    for name in available():
+        space = load_space(name)
+        assert space.axes and space.grid_size() >= 1
+        _check_space(cfg, space)  # raises on any invalid combination
+    assert load_space("default").grid_size() == 8
+    assert load_space("temperature").to_tune()["train.temperature"] == {
+        "grid_search": [1.0, 2.0, 4.0]}
+
+
+def test_a_space_from_a_file_an_include_and_an_inline_mapping(tmp_path):
+    from tune_spaces import load_space
+
+    f = tmp_path / "mine.yaml"
+    f.write_text("include: [temperature]\nparams:\n  train.lr: {loguniform: [0.001, 0.01]}\n")
+    space = load_space(str(f))
+    assert {a.key for a in space.axes} == {"train.temperature", "train.lr"}
+    assert space.grid_size() == 3 and len(space.corners()) == 6
+    inline = load_space({"train.alpha": {"uniform": [0.2, 0.8]}, "student": SIZES})
+    assert inline.name == "inline" and inline.grid_size() == 2
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("nope", "neither a space in tune_spaces/ .*default.*nor a YAML file"),
+    ({"train.max_steps": {"grid": [1, 2]}}, "train.max_steps' cannot vary between trials; "
+                                            "searchable keys: .*train.temperature"),
+    ({"train.temperature": [1, 2]}, "must be one distribution, e.g. {grid: \\[1, 2\\]}"),
+    ({"train.temperature": {"normal": [1, 2]}}, "kinds: grid, choice, uniform"),
+    ({"train.lr": {"loguniform": [0, 0.1]}}, "loguniform needs low > 0"),
+    ({"train.alpha": {"uniform": [0.9, 0.1]}}, "needs \\[low, high\\] numbers with low < high"),
+    ({"student": {"grid": [{"width": 3}]}}, "every student value must map student fields"),
+    ({"train.loss": {"grid": []}}, "needs a non-empty list"),
+])
+def test_malformed_spaces_are_refused_with_the_fix(spec, message):
+    from tune_spaces import load_space
+
+    with pytest.raises(ConfigError, match=message):
+        load_space(spec)
+
+
+def test_invalid_combinations_are_rejected_before_any_trial_starts(tiny_teacher, tmp_path):
+    from orchestrator import pipeline
+
+    space = {"student.hidden": {"grid": [128, 192]}, "student.heads": {"grid": [2, 5]},
+             "train.temperature": {"uniform": [0.0, 2.0]}}
+    cfg = train_config(tmp_path, tiny_teacher, str(tmp_path / "d.jsonl"),
+                       **{"tune.space": json.dumps(space)})
+    with pytest.raises(ConfigError) as info:
+        pipeline.tune(cfg)  # before Ray, before any capture
+    text = str(info.value)
+    assert "6 of 8 combinations are invalid" in text
+    assert "student.heads (5) must divide student.hidden (128)" in text
+    assert "train.temperature must be > 0" in text
+    assert not (tmp_path / "sweeps").exists()
+
+
+def test_tune_settings_are_validated(tiny_teacher, tmp_path):
+    for key, value, message in (("tune.metric", "loss", "must be a held-out metric"),
+                                ("tune.search", "hyperopt", "must be one of basic | optuna"),
+                                ("tune.reduction_factor", 1, "must be > 1"),
+                                ("tune.top", 0, "must be at least 1")):
+        with pytest.raises(ConfigError, match=message):
+            train_config(tmp_path, tiny_teacher, "d.jsonl", **{key: value})
+
+
+# --------------------------------------------------------------------------- sweeps (Ray)
+
+def _capture_files(out: str) -> dict:
+    """Every file of the main and held-out captures with its modification time."""
+    files = {}
+    for sub in ("", "heldout"):
+        root = Path(out) / sub
+        for p in [root / "manifest.json", *sorted((root / "shards").glob("*"))]:
+            files[str(p)] = p.stat().st_mtime_ns
+    return files
+
+
+@pytest.mark.slow
+def test_a_sweep_reuses_the_capture_and_writes_leaderboard_plot_and_winners(captured,
+                                                                             ray_session):
+    import ray
+    from transformers import AutoModelForCausalLM
+
+    from orchestrator import pipeline
+    from orchestrator.winners import find_models
+
+    before = _capture_files(captured["out"])
+    cfg = train_config(captured["out"], captured["model"], captured["data"], **{
+        "tune.space": json.dumps({"student": SIZES, "train.temperature": {"grid": [1.0, 2.0]}}),
+        "tune.max_concurrent_trials": 1, "tune.latency_tokens": 4, "tune.top": 2})
+    sweep_dir = Path(pipeline.tune(cfg))
+    assert _capture_files(captured["out"]) == before  # capture once: nothing rewritten
+
+    rows = list(csv.DictReader(open(sweep_dir / "leaderboard.csv")))
+    assert len(rows) == 4 and [r["rank"] for r in rows] == ["1", "2", "3", "4"]
+    finished = [r for r in rows if r["status"] == "finished"]
+    assert len(finished) >= 2  # ASHA may stop the others after step 6
+    assert {r["status"] for r in rows} <= {"finished", "stopped"}
+    kls = [float(r["eval_kl"]) for r in finished]
+    assert kls == sorted(kls)  # ranked by the metric
+    for r in finished:
+        assert r["step"] == "12" and float(r["latency_ms_per_token"]) > 0
+        assert float(r["params_m"]) > 0 and Path(r["model_dir"], "model.safetensors").exists()
+    for r in rows:
+        if r["status"] == "stopped":
+            assert r["step"] == "6" and r["model_dir"] == ""
+    assert (sweep_dir / "pareto.png").read_bytes()[:8] == PNG
+    md = (sweep_dir / "leaderboard.md").read_text()
+    assert all(r["id"] in md for r in rows) and "teacher NLL" in md
+
+    winners = find_models(str(sweep_dir))
+    assert 1 <= len(winners) <= 2
+    assert winners[0].id == finished[0]["id"]  # the best is always on the Pareto front
+    model = AutoModelForCausalLM.from_pretrained(winners[0].path, use_safetensors=True)
+    assert model.config.num_hidden_layers in (1, 2)
+    assert find_models(captured["out"])[0].path == winners[0].path  # newest sweep of output_dir
+
+    # trials Tune stopped gave their Train workers' CPUs back
+    deadline = time.time() + 20
+    while ray.available_resources().get("CPU", 0) < 2.0 - 1e-6 and time.time() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) == pytest.approx(2.0)
+
+
+@pytest.mark.slow
+def test_an_optuna_sweep(captured, ray_session):
+    from orchestrator import pipeline
+
+    cfg = train_config(captured["out"], captured["model"], captured["data"], **{
+        "tune.space": json.dumps({"train.lr": {"loguniform": [0.001, 0.01]}}),
+        "tune.search": "optuna", "tune.num_samples": 2, "tune.scheduler": "fifo",
+        "tune.max_concurrent_trials": 1, "tune.metric": "eval_top1", "tune.winners": "top",
+        "tune.top": 1, "train.max_steps": 6, "train.eval_every": 3, "tune.latency_tokens": 2})
+    sweep_dir = Path(pipeline.tune(cfg))
+    rows = list(csv.DictReader(open(sweep_dir / "leaderboard.csv")))
+    assert [r["status"] for r in rows] == ["finished", "finished"]
+    lrs = {float(r["lr"]) for r in rows}
+    assert len(lrs) == 2 and all(0.001 <= lr <= 0.01 for lr in lrs)
+    top1 = [float(r["eval_top1"]) for r in rows]
+    assert top1 == sorted(top1, reverse=True)  # eval_top1: higher is better
+    winners = json.loads((sweep_dir / "winners.json").read_text())
+    assert winners["mode"] == "max" and len(winners["models"]) == 1
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(captured, ray_session,
+                                                                      tmp_path):
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text(json.dumps({
+        "teacher": {"model": captured["model"], "backend": "hf", "k": 8, "num_cpus": 0.5,
+                    "max_new_tokens": 16},
+        "data": {"path": captured["data"], "max_length": 128, "eval_fraction": 0.1},
+        "capture": {"samples_per_shard": 8},
+        "train": {"max_steps": 12, "eval_every": 6, "log_every": 6, "batch_size": 4,
+                  "baselines": [], "eval_samples": 16, "bc_prompt_tokens": 8},
+        "tune": {"space": {"train.temperature": {"grid": [1.0, 2.0, 3.0]}},
+                 "scheduler": "fifo", "max_concurrent_trials": 1, "latency_tokens": 2},
+        "output_dir": captured["out"]}))
+    env = dict(os.environ, RAY_ADDRESS=ray_session.address_info["address"])
+    exe = [sys.executable, "-m", "orchestrator.cli"]
+    sweeps = Path(captured["out"]) / "sweeps"
+    sweeps.mkdir(exist_ok=True)
+    before = set(os.listdir(sweeps))
+    proc = subprocess.Popen([*exe, "tune", str(cfg)], env=env, stderr=subprocess.PIPE, text=True)
+    first = None
+    deadline = time.time() + 240
+    while first is None and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+        for name in set(os.listdir(sweeps)) - before:
+            done = list((sweeps / name / "trials").glob("*/done.json"))
+            if done:
+                first, sweep = done[0], name
+    assert first is not None, "no trial finished"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    assert f"--resume {sweep}" in err
+    stamp = first.stat().st_mtime_ns
+    done = subprocess.run([*exe, "tune", str(cfg), "--resume", sweep], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    rows = list(csv.DictReader(open(sweeps / sweep / "leaderboard.csv")))
+    assert sorted(r["status"] for r in rows) == ["finished"] * 3, done.stderr
+    assert sorted(float(r["temperature"]) for r in rows) == [1.0, 2.0, 3.0]
+    assert first.stat().st_mtime_ns == stamp  # the finished trial was not trained again

@@ -1,0 +1,300 @@
+"""The Ray Tune sweep: one trial per point of a search space, each a Ray Train student run on the
+same finished capture (capture once, sweep many).
+
+Each trial is a Tune function trainable reserving `trial_cpus` that launches a `TorchTrainer`
+(Train V2 cannot be passed to `Tuner` directly) whose workers reserve their own CPUs; only the
+held-out evaluations are reported to Tune (every `train.eval_every` steps), so ASHA compares
+trials on the metric at equal optimizer steps. A trial's Train run lives in
+`<sweep>/trials/<trial_id>/` under a fixed name, so a resumed sweep (`Tuner.restore`) continues an
+unfinished trial from its last checkpoint instead of restarting it; a finished one is exported as
+a Hugging Face directory `<sweep>/trials/<trial_id>/model/`.
+
+Driven by `raydistill tune CONFIG` (orchestrator/pipeline.py).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+
+from orchestrator.errors import RaydistillError
+from orchestrator.progress import say
+from orchestrator.student import resolve_shape
+from orchestrator.train_loop import LoopSpec
+from tune_spaces.spaces import Space, split_params
+
+TRIALS_DIR = "trials"
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """Plain values the sweep needs (from the config's tune and train sections)."""
+
+    metric: str = "eval_kl"
+    mode: str = "min"
+    num_samples: int = 1
+    max_concurrent_trials: int = 0
+    scheduler: str = "asha"
+    grace_period: int = 100
+    reduction_factor: float = 2.0
+    search: str = "basic"
+    trial_cpus: float = 0.1
+    max_failures: int = 0
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5
+    train_max_failures: int = 2
+
+
+@dataclass
+class TrialOutcome:
+    trial_id: str
+    label: str
+    params: dict
+    status: str
+    """finished | stopped (early, by ASHA or the user) | error"""
+    metrics: dict = field(default_factory=dict)
+    """The last held-out evaluation (eval_*), its step, the run's throughput."""
+    model_dir: str | None = None
+    error: str | None = None
+    settings: dict = field(default_factory=dict)
+    """The trial's resolved student shape and KD settings (varied or not)."""
+
+
+def metric_mode(metric: str) -> str:
+    """Accuracy-like metrics are maximised, losses and divergences minimised."""
+    return "max" if metric.endswith(("top1", "acc", "accuracy")) else "min"
+
+
+def spec_for(base: LoopSpec, *, student: dict, params: dict) -> LoopSpec:
+    """The base run's spec with one trial's params applied (student shape, training fields)."""
+    s_fields, t_fields = split_params(params)
+    merged = {**student, **s_fields}
+    init = bool(merged.pop("init_from_teacher", base.init_from_teacher))
+    shape = resolve_shape(**merged)
+    return replace(base, shape=vars(shape), init_from_teacher=init, **t_fields)
+
+
+def trial_label(trial_id: str, spec: LoopSpec) -> str:
+    """A short, readable, unique id: `t03-2x256-jsd-T2` (also the served model's name)."""
+    index = int(trial_id.rsplit("_", 1)[-1]) if "_" in trial_id else 0
+    s = spec.shape
+    return f"t{index:02d}-{s['layers']}x{s['hidden']}-{spec.loss}-T{spec.temperature:g}"
+
+
+def concurrent_trials(settings: SweepSettings, *, reader_cpus: float) -> int:
+    """How many trials the cluster holds at once (each: its driver, workers, one reader)."""
+    import ray
+
+    if settings.max_concurrent_trials:
+        return settings.max_concurrent_trials
+    res = ray.cluster_resources()
+    if settings.use_gpu:
+        return max(1, int(res.get("GPU", 0) // max(settings.num_workers, 1)))
+    per = settings.trial_cpus + settings.num_workers * settings.cpus_per_worker + reader_cpus
+    return max(1, int(res.get("CPU", 0) // per))
+
+
+def run_sweep(base: LoopSpec, *, space: Space, student: dict, sweep_dir: str,
+              settings: SweepSettings, resume: bool) -> list[TrialOutcome]:
+    """Run (or resume) the sweep in `sweep_dir`; one outcome per trial, in trial order."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's tables: our own lines instead
+    # Ctrl-C: Tune's own handler ends the run quietly and marks the interrupted trial finished,
+    # indistinguishable from a complete sweep; as a KeyboardInterrupt it says how to resume
+    # (Tune saves the experiment state as it goes and after every trial)
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    from ray import tune
+
+    trials_dir = os.path.join(sweep_dir, TRIALS_DIR)
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, base=base, student=student, trials_dir=trials_dir,
+                             settings=settings),
+        {"GPU": 0, "CPU": settings.trial_cpus})
+    if resume:
+        if not tune.Tuner.can_restore(sweep_dir):
+            raise RaydistillError(f"{sweep_dir} holds no Tune experiment to resume; start a new "
+                                  "sweep without --resume")
+        tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True)
+    else:
+        tuner = _new_tuner(trainable, space=space, sweep_dir=sweep_dir, settings=settings,
+                           max_steps=base.max_steps, concurrent=concurrent_trials(settings, reader_cpus=base.reader_cpus))
+    interrupted = RaydistillError(
+        f"interrupted: the sweep's finished trials and checkpoints are kept; continue with "
+        f"the same command plus --resume {os.path.basename(sweep_dir.rstrip('/'))}")
+    try:
+        grid = tuner.fit()
+    except KeyboardInterrupt:
+        raise interrupted from None
+    if grid.num_terminated + grid.num_errors < len(grid):  # Tune caught SIGUSR1
+        raise interrupted
+    return [_outcome(r, base=base, student=student, trials_dir=trials_dir) for r in grid]
+
+
+def _new_tuner(trainable, *, space: Space, sweep_dir: str, settings: SweepSettings,
+               max_steps: int, concurrent: int):
+    from ray import tune
+
+    scheduler, search_alg, samples = None, None, settings.num_samples
+    if settings.scheduler == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        scheduler = ASHAScheduler(time_attr="step", max_t=max_steps,
+                                  grace_period=settings.grace_period,
+                                  reduction_factor=settings.reduction_factor)
+    param_space = space.to_tune(grid=settings.search != "optuna")
+    if settings.search == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+        except ImportError:
+            raise RaydistillError("tune.search: optuna needs the optuna package; "
+                                  "pip install 'raydistill[optuna]' or use tune.search: basic") \
+                from None
+        search_alg = OptunaSearch(seed=0)
+        samples = settings.num_samples * space.grid_size()  # grid axes are sampled, not enumerated
+    parent, name = os.path.split(sweep_dir.rstrip("/"))
+    return tune.Tuner(
+        trainable, param_space=param_space,
+        tune_config=tune.TuneConfig(metric=settings.metric, mode=settings.mode,
+                                    scheduler=scheduler, search_alg=search_alg,
+                                    num_samples=samples, max_concurrent_trials=concurrent,
+                                    trial_dirname_creator=lambda t: t.trial_id),
+        run_config=tune.RunConfig(name=name, storage_path=parent, verbose=0,
+                                  failure_config=tune.FailureConfig(
+                                      max_failures=settings.max_failures),
+                                  callbacks=[_Lines(settings.metric)]))
+
+
+def _trial(config: dict, *, base: LoopSpec, student: dict, trials_dir: str,
+           settings: SweepSettings) -> None:
+    """One trial (in a Tune actor): train the student these params describe, reporting each
+    held-out evaluation to Tune."""
+    from ray import tune
+
+    from orchestrator.training import fit_student
+
+    spec = spec_for(base, student=student, params=config)
+    trial_id = tune.get_context().get_trial_id()
+    spec = replace(spec, label=trial_label(trial_id, spec))
+    result = fit_student(spec, storage=trials_dir, name=trial_id,
+                         num_workers=max(1, settings.num_workers), use_gpu=settings.use_gpu,
+                         cpus_per_worker=settings.cpus_per_worker,
+                         max_failures=settings.train_max_failures,
+                         callbacks=[_EvalReports(settings.metric, last_step=spec.max_steps)])
+    # the last evaluation reaches Tune only now, after the export: a scheduler that stops the
+    # trial on it (ASHA stops at max_t) can no longer cut the export short
+    tune.report({k: v for k, v in result.final.items() if k.startswith("eval_")}
+                | {"step": spec.max_steps, "wall_s": result.wall_s})
+
+
+def _EvalReports(metric: str, *, last_step: int):
+    """A Train callback forwarding held-out evaluations before the last step to Tune (ASHA needs
+    the metric in every result it sees)."""
+    from ray.train.v2.api.callback import UserCallback
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class EvalReports(UserCallback):
+        def __init__(self):
+            self.inner = TuneReportCallback()
+
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and metric in metrics[0] and metrics[0].get("step", 0) < last_step:
+                self.inner.after_report(run_context, metrics, checkpoint)
+
+    return EvalReports()
+
+
+def _Lines(metric: str):
+    """One line per evaluation and per finished trial instead of Tune's tables; and the reaper
+    of the Train placement groups of trials Tune stopped."""
+    from ray.tune import Callback
+
+    class Lines(Callback):
+        def __init__(self):
+            self.groups: dict[str, str] = {}
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if result.get("placement_group"):
+                self.groups[trial.trial_id] = result["placement_group"]
+            say(f"  {trial.trial_id} {_params_text(trial.config)}: step {result.get('step')} "
+                f"{metric} {result.get(metric, float('nan')):.4f}")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            say(f"  {trial.trial_id} {'finished' if _finished(trial) else 'stopped early'}")
+            _reap(self.groups.pop(trial.trial_id, None))
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            say(f"  [red]{trial.trial_id} failed[/]: {trial.error_file or 'see its log'}")
+            _reap(self.groups.pop(trial.trial_id, None))
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            _reap(self.groups.pop(trial.trial_id, None))
+
+    return Lines()
+
+
+def _finished(trial) -> bool:
+    return bool(trial.last_result) and "wall_s" in trial.last_result
+
+
+def _reap(group_hex: str | None) -> None:
+    """Remove the placement group of a trial's Train workers after Tune stopped the trial.
+
+    HACK (Ray 2.60): a placement group outlives the actor that created it (it is scoped to the
+    job), and Train V2's PlacementGroupCleaner only removes it through the dashboard's state API.
+    When Tune kills a trial (ASHA) on a cluster without a dashboard, the group of its Train
+    workers would keep its CPUs reserved for the rest of the sweep and starve the next trials.
+    A group the trial removed itself (it finished) is left alone."""
+    if not group_hex:
+        return
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import (PlacementGroup, placement_group_table,
+                                          remove_placement_group)
+
+    info = placement_group_table().get(group_hex)
+    if info and info.get("state") != "REMOVED":
+        remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(group_hex))))
+
+
+def _params_text(params: dict) -> str:
+    parts = []
+    for key, value in params.items():
+        if isinstance(value, dict):
+            parts.append("/".join(f"{k}={v}" for k, v in value.items() if k != "intermediate"))
+        else:
+            short = key.rsplit(".", 1)[-1]
+            parts.append(f"{short}={value:.3g}" if isinstance(value, float) else f"{short}={value}")
+    return " ".join(parts)
+
+
+def _outcome(result, *, base: LoopSpec, student: dict, trials_dir: str) -> TrialOutcome:
+    from orchestrator.training import MODEL_DIR, load_done
+
+    # the trial directory is named by its id, with a suffix if a resumed sweep recreated it
+    trial_id = (result.metrics or {}).get("trial_id") or \
+        "_".join(os.path.basename(result.path.rstrip("/")).split("_")[:2])
+    params = dict(result.config or {})
+    try:
+        spec = spec_for(base, student=student, params=params)
+        label = trial_label(trial_id, spec)
+        settings = {**spec.shape, "loss": spec.loss, "temperature": spec.temperature,
+                    "alpha": spec.alpha, "beta": spec.beta, "lr": spec.lr}
+    except Exception:  # noqa: BLE001 — a bad combination that failed its trial
+        label, settings = trial_id, {}
+    metrics = {k: v for k, v in (result.metrics or {}).items()
+               if k.startswith("eval_") or k in ("step", "tokens_per_s", "time_total_s")}
+    done = load_done(os.path.join(trials_dir, trial_id))
+    if result.error is not None:
+        return TrialOutcome(trial_id, label, params, "error", metrics,
+                            error=_error_text(result.error), settings=settings)
+    if done is not None:
+        final = {k: v for k, v in done["final"].items()
+                 if k.startswith("eval_") or k in ("step", "tokens_per_s")}
+        return TrialOutcome(trial_id, label, params, "finished", final | {"wall_s": done["wall_s"]},
+                            model_dir=os.path.join(trials_dir, trial_id, MODEL_DIR),
+                            settings=settings)
+    return TrialOutcome(trial_id, label, params, "stopped", metrics, settings=settings)
+
+
+def _error_text(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[-1][:300] if text else type(error).__name__
