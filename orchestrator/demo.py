@@ -1,11 +1,13 @@
 """`raydistill demo`: build (once, cached) a small real teacher, then run examples/quickstart.yaml
-end to end — capture, students trained while the capture streams, baselines, evaluation, report.
+end to end — capture, students trained while the capture streams, baselines, evaluation, report —
+then a short Ray Tune sweep on the same capture (leaderboard, Pareto plot) and the winner served
+behind the OpenAI-compatible endpoint, answering one query through the openai client.
 
 The demo teacher is a 4-layer, 256-wide Llama with its own 4k BPE tokenizer, trained for a few
 minutes on the Python standard library's own sources (text every CPython install has), and measured
 on held-out modules against a unigram baseline. Its transfer set (JSONL) is written beside it.
 Run: `raydistill demo` (the teacher ~8 min on 2 CPUs the first time, then cached; the pipeline
-≤ 15 min).
+~20 min).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from orchestrator import tiny
 from orchestrator.progress import console, say
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart.yaml"
+DEMO_PROMPT = "def read_config(path):\n    "
 
 
 def demo_home(home: str | None) -> Path:
@@ -29,7 +32,7 @@ def demo_home(home: str | None) -> Path:
 def run_demo(*, overrides: list[str], teacher_minutes: float, home: str | None,
              rebuild: bool, fresh: bool = False) -> int:
     from orchestrator.config import load_config
-    from orchestrator.pipeline import run
+    from orchestrator.pipeline import publish, run, tune
 
     root = demo_home(home)
     teacher = root / "demo-teacher"
@@ -47,7 +50,13 @@ def run_demo(*, overrides: list[str], teacher_minutes: float, home: str | None,
     cfg = load_config(QUICKSTART, [*paths, *overrides])
     report = run(cfg, fresh=fresh)
     summary = _summary(Path(report).parent / "report.json")
-    say(f"[green]done[/]: report {report}\n{summary}")
+    say(f"[green]students done[/]: report {report}\n{summary}")
+    say("[bold]sweep[/]: student sizes × temperatures on the same capture (no recapture)")
+    sweep_dir = tune(cfg)
+    publish(cfg, sweep_dir, prompt=DEMO_PROMPT)
+    say(f"[green]done[/]: report {report}\n{summary}\n"
+        f"  sweep: {Path(sweep_dir) / 'leaderboard.md'}, {Path(sweep_dir) / 'pareto.png'}\n"
+        f"  serve the winners: raydistill serve {sweep_dir}")
     return 0
 
 

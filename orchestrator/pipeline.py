@@ -11,6 +11,8 @@ Each recipe reads top to bottom:
 - `tune`: validate the space → capture once (only what is missing) → one Ray Tune trial per point
   of the space on the same shards (ASHA on the held-out metric) → latency of the finished
   students → leaderboard, Pareto plot, winners.                  `raydistill tune CONFIG`
+- `publish`: serve a run's winners (Ray Serve, OpenAI routes), ask the best one a prompt through
+  the openai client, stop.                     (the demo; `raydistill serve RUN_DIR` stays up)
 """
 
 from __future__ import annotations
@@ -148,12 +150,14 @@ def tune(cfg: Config, *, resume: str | None = None) -> str:
                          teachers=False, extra=cfg.tune.trial_cpus)
         base = _loop_spec(cfg, plan=plans[0], held=held, alpha=cfg.train.alpha, board=None,
                           streaming=False, label="kd")
+        steps, every = _trial_steps(cfg)
+        base = replace(base, max_steps=steps, eval_every=every)
         student = {k: getattr(cfg.student, k) for k in
                    ("preset", "layers", "hidden", "heads", "intermediate", "init_from_teacher")}
         os.makedirs(sweep_dir, exist_ok=True)
         _save_config(cfg, os.path.join(sweep_dir, "config.yaml"))
         say(f"sweep {sweep}: {space.describe()} — {space.grid_size() * cfg.tune.num_samples} "
-            f"trial(s) × up to {cfg.train.max_steps} steps, ranked by {settings.metric} "
+            f"trial(s) × up to {base.max_steps} steps, ranked by {settings.metric} "
             f"({cfg.tune.scheduler}, {cfg.tune.search})")
         outcomes = run_sweep(base, space=space, student=student, sweep_dir=sweep_dir,
                              settings=settings, resume=resume is not None)
@@ -190,6 +194,12 @@ def _capture_once(cfg: Config, plans: list[CapturePlan]) -> None:
         _check_shards(plan, verify_all=True)
 
 
+def _trial_steps(cfg: Config) -> tuple[int, int]:
+    """(steps per trial, steps between its evaluations)."""
+    steps = cfg.tune.max_steps or cfg.train.max_steps
+    return steps, min(cfg.tune.eval_every or cfg.train.eval_every, steps)
+
+
 def _sweep_settings(cfg: Config):
     from tune_spaces.sweep import SweepSettings, metric_mode
 
@@ -200,7 +210,7 @@ def _sweep_settings(cfg: Config):
     return SweepSettings(
         metric=tu.metric, mode=metric_mode(tu.metric), num_samples=tu.num_samples,
         max_concurrent_trials=tu.max_concurrent_trials, scheduler=tu.scheduler,
-        grace_period=tu.grace_period or min(tr.eval_every, tr.max_steps),
+        grace_period=tu.grace_period or _trial_steps(cfg)[1],
         reduction_factor=tu.reduction_factor, search=tu.search, trial_cpus=tu.trial_cpus,
         max_failures=tu.max_failures, num_workers=max(1, tr.num_workers), use_gpu=tr.use_gpu,
         cpus_per_worker=tr.cpus_per_worker, train_max_failures=tr.max_failures)
@@ -258,6 +268,45 @@ def _new_name(prefix: str) -> str:
     from orchestrator.training import experiment_name
 
     return experiment_name(prefix)
+
+
+def publish(cfg: Config, run_dir: str, *, prompt: str, top: int = 1,
+            max_tokens: int = 48) -> None:
+    """Serve the best `top` students of `run_dir`, ask the best one `prompt` (streamed, greedy)
+    through the official openai client, then stop the server."""
+    from orchestrator.winners import find_models
+    from serve.app import start, stop
+    from serve.client import query
+
+    models = find_models(run_dir, top=top)
+    settings = replace(cfg.serve, port=_port_or_free(cfg.serve.host, cfg.serve.port))
+    started_ray = _init_ray()
+    try:
+        url = start(models, settings)
+        try:
+            say(f"serving {', '.join(m.id for m in models)} at {url}/v1 (OpenAI-compatible; "
+                f"`raydistill serve {run_dir}` keeps it up)")
+            say(f"[bold]prompt[/] ({models[0].id}): {prompt!r}")
+            query(prompt, url=url, model=models[0].id, max_tokens=max_tokens, temperature=0.0,
+                  stream=True, api_key=os.environ.get(cfg.serve.api_key_env))
+        finally:
+            stop()
+    finally:
+        _stop_ray(started_ray)
+
+
+def _port_or_free(host: str, port: int) -> int:
+    """`port` if it is free, else one the OS picks (the demo must not fail on a busy 8000)."""
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+            return port
+        except OSError:
+            s.bind((host, 0))
+            say(f"port {port} is busy; serving on {s.getsockname()[1]} instead")
+            return s.getsockname()[1]
 
 
 class _CaptureThread:

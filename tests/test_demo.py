@@ -1,5 +1,6 @@
 """The README's main job, `raydistill demo`, end to end on a tiny budget: teacher built and cached,
-capture streamed into a KD student, both baselines, the report."""
+capture streamed into a KD student, both baselines, the report, a sweep on the same capture with
+its leaderboard, and the winner served and queried through the openai client."""
 
 import json
 import math
@@ -11,7 +12,10 @@ from orchestrator.shards import read_shards
 
 TINY = ["--set", "data.limit=12", "--set", "teacher.kv_cache_gib=0.25",
         "--set", "train.max_steps=6", "--set", "train.eval_every=3", "--set", "train.log_every=3",
-        "--set", "train.batch_size=2", "--set", "train.eval_samples=8"]
+        "--set", "train.batch_size=2", "--set", "train.eval_samples=8",
+        "--set", "tune.max_steps=4", "--set", "tune.eval_every=2", "--set", "tune.latency_tokens=2"]
+TWO_TRIALS = ["--set", "tune.space={student: {grid: [{preset: nano}, {preset: micro}]}}"]
+ONE_TRIAL = ["--set", "tune.space={train.temperature: {grid: [1.0]}}"]
 
 
 @pytest.mark.slow
@@ -19,7 +23,8 @@ def test_demo_builds_teacher_captures_trains_and_reports(tmp_path, ray_session, 
                                                           capsys):
     monkeypatch.chdir(tmp_path)
     home = tmp_path / "home"
-    assert main(["demo", "--home", str(home), "--teacher-minutes", "0.25", *TINY]) == 0
+    assert main(["demo", "--home", str(home), "--teacher-minutes", "0.25", *TINY,
+                 *TWO_TRIALS]) == 0
     info = json.loads((home / "demo-teacher" / "demo.json").read_text())
     assert info["steps"] > 0 and info["heldout_nats"] < math.log(info["vocab_size"])
     assert (home / "demo-data" / "transfer.jsonl").exists()
@@ -30,9 +35,18 @@ def test_demo_builds_teacher_captures_trains_and_reports(tmp_path, ray_session, 
     (exp,) = (out / "experiments").iterdir()
     report = json.loads((exp / "report.json").read_text())
     assert set(report["students"]) == {"kd", "hard", "bc"}
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert "report.md" in err and "plots:" in err
+    # the sweep on the same capture, then the winner served
+    assert "reusing the capture" in err and "no teacher started" in err
+    (sweep,) = (out / "sweeps").iterdir()
+    rows = (sweep / "leaderboard.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 and (sweep / "pareto.png").exists()
+    winner = json.loads((sweep / "winners.json").read_text())["models"][0]["id"]
+    assert f"prompt ({winner})" in err and "serving" in err
+    assert len(captured.out.strip()) > 0  # the streamed completion
     # a second run reuses the cached teacher and the finished captures
-    assert main(["demo", "--home", str(home), *TINY]) == 0
+    assert main(["demo", "--home", str(home), *TINY, *ONE_TRIAL]) == 0
     err = capsys.readouterr().err
     assert "using the cached demo teacher" in err and "capture: complete" in err
