@@ -17,6 +17,7 @@ User errors print one message (no traceback unless --debug) and exit with status
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from orchestrator.errors import RaydistillError
@@ -74,7 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("run_dir", help="a sweep directory (winners.json), an experiment directory, "
                                      "a model directory, or an output_dir (its newest sweep)")
     srv.add_argument("--top", type=int, default=None, help="serve the best N (default serve.top)")
-    srv.add_argument("--config", default=None, help="YAML config whose serve: section to use")
+    srv.add_argument("--config", default=None,
+                     help="YAML config whose serve: section to use (default: RUN_DIR/config.yaml, "
+                          "which a sweep writes)")
     srv.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a serve setting, e.g. --set serve.port=8001")
 
@@ -161,7 +164,10 @@ def main(argv: list[str] | None = None) -> int:
             from orchestrator.config import load_serve_config
             from serve.app import run_server
 
-            return run_server(args.run_dir, load_serve_config(args.config, args.set), top=args.top)
+            config = args.config
+            if config is None and os.path.isfile(os.path.join(args.run_dir, "config.yaml")):
+                config = os.path.join(args.run_dir, "config.yaml")  # a sweep's own settings
+            return run_server(args.run_dir, load_serve_config(config, args.set), top=args.top)
         if args.command == "query":
             from serve.client import query
 

@@ -87,6 +87,7 @@ def submit(config: str, *, address: str | None, command: list[str], overrides: l
     cfg = load_config(config, overrides)  # ConfigError propagates: nothing reaches the cluster
     project = project_root()
     rel = _config_in_project(Path(config), project=project)
+    _warn_relative_output(config, overrides)
     client, address = _connect(address)
     job_id = f"raydistill-{command[0]}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     entrypoint = shlex.join(["python", "-m", "orchestrator.cli", command[0], rel,
@@ -104,6 +105,22 @@ def submit(config: str, *, address: str | None, command: list[str], overrides: l
     if not follow:
         return 0
     return _follow(client, job_id, address=address)
+
+
+def _warn_relative_output(config: str, overrides: list[str]) -> None:
+    """A relative output_dir resolves, on the cluster, inside the job's copy of the working_dir,
+    which Ray deletes with the job: say so before submitting."""
+    import yaml
+
+    value = next((o.partition("=")[2] for o in reversed(overrides)
+                  if o.partition("=")[0].strip() == "output_dir"), None)
+    if value is None:
+        with open(config) as f:
+            value = (yaml.safe_load(f) or {}).get("output_dir")
+    if isinstance(value, str) and "://" not in value and not value.startswith(("/", "~", "$")):
+        print(f"warning: output_dir {value!r} is relative: on the cluster it lands in the job's "
+              "temporary copy of the project, deleted with the job; pass --set "
+              "output_dir=/shared/path or s3://bucket/prefix to keep the results", file=sys.stderr)
 
 
 def project_root() -> Path:
