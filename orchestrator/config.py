@@ -183,6 +183,9 @@ class TuneConfig:
     """Optimizer steps per trial; default train.max_steps (sweeps often use a shorter budget)."""
     eval_every: int | None = None
     """Steps between a trial's evaluations (what ASHA compares); default train.eval_every."""
+    eval_samples: int | None = None
+    """Held-out samples of a trial's evaluations; default train.eval_samples (fewer: cheaper
+    evaluations, noisier comparisons)."""
     metric: str = "eval_kl"
     """Held-out metric trials are ranked and early-stopped on: eval_kl, eval_student_nll,
     eval_top1 (higher is better), …"""
@@ -461,7 +464,7 @@ def _validate_tune(t: TuneConfig) -> None:
     _check(t.max_failures >= 0, f"tune.max_failures must be >= 0, got {t.max_failures}")
     _check(t.reduction_factor > 1, f"tune.reduction_factor must be > 1, got {t.reduction_factor}")
     _check(t.latency_tokens >= 1, f"tune.latency_tokens must be at least 1, got {t.latency_tokens}")
-    for name in ("max_steps", "eval_every", "grace_period"):
+    for name in ("max_steps", "eval_every", "eval_samples", "grace_period"):
         value = getattr(t, name)
         _check(value is None or value >= 1, f"tune.{name} must be at least 1, got {value}")
     if t.grace_period is not None:

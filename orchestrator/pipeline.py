@@ -151,7 +151,8 @@ def tune(cfg: Config, *, resume: str | None = None) -> str:
         base = _loop_spec(cfg, plan=plans[0], held=held, alpha=cfg.train.alpha, board=None,
                           streaming=False, label="kd")
         steps, every = _trial_steps(cfg)
-        base = replace(base, max_steps=steps, eval_every=every)
+        base = replace(base, max_steps=steps, eval_every=every,
+                       eval_samples=cfg.tune.eval_samples or cfg.train.eval_samples)
         student = {k: getattr(cfg.student, k) for k in
                    ("preset", "layers", "hidden", "heads", "intermediate", "init_from_teacher")}
         os.makedirs(sweep_dir, exist_ok=True)
@@ -281,6 +282,7 @@ def publish(cfg: Config, run_dir: str, *, prompt: str, top: int = 1,
     models = find_models(run_dir, top=top)
     settings = replace(cfg.serve, port=_port_or_free(cfg.serve.host, cfg.serve.port))
     started_ray = _init_ray()
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the demo prints its own lines
     try:
         url = start(models, settings)
         try:
