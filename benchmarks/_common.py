@@ -111,3 +111,17 @@ def peak_rss(run, *, interval_s: float = 0.002) -> tuple[int, int, float]:
         stop.set()
         th.join()
     return base, max(peak[0], proc.memory_info().rss), secs
+
+
+def write_section(section: str, text: str) -> Path:
+    """Replace (or append) one benchmark's `## section` of BENCHMARKS.md with `text`."""
+    path = REPO / "BENCHMARKS.md"
+    body = path.read_text() if path.exists() else "# Benchmarks\n"
+    if section in body:
+        head, rest = body.split(section, 1)
+        nxt = rest.find("\n## ")
+        body = head + text + (rest[nxt:] if nxt >= 0 else "\n")
+    else:
+        body = body.rstrip() + "\n\n" + text
+    path.write_text(body)
+    return path

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks._common import REPO, log
+from benchmarks._common import REPO, log, write_section
 
 SECTION = "## Serving (issue 4)"
 MODEL_ID = "bench"
@@ -219,20 +219,6 @@ def _settings_text(s: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in s.items())
 
 
-def write_section(text: str) -> Path:
-    """Replace (or append) this benchmark's section of BENCHMARKS.md."""
-    path = REPO / "BENCHMARKS.md"
-    body = path.read_text() if path.exists() else "# Benchmarks\n"
-    if SECTION in body:
-        head, rest = body.split(SECTION, 1)
-        nxt = rest.find("\n## ")
-        body = head + text + (rest[nxt:] if nxt >= 0 else "\n")
-    else:
-        body = body.rstrip() + "\n\n" + text
-    path.write_text(body)
-    return path
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="a student directory (default: build one)")
@@ -252,7 +238,7 @@ def main() -> None:
         R = json.loads(results.read_text())
         R["notes"] = args.notes or R.get("notes", "")
         results.write_text(json.dumps(R, indent=1))
-        log(f"wrote {write_section(markdown(R))}")
+        log(f"wrote {write_section(SECTION, markdown(R))}")
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -282,7 +268,7 @@ def main() -> None:
     print(text)
     results.parent.mkdir(exist_ok=True)
     results.write_text(json.dumps(R, indent=1))
-    log(f"wrote {write_section(text)}")
+    log(f"wrote {write_section(SECTION, text)}")
 
 
 def _machine() -> str:

@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks._common import REPO, log, peak_rss
+from benchmarks._common import REPO, log, peak_rss, write_section
 
 SECTION = "## Training (issue 3)"
 VOCAB, K, BATCH, SEQ = 32000, 64, 8, 256
@@ -196,19 +196,6 @@ def markdown(R: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str) -> Path:
-    path = REPO / "BENCHMARKS.md"
-    body = path.read_text() if path.exists() else "# Benchmarks\n"
-    if SECTION in body:
-        head, rest = body.split(SECTION, 1)
-        nxt = rest.find("\n## ")
-        body = head + text + (rest[nxt:] if nxt >= 0 else "\n")
-    else:
-        body = body.rstrip() + "\n\n" + text
-    path.write_text(body)
-    return path
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
@@ -226,7 +213,7 @@ def main() -> None:
     R["run"] = streaming_and_quality(args.report)
     text = markdown(R)
     print(text)
-    log(f"wrote {write_section(text)}")
+    log(f"wrote {write_section(SECTION, text)}")
     (REPO / "benchmarks" / "results").mkdir(exist_ok=True)
     (REPO / "benchmarks" / "results" / "train.json").write_text(json.dumps(R, indent=1,
                                                                            default=str))

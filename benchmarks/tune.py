@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks._common import REPO, log
+from benchmarks._common import REPO, log, write_section
 
 SECTION = "## Sweeps (issue 4)"
 
@@ -120,19 +120,6 @@ def markdown(R: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str) -> Path:
-    path = REPO / "BENCHMARKS.md"
-    body = path.read_text() if path.exists() else "# Benchmarks\n"
-    if SECTION in body:
-        head, rest = body.split(SECTION, 1)
-        nxt = rest.find("\n## ")
-        body = head + text + (rest[nxt:] if nxt >= 0 else "\n")
-    else:
-        body = body.rstrip() + "\n\n" + text
-    path.write_text(body)
-    return path
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--records", type=int, default=256)
@@ -140,7 +127,7 @@ def main() -> None:
     R = run(args.records)
     text = markdown(R)
     print(text)
-    log(f"wrote {write_section(text)}")
+    log(f"wrote {write_section(SECTION, text)}")
     (REPO / "benchmarks" / "results").mkdir(exist_ok=True)
     (REPO / "benchmarks" / "results" / "tune.json").write_text(json.dumps(R, indent=1))
 

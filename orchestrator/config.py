@@ -287,17 +287,7 @@ _SECTIONS = {"teacher": TeacherConfig, "data": DataConfig, "capture": CaptureCon
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a YAML config, apply `key=value` overrides (values parsed as YAML), validate."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist; pass the path of a YAML run config")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(raw).__name__}")
+    raw = _read_yaml(path, fix="pass the path of a YAML run config")
     for item in overrides:
         _apply_override(raw, item)
     cfg = _build(raw)
@@ -307,6 +297,23 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     cfg.output_dir = os.path.abspath(_expand(cfg.output_dir)) if "://" not in cfg.output_dir \
         else cfg.output_dir
     return cfg
+
+
+def _read_yaml(path: str | Path | None, *, fix: str) -> dict[str, Any]:
+    """The mapping a YAML config file holds ({} without a path)."""
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist; {fix}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of sections, got "
+                          f"{type(raw).__name__}")
+    return raw
 
 
 def _expand(path: str) -> str:
@@ -410,18 +417,7 @@ def _coerce(name: str, tp, value):
 def load_serve_config(path: str | Path | None, overrides: list[str] = ()) -> ServeConfig:
     """Only the `serve` section of a config file (plus `serve.*` overrides): serving needs no
     teacher or data."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist; pass the path of a YAML config "
-                              "or omit --config")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {p} must hold a mapping of sections")
+    raw = _read_yaml(path, fix="pass the path of a YAML config or omit --config")
     raw = {"serve": raw.get("serve") or {}}
     for item in overrides:
         if not item.partition("=")[0].strip().startswith("serve."):

@@ -583,26 +583,12 @@ def _check_resources(cfg: Config, *, teachers: bool, extra: float = 0.0) -> None
 
 
 def _init_ray() -> bool:
-    """Connect to RAY_ADDRESS if set, else start a local Ray; True if this call started it."""
-    import ray
+    from orchestrator.cluster import connect
 
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False,
-                 logging_level=logging.ERROR)
-    else:
-        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
-                 object_store_memory=256 * 1024 * 1024)
-    return True
+    return connect()
 
 
 def _stop_ray(started: bool) -> None:
-    if started:
-        import ray
+    from orchestrator.cluster import disconnect
 
-        ray.shutdown()
-
-
+    disconnect(started)

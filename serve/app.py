@@ -11,13 +11,13 @@ an existing Ray (tests); `start`/`stop` do the same around a caller's own Ray (t
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import socket
 import threading
 import time
 
+from orchestrator.cluster import connect, disconnect
 from orchestrator.config import ServeConfig
 from orchestrator.errors import RaydistillError
 from orchestrator.winners import ServedModel, find_models
@@ -64,7 +64,7 @@ def run_server(run_dir: str, settings: ServeConfig, *, top: int | None = None) -
     models = find_models(run_dir, top=top or settings.top)
     api_key = os.environ.get(settings.api_key_env) or None
     _check_port(settings.host, settings.port)
-    started_ray = _init_ray()
+    started_ray = connect()
     try:
         url = start(models, settings, api_key=api_key)
         print(banner(url, models, settings, keyed=api_key is not None), flush=True)
@@ -72,10 +72,7 @@ def run_server(run_dir: str, settings: ServeConfig, *, top: int | None = None) -
         print("stopping the server ...", flush=True)
         stop()
     finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
+        disconnect(started_ray)
     return 0
 
 
@@ -135,23 +132,6 @@ def _wait_ready(url: str, *, timeout_s: float = READY_TIMEOUT_S) -> None:
         time.sleep(0.25)
     raise RaydistillError(f"the server at {url} did not answer /health within {timeout_s:.0f} s "
                           f"({last}); see the Ray Serve logs under /tmp/ray/session_latest/logs")
-
-
-def _init_ray() -> bool:
-    """Connect to RAY_ADDRESS if set, else start a local Ray; True if this call started it.
-    (The pattern of orchestrator/pipeline.py, which serve/ may not import.)"""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False,
-                 logging_level=logging.ERROR)
-    else:
-        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
-                 object_store_memory=256 * 1024 * 1024)
-    return True
 
 
 def _wait_for_signal() -> None:
