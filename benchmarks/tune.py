@@ -88,7 +88,9 @@ def run(records: int) -> dict:
             "capture_s": capture_s, "sweep_s": sweep_s, "trial_sum_s": trial_sum,
             "capture_once_plus_trials_s": capture_s + trial_sum,
             "capture_per_trial_plus_trials_s": n * capture_s + trial_sum,
-            "leaderboard": leaderboard, "cpus": os.cpu_count()}
+            "leaderboard": leaderboard, "cpus": os.cpu_count(),
+            "trial_steps": cfg.tune.max_steps or cfg.train.max_steps,
+            "eval_every": cfg.tune.eval_every or cfg.train.eval_every}
 
 
 def markdown(R: dict) -> str:
@@ -98,8 +100,8 @@ def markdown(R: dict) -> str:
         f"Command: `python -m benchmarks.tune --records {R['records']}` ({R['date']}, "
         f"{R['cpus']} CPUs). The demo teacher (vLLM, CPU) captures {R['records']} transfer "
         "records plus the held-out split once; `raydistill tune` then runs the quickstart's space "
-        "(2 sizes × 2 temperatures, 60 steps per trial, ASHA on held-out KL every 20 steps, one "
-        "trial at a time) on that capture.", "",
+        f"(2 sizes × 2 temperatures, {R['trial_steps']} steps per trial, ASHA on held-out KL "
+        f"every {R['eval_every']} steps, one trial at a time) on that capture.", "",
         "| | seconds | ratio |", "|---|---:|---:|",
         f"| capture (once) | {R['capture_s']:.0f} | |",
         f"| Σ trial wall times ({len(R['trials'])} trials) | {R['trial_sum_s']:.0f} | |",
