@@ -282,7 +282,8 @@ def publish(cfg: Config, run_dir: str, *, prompt: str, top: int = 1,
     models = find_models(run_dir, top=top)
     settings = replace(cfg.serve, port=_port_or_free(cfg.serve.host, cfg.serve.port))
     started_ray = _init_ray()
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the demo prints its own lines
+    serve_log = logging.getLogger("ray.serve")
+    serve_log.disabled = True  # Serve's INFO lines in this process: the demo prints its own
     try:
         url = start(models, settings)
         try:
@@ -294,6 +295,7 @@ def publish(cfg: Config, run_dir: str, *, prompt: str, top: int = 1,
         finally:
             stop()
     finally:
+        serve_log.disabled = False
         _stop_ray(started_ray)
 
 
