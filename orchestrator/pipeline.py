@@ -24,11 +24,10 @@ from dataclasses import replace
 
 from orchestrator.capture_plan import CapturePlan, Teachers, plan_captures
 from orchestrator.config import Config
-from orchestrator.errors import ConfigError, RaydistillError, ShardError
-from orchestrator.manifest import SHARDS_DIR, Manifest, filesystem
+from orchestrator.errors import ConfigError, RaydistillError
+from orchestrator.manifest import Manifest, filesystem
+from orchestrator.preflight import check_resources, check_shards, warn_if_not_smaller
 from orchestrator.progress import TrainProgress, say
-from orchestrator.shards import read_bytes, shard_metadata
-from orchestrator.teacher_info import inspect_teacher
 
 EXPERIMENTS_DIR = "experiments"
 SWEEPS_DIR = "sweeps"
@@ -58,10 +57,10 @@ def train(cfg: Config, *, resume: str | None = None) -> str:
                 f"the {plan.label} capture in {plan.cfg.output_dir} is incomplete "
                 f"({len(m.shards)}/{m.total_units} shards); run `raydistill capture CONFIG` first, "
                 "or `raydistill run CONFIG` to capture and train together")
-        _check_shards(plan, verify_all=True)
+        check_shards(plan, verify_all=True)
     started_ray = _init_ray()
     try:
-        _check_resources(cfg, teachers=False)
+        check_resources(cfg, teachers=False)
         experiment = _experiment(cfg, resume)
         with _interruptible(experiment):
             results = _train_students(cfg, plans, experiment, board=None, streaming=False,
@@ -82,10 +81,10 @@ def run(cfg: Config, *, fresh: bool = False, resume: str | None = None) -> str:
     later = [p for p in plans[1:] if p.label != "held-out"]
     for plan in plans:
         if plan.manifest.shards:
-            _check_shards(plan, verify_all=False)
+            check_shards(plan, verify_all=False)
     started_ray = _init_ray()
     try:
-        _check_resources(cfg, teachers=bool(main.todo))
+        check_resources(cfg, teachers=bool(main.todo))
         experiment = _experiment(cfg, resume)
         max_ahead = max(cfg.train.max_shards_ahead, 2 * max(1, cfg.train.num_workers))
         board = ray.remote(ShardBoard).options(num_cpus=0).remote(max_ahead=max_ahead)
@@ -146,7 +145,7 @@ def tune(cfg: Config, *, resume: str | None = None) -> str:
     try:
         _capture_once(capture_cfg, plans)
         settings = _sweep_settings(cfg)
-        _check_resources(replace(cfg, train=replace(cfg.train, num_workers=settings.num_workers)),
+        check_resources(replace(cfg, train=replace(cfg.train, num_workers=settings.num_workers)),
                          teachers=False, extra=cfg.tune.trial_cpus)
         base = _loop_spec(cfg, plan=plans[0], held=held, alpha=cfg.train.alpha, board=None,
                           streaming=False, label="kd")
@@ -192,7 +191,7 @@ def _capture_once(cfg: Config, plans: list[CapturePlan]) -> None:
         say(f"reusing the capture in {cfg.output_dir} ({len(m.shards)} shards, "
             f"{sum(s.rows for s in m.shards.values())} samples): no teacher started")
     for plan in plans:
-        _check_shards(plan, verify_all=True)
+        check_shards(plan, verify_all=True)
 
 
 def _trial_steps(cfg: Config) -> tuple[int, int]:
@@ -370,7 +369,7 @@ def _train_students(cfg: Config, plans: list[CapturePlan], experiment: str, *, b
     bc = by_label.get("bc samples", main if t.mode == "sample" else None)
     shape = resolve_shape(preset=s.preset, layers=s.layers, hidden=s.hidden, heads=s.heads,
                           intermediate=s.intermediate)
-    _warn_if_not_smaller(t.model, shape)
+    warn_if_not_smaller(t.model, shape)
     runs = {"kd": (main, tr.alpha), "hard": (main, 0.0), "bc": (bc, 0.0)}
     storage = f"{cfg.output_dir.rstrip('/')}/{EXPERIMENTS_DIR}/{experiment}"
     if board is None:
@@ -460,18 +459,6 @@ def _students_at_once(cfg: Config, n: int) -> int:
     return max(1, min(n, tr.students_at_once, int(have // per)))
 
 
-def _warn_if_not_smaller(teacher: str, shape) -> None:
-    from transformers import AutoConfig
-
-    from orchestrator.student import size_ratio
-
-    ratio = size_ratio(AutoConfig.from_pretrained(teacher), shape)
-    if ratio >= 1.0:
-        say(f"[yellow]warning:[/] the student ({shape.layers}×{shape.hidden}) is about "
-            f"{ratio:.1f}× the teacher's size; distillation normally trains a smaller model — "
-            "pick a smaller student.preset or student.layers/hidden")
-
-
 def _describe_result(r) -> str:
     f = r.final
     if "eval_student_nll" not in f:
@@ -534,54 +521,6 @@ def _experiment(cfg: Config, resume: str | None) -> str:
         raise ConfigError(f"--resume {resume}: no experiment of that name in "
                           f"{cfg.output_dir}/{EXPERIMENTS_DIR}; omit --resume to start a new one")
     return resume
-
-
-def _check_shards(plan: CapturePlan, *, verify_all: bool) -> None:
-    """Before training: the shards must come from this config's teacher and tokenizer, and (for
-    `train`) every one must match its checksum — a bad shard is named, never trained on."""
-    import hashlib as _h
-
-    from orchestrator.train_data import check_shard_origin
-
-    info = inspect_teacher(plan.cfg.teacher.model, revision=plan.cfg.teacher.revision)
-    expect = {"tokenizer_fingerprint": info.tokenizer_fingerprint}
-    for n, (unit, shard) in enumerate(sorted(plan.manifest.shards.items())):
-        path = f"{plan.root}/{SHARDS_DIR}/{shard.file}"
-        if n == 0 or verify_all:
-            try:
-                data = read_bytes(plan.fs, path)
-            except (FileNotFoundError, OSError):
-                raise ShardError(f"shard {path} is listed in the manifest but missing; recapture "
-                                 "it with `raydistill capture CONFIG --repair`") from None
-            if _h.sha256(data).hexdigest() != shard.sha256:
-                raise ShardError(f"shard {path} does not match its checksum in manifest.json "
-                                 "(truncated or corrupt); recapture it with `raydistill capture "
-                                 "CONFIG --repair`")
-            if n == 0:
-                import io
-
-                import pyarrow.parquet as pq
-
-                meta = shard_metadata(pq.read_schema(io.BytesIO(data)))
-                check_shard_origin(meta, expect, name=path)
-        if not verify_all:
-            break
-
-
-def _check_resources(cfg: Config, *, teachers: bool, extra: float = 0.0) -> None:
-    """Refuse a layout that cannot run on this cluster rather than hang waiting for CPUs."""
-    import ray
-
-    t, tr = cfg.teacher, cfg.train
-    have = ray.cluster_resources().get("CPU", 0.0)
-    workers = max(tr.num_workers, 1) * (0 if tr.use_gpu else tr.cpus_per_worker)
-    need = workers + tr.reader_cpus + extra + (t.num_actors * t.num_cpus if teachers else 0.0)
-    if need > have + 1e-9:
-        teach = f" + {t.num_actors} teacher(s) × {t.num_cpus}" if teachers else ""
-        raise ConfigError(
-            f"this layout needs {need:g} CPUs ({max(tr.num_workers, 1)} train worker(s) × "
-            f"{tr.cpus_per_worker}{teach} + Ray Data readers {tr.reader_cpus}) but the cluster "
-            f"has {have:g}; lower train.cpus_per_worker / train.num_workers / teacher.num_cpus")
 
 
 def _init_ray() -> bool:

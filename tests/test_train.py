@@ -240,12 +240,12 @@ def test_bad_training_settings_fail_before_any_work(captured, tmp_path, override
 
 
 def test_a_student_larger_than_the_teacher_is_warned_about(captured, capsys):
-    from orchestrator import pipeline
+    from orchestrator.preflight import warn_if_not_smaller
     from orchestrator.student import resolve_shape
 
-    pipeline._warn_if_not_smaller(captured["model"], resolve_shape(preset="small"))
+    warn_if_not_smaller(captured["model"], resolve_shape(preset="small"))
     assert "the student (4×512) is about" in capsys.readouterr().err
-    pipeline._warn_if_not_smaller(captured["model"], resolve_shape(preset="nano"))
+    warn_if_not_smaller(captured["model"], resolve_shape(preset="nano"))
     assert "warning" not in capsys.readouterr().err
 
 

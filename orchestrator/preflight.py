@@ -1,0 +1,77 @@
+"""Checks the driver runs before any training starts: the shards are genuine (checksums, the
+teacher's tokenizer), the layout fits the cluster, the student is smaller than the teacher.
+Each refusal names the problem and the fix."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from orchestrator.errors import ConfigError, ShardError
+from orchestrator.manifest import SHARDS_DIR
+from orchestrator.progress import say
+from orchestrator.shards import read_bytes, shard_metadata
+from orchestrator.teacher_info import inspect_teacher
+
+if TYPE_CHECKING:
+    from orchestrator.capture_plan import CapturePlan
+    from orchestrator.config import Config
+
+
+def check_shards(plan: CapturePlan, *, verify_all: bool) -> None:
+    """Before training: the shards must come from this config's teacher and tokenizer, and (for
+    `train`) every one must match its checksum — a bad shard is named, never trained on."""
+    import hashlib as _h
+
+    from orchestrator.train_data import check_shard_origin
+
+    info = inspect_teacher(plan.cfg.teacher.model, revision=plan.cfg.teacher.revision)
+    expect = {"tokenizer_fingerprint": info.tokenizer_fingerprint}
+    for n, (unit, shard) in enumerate(sorted(plan.manifest.shards.items())):
+        path = f"{plan.root}/{SHARDS_DIR}/{shard.file}"
+        if n == 0 or verify_all:
+            try:
+                data = read_bytes(plan.fs, path)
+            except (FileNotFoundError, OSError):
+                raise ShardError(f"shard {path} is listed in the manifest but missing; recapture "
+                                 "it with `raydistill capture CONFIG --repair`") from None
+            if _h.sha256(data).hexdigest() != shard.sha256:
+                raise ShardError(f"shard {path} does not match its checksum in manifest.json "
+                                 "(truncated or corrupt); recapture it with `raydistill capture "
+                                 "CONFIG --repair`")
+            if n == 0:
+                import io
+
+                import pyarrow.parquet as pq
+
+                meta = shard_metadata(pq.read_schema(io.BytesIO(data)))
+                check_shard_origin(meta, expect, name=path)
+        if not verify_all:
+            break
+
+
+def check_resources(cfg: Config, *, teachers: bool, extra: float = 0.0) -> None:
+    """Refuse a layout that cannot run on this cluster rather than hang waiting for CPUs."""
+    import ray
+
+    t, tr = cfg.teacher, cfg.train
+    have = ray.cluster_resources().get("CPU", 0.0)
+    workers = max(tr.num_workers, 1) * (0 if tr.use_gpu else tr.cpus_per_worker)
+    need = workers + tr.reader_cpus + extra + (t.num_actors * t.num_cpus if teachers else 0.0)
+    if need > have + 1e-9:
+        teach = f" + {t.num_actors} teacher(s) × {t.num_cpus}" if teachers else ""
+        raise ConfigError(
+            f"this layout needs {need:g} CPUs ({max(tr.num_workers, 1)} train worker(s) × "
+            f"{tr.cpus_per_worker}{teach} + Ray Data readers {tr.reader_cpus}) but the cluster "
+            f"has {have:g}; lower train.cpus_per_worker / train.num_workers / teacher.num_cpus")
+
+
+def warn_if_not_smaller(teacher: str, shape) -> None:
+    from transformers import AutoConfig
+
+    from orchestrator.student import size_ratio
+
+    ratio = size_ratio(AutoConfig.from_pretrained(teacher), shape)
+    if ratio >= 1.0:
+        say(f"[yellow]warning:[/] the student ({shape.layers}×{shape.hidden}) is about "
+            f"{ratio:.1f}× the teacher's size; distillation normally trains a smaller model — "
+            "pick a smaller student.preset or student.layers/hidden")
