@@ -4,7 +4,8 @@ Restart policy: Ray does not restart a teacher actor by itself (max_restarts=0).
 (process killed, node lost, engine crash) the pool kills what is left of it, starts a replacement
 with the same spec, and puts the actor's unfinished units back at the front of the queue. A unit is
 given up after `max_unit_failures` failures, which stops the capture with the last error — never
-silently. A unit whose task raises (bad input reaching the engine) counts as a failure the same way.
+silently. A unit whose task raises (bad input reaching the engine) counts as a failure the same way,
+except a storage error (disk full, no permission): it stops the capture at once with its message.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from actors.teacher import TeacherWorker, WorkerSpec
-from orchestrator.errors import RaydistillError
+from orchestrator.errors import RaydistillError, ShardError
 from orchestrator.manifest import ShardInfo
 
 TeacherActor = ray.remote(max_restarts=0, max_task_retries=0)(TeacherWorker)
@@ -87,6 +88,8 @@ class TeacherPool:
                 self._fail(unit, failures, e, queue)
                 self._replace(slot, inflight, per_actor, queue)
             except RayTaskError as e:
+                if isinstance(e.cause, ShardError):  # disk full, no permission: retrying won't help
+                    raise ShardError(str(e.cause)) from None
                 self._fail(unit, failures, e, queue)
 
     def _fail(self, unit, failures, error, queue) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,9 +240,12 @@ class ServeConfig:
     target_ongoing_requests: float = 4.0
     """Autoscaling: requests in flight per replica the autoscaler aims for."""
     max_ongoing_requests: int = 16
-    """Requests one replica works on at once; more wait in the queue."""
+    """Completions one replica works on at once (loading its student, batching, decoding); more
+    wait in that replica's queue."""
     max_queued_requests: int = 64
-    """Requests waiting beyond max_ongoing_requests; more are refused with 503 (not collapse)."""
+    """Completions one replica holds waiting beyond max_ongoing_requests; more are answered at
+    once with 429, a Retry-After header and an OpenAI error body (never a 5xx), so the server
+    admits replicas × (max_ongoing_requests + max_queued_requests). -1: no limit, never 429."""
     models_per_replica: int = 3
     """Students one replica keeps loaded (model multiplexing; least recently used is evicted)."""
     replica_cpus: float = 1.0
@@ -304,12 +308,22 @@ def _read_yaml(path: str | Path | None, *, fix: str) -> dict[str, Any]:
     if path is None:
         return {}
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {p} is a directory; {fix}")
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist; {fix}")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {p} is not UTF-8 text (byte {e.start}: {e.reason}); save "
+                          "it as UTF-8 YAML") from None
+    except OSError as e:
+        raise ConfigError(f"config file {p} cannot be read ({e.strerror or e}); {fix}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    except (ValueError, RecursionError) as e:  # an integer of >4300 digits, nesting too deep
+        raise ConfigError(f"config file {p} is not valid YAML: {str(e)[:120] or 'nested too deeply'}"
+                          ) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {p} must hold a mapping of sections, got "
                           f"{type(raw).__name__}")
@@ -336,12 +350,14 @@ def _apply_override(raw: dict, item: str) -> None:
     node = raw
     parts = key.strip().split(".")
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or an empty section (`teacher:` in the YAML)
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise ConfigError(f"--set {key}: {part} is not a section")
     try:
         node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # not YAML: the plain string
         node[parts[-1]] = value
 
 
@@ -358,7 +374,8 @@ def _build(raw: dict) -> Config:
             cfg.output_dir = _coerce("output_dir", str, value)
         else:
             known = sorted([*_SECTIONS, "output_dir"])
-            raise ConfigError(f"unknown config key {key!r}; known top-level keys: {', '.join(known)}")
+            raise ConfigError(f"unknown config key {key!r}; known top-level keys: {', '.join(known)}"
+                              f"{_did_you_mean(key, known)}")
     return cfg
 
 
@@ -369,9 +386,19 @@ def _build_section(name: str, cls, values: dict):
         if key not in hints:
             raise ConfigError(
                 f"unknown config key {name}.{key}; valid keys in {name}: {', '.join(sorted(hints))}"
-            )
+                f"{_did_you_mean(key, hints, prefix=name + '.')}")
         kwargs[key] = _coerce(f"{name}.{key}", hints[key], value)
     return cls(**kwargs)
+
+
+def _did_you_mean(key, known, *, prefix: str = "") -> str:
+    """` (did you mean teacher.k?)` when a known key is close to the unknown one, else ``."""
+    import difflib
+
+    close = difflib.get_close_matches(str(key), list(known), n=3, cutoff=0.6)
+    swapped = [c for c in close if sorted(c) == sorted(str(key))]  # `modle` is `model`, not `mode`
+    close = swapped or close
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
 
 
 def _coerce(name: str, tp, value):
@@ -399,8 +426,16 @@ def _coerce(name: str, tp, value):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value.strip())
+            except ValueError:
+                pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            number = float(value) if abs(value) < 1e308 else math.inf  # 10**400 has no float
+            if not math.isfinite(number):
+                raise ConfigError(f"{name} must be a finite number, got {str(value)[:40]}")
+            return number
     elif tp is list:
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return list(value)
@@ -411,7 +446,17 @@ def _coerce(name: str, tp, value):
             return str(value)
     kind = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
             list: "a list of names"}[tp]
+    if value is None:
+        raise ConfigError(f"{name} has no value (YAML null); set it to {kind}")
     raise ConfigError(f"{name} must be {kind}, got {value!r} ({type(value).__name__})")
+
+
+def coerce_field(key: str, value):
+    """`value` as the student/train field `key` (e.g. "train.lr") holds it; ConfigError if it
+    cannot (a search space's values go through here, as a config file's do)."""
+    section, _, name = key.partition(".")
+    cls = {"student": StudentConfig, "train": TrainConfig}[section]
+    return _coerce(key, get_type_hints(cls)[name], value)
 
 
 def load_serve_config(path: str | Path | None, overrides: list[str] = ()) -> ServeConfig:

@@ -15,3 +15,7 @@ class DataError(RaydistillError):
 
 class ShardError(RaydistillError):
     """A shard or manifest is missing, truncated, corrupt, or belongs to another run."""
+
+
+class DivergedError(RaydistillError):
+    """A student's loss became NaN or infinite; training stops before the NaN is checkpointed."""

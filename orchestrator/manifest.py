@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -61,6 +62,8 @@ class Manifest:
     @classmethod
     def from_json(cls, text: str) -> Manifest:
         d = json.loads(text)
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a JSON object, got {type(d).__name__}")
         d.pop("totals", None)
         shards = {s["unit"]: ShardInfo(**s) for s in d.pop("shards", [])}
         return cls(shards=shards, **d)
@@ -86,12 +89,13 @@ def load_manifest(fs: pafs.FileSystem, root: str) -> Manifest | None:
     if not exists(fs, path):
         return None
     with fs.open_input_stream(path) as fh:
-        text = fh.read().decode()
+        data = fh.read()
     try:
-        return Manifest.from_json(text)
-    except (ValueError, TypeError, KeyError) as e:
-        raise ShardError(f"{path} is not a valid raydistill manifest ({e}); if the output dir "
-                         "holds nothing you need, rerun with --fresh") from None
+        return Manifest.from_json(data.decode("utf-8"))
+    except (ValueError, TypeError, KeyError) as e:  # not UTF-8, not JSON, wrong fields
+        raise ShardError(f"{path} is not a valid raydistill manifest ({str(e)[:200]}); without "
+                         "it the shards cannot be resumed: delete it and rerun the capture with "
+                         "--fresh (recaptures everything), or use a new output_dir") from None
 
 
 def save_manifest(fs: pafs.FileSystem, root: str, manifest: Manifest) -> None:
@@ -101,11 +105,12 @@ def save_manifest(fs: pafs.FileSystem, root: str, manifest: Manifest) -> None:
 
 
 def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Publish `data` at `path` all at once: on a local disk as `<path>.tmp`, fsync, rename; on an
-    object store as one PUT. A failed write (disk full, no permission) leaves any previous file at
-    `path` as it was, removes the partial `.tmp`, and raises a ShardError saying what happened."""
+    """Publish `data` at `path` all at once: on a local disk as `<path>.<pid>-<random>.tmp`, fsync,
+    rename; on an object store as one PUT. A failed write (disk full, no permission) leaves any
+    previous file at `path` as it was, removes the partial `.tmp`, and raises a ShardError saying
+    what happened."""
     local = isinstance(fs, pafs.LocalFileSystem)
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"  # two writers never share a .tmp
     try:
         if local:
             with open(tmp, "wb") as out:
@@ -117,8 +122,11 @@ def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
             with fs.open_output_stream(path) as out:
                 out.write(data)
     except OSError as e:
-        if local and os.path.exists(tmp):
-            os.remove(tmp)
+        if local:
+            try:
+                os.remove(tmp)
+            except OSError:  # never written, or the disk went read-only: resume deletes it
+                pass
         raise ShardError(f"could not write {path} ({e.strerror or e}); files written before it are "
                          "intact — free space or fix permissions, then rerun to resume") from None
 

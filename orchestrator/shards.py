@@ -5,7 +5,8 @@ actor. Top-k ids (exact) and log-probs (quantised to 1/51 nat, error ≤ 0.0098 
 rank order) are stored as one-byte codes with escapes, which zstd packs close to their entropy.
 `read_shards` decodes back to plain numpy arrays, whatever the on-disk encoding.
 
-Writes are atomic: a local shard is written as `<name>.tmp` and renamed; on S3 a single PUT is atomic.
+Writes are atomic: a local shard is written as `<name>.<pid>-<random>.tmp` and renamed; on S3 a
+single PUT is atomic.
 """
 
 from __future__ import annotations
@@ -163,10 +164,10 @@ def load_shard(data: bytes, *, name: str, sha256: str | None = None) -> pa.Table
                          "or corrupt); recapture it with `raydistill capture CONFIG --repair`")
     try:
         table = pq.read_table(io.BytesIO(data))
-    except (pa.ArrowInvalid, OSError) as e:
-        raise ShardError(f"shard {name} is not a readable Parquet file ({e}); recapture it with "
-                         "`raydistill capture CONFIG --repair`") from None
-    meta = shard_metadata(table)
+        meta = shard_metadata(table)
+    except (pa.ArrowException, OSError, ValueError) as e:  # any Arrow error; bad metadata JSON
+        raise ShardError(f"shard {name} is not a readable Parquet file ({str(e)[:200]}); recapture "
+                         "it with `raydistill capture CONFIG --repair`") from None
     if not meta:
         raise ShardError(f"{name} is not a raydistill shard (no '{META_KEY.decode()}' metadata)")
     if meta.get("format_version") != FORMAT_VERSION or table.schema.names != SCHEMA.names:

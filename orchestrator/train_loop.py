@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from orchestrator.errors import DivergedError
+
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"
 
@@ -144,6 +146,7 @@ def train_worker(config: dict) -> None:
             window["kd"] += parts.kd.item() / spec.grad_accum
             window["ce"] += parts.ce.item() / spec.grad_accum
             window["tokens"] += int(batch.attention_mask.sum())
+            _check_finite(parts.total.item(), spec, step=step + 1)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
@@ -170,6 +173,16 @@ def train_worker(config: dict) -> None:
             _report(metrics, history, step=step, position=step * per_step, model=core,
                     tokenizer=tokenizer, optimizer=optimizer, schedule=schedule,
                     checkpoint=evaluate_now, rank=rank, keep=spec.local)
+
+
+def _check_finite(loss: float, spec: LoopSpec, *, step: int) -> None:
+    """Stop a diverged run before its NaN reaches the weights or a checkpoint: the last
+    checkpoint stays the last good one, and a sweep reports the trial as failed."""
+    if not math.isfinite(loss):
+        raise DivergedError(
+            f"the {spec.label} student diverged: its loss is {loss} at step {step} "
+            f"(train.loss {spec.loss}, train.lr {spec.lr:g}). Lower train.lr, raise "
+            "train.warmup_steps, or use train.temperature closer to 1")
 
 
 def _collate(rows: list[dict], spec: LoopSpec):

@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass, replace
 
-from orchestrator.errors import RaydistillError
+from orchestrator.errors import DivergedError, RaydistillError
 from orchestrator.manifest import exists, filesystem
 from orchestrator.train_loop import HISTORY_FILE, STATE_FILE, LoopSpec
 
@@ -97,7 +97,10 @@ def _fit(trainer, spec: LoopSpec, *, storage: str, name: str):
     except KeyboardInterrupt:
         raise
     except Exception as e:  # noqa: BLE001 — Ray wraps the worker's error; name its root cause
-        raise RaydistillError(f"training of the {spec.label} student failed: {_root_cause(e)}. "
+        cause = _root_cause(e)
+        if "DivergedError: " in cause:  # resuming would diverge again: no checkpoint advice
+            raise DivergedError(cause.split("DivergedError: ", 1)[1]) from e
+        raise RaydistillError(f"training of the {spec.label} student failed: {cause}. "
                               f"Checkpoints are kept under {storage}/{name}; rerun with "
                               "--resume to continue from the last one") from e
     finally:

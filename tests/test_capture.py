@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from orchestrator.cli import main
-from orchestrator.errors import ConfigError, DataError
+from orchestrator.errors import ConfigError, DataError, ShardError
 from orchestrator.pipeline import capture
-from orchestrator.shards import read_shards
+from orchestrator.shards import load_shard, read_shards
 from tests.conftest import capture_config, write_jsonl
 
 
@@ -96,7 +96,10 @@ def test_vllm_capture_two_actors(tmp_path, tiny_teacher, dataset, ray_session):
     assert np.abs(row["topk_logprobs"] - ref.topk_logprobs).max() < 0.02
 
 
-def test_actor_process_killed_midway_is_replaced(tmp_path, tiny_teacher, dataset, ray_session):
+@pytest.mark.parametrize("how", ["process SIGKILL", "ray.kill"])
+def test_actor_killed_midway_is_replaced(how, tmp_path, tiny_teacher, dataset, ray_session):
+    import ray
+
     from actors.pool import TeacherPool
     from orchestrator import data as data_mod
     from orchestrator.manifest import filesystem
@@ -111,8 +114,11 @@ def test_actor_process_killed_midway_is_replaced(tmp_path, tiny_teacher, dataset
 
     def on_shard(info):
         done.append(info.unit)
-        if len(done) == 2:  # kill the actor's process while it holds the next units
-            os.kill(pool.ready_info[0]["pid"], signal.SIGKILL)
+        if len(done) == 2:  # kill the actor while it holds the next units
+            if how == "ray.kill":
+                ray.kill(pool.actors[0], no_restart=True)
+            else:
+                os.kill(pool.ready_info[0]["pid"], signal.SIGKILL)
 
     records = data_mod.iter_records(data_mod.dataset_files(dataset), field="text",
                                     fallback_field=None, id_field="id", on_bad_line="stop")
@@ -123,9 +129,31 @@ def test_actor_process_killed_midway_is_replaced(tmp_path, tiny_teacher, dataset
         pool.shutdown()
     assert pool.replacements == 1
     assert sorted(done) == list(range(10))  # every unit exactly once, none lost
+    import pyarrow.parquet as pq
+
+    from orchestrator.shards import shard_name
+
+    files = sorted(Path(cfg.output_dir, "shards").iterdir())
+    assert [p.name for p in files] == [shard_name(u) for u in range(10)]  # no .tmp left over
+    ids = [i for p in files for i in pq.read_table(p, columns=["sample_id"])["sample_id"].to_pylist()]
+    assert len(ids) == len(set(ids))  # no piece twice
+    assert {i.split("#")[0] for i in ids} == {f"t{i}" for i in range(40)}  # no sample lost
 
 
-def test_interrupted_capture_resumes_exactly_once(tmp_path, tiny_teacher, texts, ray_session):
+def assert_manifest_matches_files(out: Path) -> None:
+    """Every listed shard exists with its checksum; every shard file is listed; no `.tmp`."""
+    import hashlib
+    import json
+
+    listed = {e["file"]: e["sha256"] for e in json.loads((out / "manifest.json").read_text())["shards"]}
+    files = {p.name: p for p in (out / "shards").iterdir()}
+    assert set(files) == set(listed)
+    for name, sha in listed.items():
+        assert hashlib.sha256(files[name].read_bytes()).hexdigest() == sha
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
+def test_interrupted_capture_resumes_exactly_once(sig, tmp_path, tiny_teacher, texts, ray_session):
     data = write_jsonl(tmp_path / "d.jsonl", [{"id": f"t{i}", "text": t} for i, t in enumerate(texts * 3)])
     out = tmp_path / "out"
     cfg_path = tmp_path / "c.yaml"
@@ -140,17 +168,21 @@ def test_interrupted_capture_resumes_exactly_once(tmp_path, tiny_teacher, texts,
         deadline = time.time() + 120
         while time.time() < deadline and len(list((out / "shards").glob("*.parquet"))) < 3:
             time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        proc.send_signal(sig)  # Ctrl-C, or the driver's process killed outright
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 2, err
-    assert "rerun the same command" in err
+    if sig == signal.SIGINT:
+        assert proc.returncode == 2, err
+        assert "rerun the same command" in err
+    else:
+        assert proc.returncode == -signal.SIGKILL
     first = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.parquet")}
     assert 3 <= len(first) < 30
     assert main(["capture", str(cfg_path)]) == 0
     assert_exactly_once(str(out), [f"t{i}" for i in range(len(texts) * 3)])
+    assert_manifest_matches_files(out)
     # shards finished before the interrupt were not redone
     for name, mtime in first.items():
         assert (out / "shards" / name).stat().st_mtime_ns == mtime
@@ -172,7 +204,16 @@ def test_published_but_unrecorded_shard_is_adopted_and_corrupt_one_repaired(
     assert not list(out.glob("shards/*.tmp"))
     assert_exactly_once(cfg.output_dir, [f"t{i}" for i in range(40)])
     victim = out / "shards" / "shard-000002.parquet"
-    victim.write_bytes(victim.read_bytes()[:100])
+    victim.write_bytes(victim.read_bytes()[:100])  # truncated
+    flipped = out / "shards" / "shard-000003.parquet"
+    content = bytearray(flipped.read_bytes())
+    content[len(content) // 2] ^= 0x01  # one bit flipped mid-file
+    flipped.write_bytes(bytes(content))
+    with pytest.raises(ShardError, match="shard-000002.*checksum.*--repair"):
+        list(read_shards(cfg.output_dir))
+    sha = {e["file"]: e["sha256"] for e in json.loads((out / "manifest.json").read_text())["shards"]}
+    with pytest.raises(ShardError, match="shard-000003.*checksum.*--repair"):
+        load_shard(flipped.read_bytes(), name=str(flipped), sha256=sha[flipped.name])
     capture(cfg, repair=True)
     assert_exactly_once(cfg.output_dir, [f"t{i}" for i in range(40)])
 

@@ -214,3 +214,25 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(captured, 
     assert sorted(r["status"] for r in rows) == ["finished"] * 3, done.stderr
     assert sorted(float(r["temperature"]) for r in rows) == [1.0, 2.0, 3.0]
     assert first.stat().st_mtime_ns == stamp  # the finished trial was not trained again
+
+
+@pytest.mark.slow
+def test_a_crashing_trial_is_reported_and_the_sweep_continues(captured, ray_session, capsys):
+    """An lr of 1e30 makes the student's loss non-finite at its second step: that trial fails
+    (training stops before the NaN is checkpointed), the other one finishes and wins."""
+    from orchestrator import pipeline
+
+    cfg = train_config(captured["out"], captured["model"], captured["data"], **{
+        "tune.space": json.dumps({"train.lr": {"grid": [1e30, 0.002]}}),
+        "tune.scheduler": "fifo", "tune.max_concurrent_trials": 1, "tune.top": 2,
+        "tune.latency_tokens": 2, "train.max_steps": 6, "train.eval_every": 3,
+        "train.max_failures": 0})
+    sweep_dir = Path(pipeline.tune(cfg))
+    out = "".join(capsys.readouterr())
+    rows = {float(r["lr"]): r for r in csv.DictReader(open(sweep_dir / "leaderboard.csv"))}
+    assert rows[0.002]["status"] == "finished" and rows[0.002]["rank"] == "1"
+    assert rows[1e30]["status"] == "error" and rows[1e30]["model_dir"] == ""
+    assert "diverged" in rows[1e30]["error"] and "lower train.lr" in rows[1e30]["error"].lower()
+    assert "failed" in out and "diverged" in out and "--resume" not in rows[1e30]["error"]
+    winners = json.loads((sweep_dir / "winners.json").read_text())["models"]
+    assert [w["id"] for w in winners] == [rows[0.002]["id"]]  # a failed trial never wins

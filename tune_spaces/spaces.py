@@ -28,6 +28,7 @@ from pathlib import Path
 
 import yaml
 
+from orchestrator.config import coerce_field
 from orchestrator.errors import ConfigError
 
 SPACES_DIR = Path(__file__).parent
@@ -194,7 +195,18 @@ def _axis(space: str, key: str, dist) -> Axis:
             if not isinstance(v, dict) or set(v) - set(STUDENT_KEYS):
                 raise ConfigError(f"space {space}: every student value must map student fields "
                                   f"({', '.join(STUDENT_KEYS)}) to values, got {v!r}")
+        values = [{f: _typed(space, f"student.{f}", x) for f, x in v.items()} for v in values]
+    elif kind in ("grid", "choice"):
+        values = [_typed(space, key, v) for v in values]
     return Axis(key=key, kind=kind, values=tuple(values))
+
+
+def _typed(space: str, key: str, value):
+    """A value as the config field holds it (`1e-3`, a string in YAML 1.1, becomes 0.001)."""
+    try:
+        return coerce_field(key, value)
+    except ConfigError as e:
+        raise ConfigError(f"space {space}: {e}") from None
 
 
 def split_params(params: dict) -> tuple[dict, dict]:

@@ -223,7 +223,11 @@ def _Lines(metric: str):
             _reap(self.groups.pop(trial.trial_id, None))
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            say(f"  [red]{trial.trial_id} failed[/]: {trial.error_file or 'see its log'}")
+            try:
+                why = _error_text(trial.get_error())
+            except Exception:  # noqa: BLE001 — no readable error file: point at the log instead
+                why = trial.error_file or "see its log"
+            say(f"  [red]{trial.trial_id} failed[/]: {why}")
             _reap(self.groups.pop(trial.trial_id, None))
 
         def on_trial_recover(self, iteration, trials, trial, **info):
