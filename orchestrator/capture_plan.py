@@ -202,13 +202,18 @@ def _write_bc_prompts(main: CapturePlan, path: str, *, tokens: int) -> None:
 
 
 def _open_output(fs, root, *, fingerprint, fresh, cfg, total_units, total_records) -> Manifest:
-    existing = load_manifest(fs, root)
+    try:
+        existing = load_manifest(fs, root)
+    except ShardError:
+        if not fresh:
+            raise
+        existing = None  # unreadable: --fresh deletes it below
     if existing is not None and existing.fingerprint != fingerprint and not fresh:
         raise ConfigError(
             f"output_dir {cfg.output_dir} holds another capture (fingerprint {existing.fingerprint},"
             f" this config {fingerprint}); its shards would mix with these. Use a new output_dir, "
             "or rerun with --fresh to delete that capture and start over")
-    if fresh and (existing is not None or exists(fs, f"{root}/{SHARDS_DIR}")):
+    if fresh and (exists(fs, f"{root}/{MANIFEST}") or exists(fs, f"{root}/{SHARDS_DIR}")):
         # only what a capture owns: other files a user keeps in output_dir stay
         say(f"--fresh: deleting the previous capture (manifest.json, shards/) in {cfg.output_dir}")
         if exists(fs, f"{root}/{SHARDS_DIR}"):

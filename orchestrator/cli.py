@@ -23,6 +23,17 @@ import sys
 from orchestrator.errors import RaydistillError
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse names the option and exits 2 otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raydistill", description="Distil LLMs on Ray.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -74,7 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="host a run's winners behind OpenAI-compatible HTTP routes")
     srv.add_argument("run_dir", help="a sweep directory (winners.json), an experiment directory, "
                                      "a model directory, or an output_dir (its newest sweep)")
-    srv.add_argument("--top", type=int, default=None, help="serve the best N (default serve.top)")
+    srv.add_argument("--top", type=_positive_int, default=None,
+                     help="serve the best N (default serve.top)")
     srv.add_argument("--config", default=None,
                      help="YAML config whose serve: section to use (default: RUN_DIR/config.yaml, "
                           "which a sweep writes)")
@@ -86,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     qry.add_argument("--model", default=None, help="model id (default: the first one served)")
     qry.add_argument("--url", default="http://127.0.0.1:8000",
                      help="the server (default http://127.0.0.1:8000)")
-    qry.add_argument("--max-tokens", type=int, default=64)
+    qry.add_argument("--max-tokens", type=_positive_int, default=64)
     qry.add_argument("--temperature", type=float, default=0.0)
     qry.add_argument("--stream", action="store_true", help="print tokens as they arrive")
     qry.add_argument("--api-key", default=None,

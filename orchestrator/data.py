@@ -35,7 +35,7 @@ def dataset_files(path: str) -> list[Path]:
     if p.is_file():
         return [p]
     if p.is_dir():
-        files = sorted(p.glob("*.jsonl"))
+        files = sorted(f for f in p.glob("*.jsonl") if f.is_file())
         if not files:
             raise DataError(f"data.path {path} is a directory without *.jsonl files; "
                             "put the dataset there as JSON lines or point data.path at the file")
@@ -55,43 +55,56 @@ def iter_records(files: list[Path], *, field: str, fallback_field: str | None, i
     count = 0
     seen_ids: dict[str, str] = {}
     for path in files:
-        with open(path, encoding="utf-8", errors="strict") as fh:
-            line_no = 0
-            while True:
-                try:
-                    line = fh.readline()
-                except UnicodeDecodeError as e:
-                    _bad(f"{path}:{line_no + 1}: not UTF-8 text ({e.reason})", on_bad_line, skipped)
-                    break
-                if not line:
-                    break
-                line_no += 1
+        for line_no, line, problem in _lines(path):
+            if problem is None:
                 if not line.strip():
                     continue
                 record, problem = _parse(line, field, fallback_field, id_field, path, line_no)
-                if problem is not None:
-                    _bad(f"{path}:{line_no}: {problem}", on_bad_line, skipped)
-                    continue
-                where = f"{path}:{line_no}"
-                if record.sample_id in seen_ids:
-                    raise DataError(
-                        f"{where}: id {record.sample_id!r} was already used at "
-                        f"{seen_ids[record.sample_id]}; sample ids must be unique — fix the "
-                        f"dataset or drop the '{id_field}' field to use file:line ids")
-                seen_ids[record.sample_id] = where
-                if keep is not None and not keep(record.sample_id):
-                    continue
-                yield record
-                count += 1
-                if limit is not None and count >= limit:
-                    return
+            if problem is not None:
+                _bad(f"{path}:{line_no}: {problem}", on_bad_line, skipped)
+                continue
+            where = f"{path}:{line_no}"
+            if record.sample_id in seen_ids:
+                raise DataError(
+                    f"{where}: id {record.sample_id!r} was already used at "
+                    f"{seen_ids[record.sample_id]}; sample ids must be unique — fix the "
+                    f"dataset or drop the '{id_field}' field to use file:line ids")
+            seen_ids[record.sample_id] = where
+            if keep is not None and not keep(record.sample_id):
+                continue
+            yield record
+            count += 1
+            if limit is not None and count >= limit:
+                return
+
+
+def _lines(path: Path):
+    """(line number, text, problem) of each line of a JSONL file, read as bytes and decoded one
+    line at a time, so a line that is not UTF-8 is named exactly and the lines around it are kept.
+    A UTF-8 byte-order mark at the start of the file is dropped."""
+    try:
+        fh = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path} cannot be read ({e.strerror or e}); check the file's "
+                        "permissions or point data.path elsewhere") from None
+    with fh:
+        for line_no, raw in enumerate(fh, start=1):
+            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                yield line_no, raw.decode("utf-8"), None
+            except UnicodeDecodeError as e:
+                yield line_no, "", (f"not UTF-8 text (byte {e.start + 1} of the line: {e.reason}); "
+                                    "save the file as UTF-8")
 
 
 def _parse(line: str, field: str, fallback: str | None, id_field: str, path: Path, line_no: int):
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
-        return None, f"malformed JSON ({e.msg} at column {e.colno})"
+        return None, f"malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno})"
+    except (ValueError, RecursionError) as e:  # e.g. an integer of more than 4300 digits
+        return None, f"malformed JSON ({str(e)[:80] or type(e).__name__})"
     if not isinstance(obj, dict):
         return None, f"expected a JSON object, got {type(obj).__name__}"
     text = obj.get(field)
@@ -99,9 +112,16 @@ def _parse(line: str, field: str, fallback: str | None, id_field: str, path: Pat
         text = obj.get(fallback)
     if not isinstance(text, str):
         names = field if not fallback or fallback == field else f"{field} (or {fallback})"
-        return None, f"missing string field '{names}'"
+        if text is None:
+            return None, f"missing string field '{names}'"
+        return None, f"field '{names}' must be a string, got {type(text).__name__}"
     if not text:
         return None, f"empty '{field}'"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate escape ("\ud800"): no tokenizer takes it
+        return None, (f"'{field}' holds an unpaired surrogate escape ({text[e.start]!a} at "
+                      f"character {e.start + 1}), which is not text")
     raw_id = obj.get(id_field)
     sample_id = str(raw_id) if raw_id is not None else f"{path.name}:{line_no}"
     return Record(sample_id, text), None

@@ -94,7 +94,7 @@ def load_manifest(fs: pafs.FileSystem, root: str) -> Manifest | None:
         return Manifest.from_json(data.decode("utf-8"))
     except (ValueError, TypeError, KeyError) as e:  # not UTF-8, not JSON, wrong fields
         raise ShardError(f"{path} is not a valid raydistill manifest ({str(e)[:200]}); without "
-                         "it the shards cannot be resumed: delete it and rerun the capture with "
+                         "it the shards cannot be resumed: rerun the capture with "
                          "--fresh (recaptures everything), or use a new output_dir") from None
 
 

@@ -54,7 +54,8 @@ def train(cfg: Config, *, resume: str | None = None) -> str:
         if plan.todo:
             m = plan.manifest
             raise ConfigError(
-                f"the {plan.label} capture in {plan.cfg.output_dir} is incomplete "
+                f"the {'' if plan.label == 'capture' else plan.label + ' '}capture in "
+                f"{plan.cfg.output_dir} is incomplete "
                 f"({len(m.shards)}/{m.total_units} shards); run `raydistill capture CONFIG` first, "
                 "or `raydistill run CONFIG` to capture and train together")
         check_shards(plan, verify_all=True)

@@ -30,8 +30,14 @@ def build_app(models: list[ServedModel], settings: ServeConfig, *, api_key: str 
     """The bound Serve application (one deployment) hosting `models` with `settings`."""
     if not models:
         raise RaydistillError("no models to serve; pass a run directory that holds students")
+    from serve.generate import check_weights
     from serve.openai_api import bind
 
+    for m in models:  # refuse here, before any replica starts, rather than 500 per request
+        try:
+            check_weights(m.path)
+        except ValueError as e:
+            raise RaydistillError(f"cannot serve {m.id}: {e}") from None
     return bind(models, settings, api_key=api_key)
 
 

@@ -79,14 +79,34 @@ def load_student(path: str, *, threads: int | None = None) -> Student:
 
     if threads:
         torch.set_num_threads(threads)
-    if not any(f.endswith(".safetensors") for f in os.listdir(path)):
-        raise ValueError(f"{path} has no .safetensors weights; save the model with "
-                         "save_pretrained(..., safe_serialization=True)")
+    check_weights(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=torch.float32)
     model.eval()
     return Student(model=model, tokenizer=tokenizer, context=_context(model.config),
                    eos_ids=_eos_ids(model, tokenizer), pad_id=_pad_id(tokenizer))
+
+
+PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_weights(path: str) -> None:
+    """ValueError naming the fix unless `path` holds safetensors weights. Pickled checkpoints
+    (pytorch_model.bin, *.pt) are never loaded: unpickling a file can run any code in it."""
+    if not os.path.isdir(path):
+        raise ValueError(f"model directory {path} does not exist")
+    names = sorted(os.listdir(path))
+    if any(f.endswith(".safetensors") for f in names):
+        return
+    pickles = [f for f in names if f.endswith(PICKLE_WEIGHTS)]
+    if pickles:
+        raise ValueError(
+            f"{path} holds only pickled weights ({', '.join(pickles[:3])}), which raydistill "
+            "never loads (unpickling can run arbitrary code); if you trust the file, convert it "
+            "once: AutoModelForCausalLM.from_pretrained(path).save_pretrained(path, "
+            "safe_serialization=True)")
+    raise ValueError(f"{path} has no .safetensors weights; save the model with "
+                     "save_pretrained(..., safe_serialization=True)")
 
 
 def encode_prompt(student: Student, prompt: str) -> list[int]:

@@ -25,6 +25,18 @@ Design:
 - Compute: every decode step and every model load runs on one worker thread per replica, so the
   event loop stays free to accept requests (and fill the next batch) while torch works;
   torch uses int(replica_cpus) threads (at least 1).
+- Admission (serve/admission.py): a replica works on (loads, batches, decodes) at most
+  serve.max_ongoing_requests completions at once and holds at most serve.max_queued_requests more
+  waiting for a slot; a completion beyond that is answered at once with 429, a `Retry-After`
+  header and an OpenAI error body, before its body is parsed or any model is touched. Capacity is
+  therefore replicas × (max_ongoing_requests + max_queued_requests). Ray Serve's own limits are
+  set above ours (`bind`: SERVE_HEADROOM more per replica, a SERVE_QUEUE-deep queue in front) so
+  that overflow meets this cheap 429 and never Serve's 503; Serve's own rejection is set to 429
+  with Retry-After as well, as a last resort (its body is plain text) for floods beyond that.
+- Replica loss: Serve health-checks replicas every HEALTH_CHECK_PERIOD_S and replaces a dead one;
+  requests not yet accepted by the dead replica are routed to a live one, but the requests it was
+  working on are lost: Ray Serve's proxy answers them 500 (or cuts an open stream). See
+  BENCHMARKS.md, "Serving under load (issue 5)".
 """
 
 from __future__ import annotations
@@ -42,23 +54,32 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 from orchestrator.config import ServeConfig
 from orchestrator.winners import ServedModel
 from serve import protocol
+from serve.admission import RETRY_AFTER_S, Admission, Ticket
 from serve.generate import Delta, Sampling, Student, decode_batch, encode_prompt, load_student
 from serve.protocol import ApiError
 
 log = logging.getLogger("ray.serve")
 DEPLOYMENT = "StudentServer"
+SERVE_HEADROOM = 1024
+"""Requests a replica takes from Ray Serve beyond its own admission limit, to answer them 429."""
+SERVE_QUEUE = 4096
+"""Requests Ray Serve's router queues in front of full replicas (its max_queued_requests)."""
+HEALTH_CHECK_PERIOD_S = 2.0
+"""How often Serve checks that a replica lives (its default, 10 s, leaves a dead one longer)."""
 
 api = FastAPI(title="raydistill", docs_url=None, redoc_url=None, openapi_url=None)
 
 
 @api.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    headers = {401: {"WWW-Authenticate": "Bearer"},
+               429: {"Retry-After": str(RETRY_AFTER_S)}}.get(exc.status)
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
@@ -163,6 +184,8 @@ class StudentServer:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raydistill-decode")
         self._batchers: dict[str, object] = {}
         self._stats = _Stats()
+        self._admission = Admission(working=settings.max_ongoing_requests,
+                                     waiting=settings.max_queued_requests)
         self._created = int(time.time())
 
         async def load_student_by_id(model_id: str) -> Student:
@@ -182,7 +205,8 @@ class StudentServer:
     @api.get("/health")
     async def health(self) -> dict:
         return {"status": "ok", "models": list(self._models), "loaded": self._loaded(),
-                "replica": serve.get_replica_context().replica_tag, "stats": self._stats.as_dict()}
+                "replica": serve.get_replica_context().replica_tag, "pid": os.getpid(),
+                "stats": self._stats.as_dict() | self._admission.as_dict()}
 
     @api.get("/v1/models")
     async def list_models(self, request: Request) -> dict:
@@ -195,17 +219,32 @@ class StudentServer:
     @api.post("/v1/completions")
     async def completions(self, request: Request):
         self._authorize(request)
-        req = protocol.parse_completion_request(await request.body())
-        student = await self._find_student(req.model)
+        ticket = self._admission.admit()  # 429 at once when full: nothing parsed, no model work
+        try:
+            response = await self._complete(await request.body(), ticket)
+        except BaseException:
+            ticket.release()
+            raise
+        if not isinstance(response, StreamingResponse):  # a stream releases it when it ends
+            ticket.release()
+        return response
+
+    async def _complete(self, body: bytes, ticket: Ticket):
+        req = protocol.parse_completion_request(body)
+        student = await self._find_student(req.model, ticket)
         jobs = [self._job(req, student, prompt) for prompt in req.prompts()]
         self._stats.requests += 1
         self._stats.prompts += len(jobs)
         cid, created = protocol.new_completion_id(), int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._stream(jobs, req.model, cid, created, include_usage),
+            # The stream's own `finally` releases the ticket; the background task is the backstop
+            # for a stream that never starts (the client left before the headers went out).
+            return StreamingResponse(self._stream(jobs, req.model, cid, created, include_usage,
+                                                  ticket),
                                      media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+                                     headers={"Cache-Control": "no-cache"},
+                                     background=BackgroundTask(ticket.release))
         try:
             results = await asyncio.gather(*(self._collect(job) for job in jobs))
         except Exception as e:  # noqa: BLE001 - any decode failure is the client's 500
@@ -230,11 +269,13 @@ class StudentServer:
                                 f"${self._settings.api_key_env}", code="invalid_api_key",
                            kind="authentication_error")
 
-    async def _find_student(self, model_id: str) -> Student:
+    async def _find_student(self, model_id: str, ticket: Ticket) -> Student:
+        """The loaded student, once the request holds a working slot (loading is model work)."""
         if model_id not in self._models:
             raise ApiError(404, f"model {model_id!r} does not exist; this server hosts "
                                 f"{', '.join(self._models)}", param="model",
                            code="model_not_found")
+        await ticket.slot()
         try:
             return await self._student(model_id)
         except Exception as e:  # noqa: BLE001
@@ -319,7 +360,7 @@ class StudentServer:
         return "".join(parts), last.finish_reason, last.tokens
 
     async def _stream(self, jobs: list[_Job], model: str, cid: str, created: int,
-                      include_usage: bool) -> AsyncIterator[str]:
+                      include_usage: bool, ticket: Ticket) -> AsyncIterator[str]:
         """Server-sent events: one chunk per non-empty delta, then usage (if asked), [DONE]."""
         tokens = 0
         try:
@@ -333,6 +374,8 @@ class StudentServer:
         except Exception as e:  # noqa: BLE001 - headers are sent: report it in the stream
             yield protocol.sse(self._internal(e).body())
             return
+        finally:
+            ticket.release()
         if include_usage:
             yield protocol.chunk(cid, model, [], created=created, usage_=protocol.usage(
                 sum(len(j.prompt_ids) for j in jobs), tokens))
@@ -346,11 +389,19 @@ class StudentServer:
 
 
 def bind(models: list[ServedModel], settings: ServeConfig, *, api_key: str | None = None):
-    """The application: the deployment with the settings' replicas, queues and CPUs."""
+    """The application: the deployment with the settings' replicas and CPUs. Each replica
+    enforces the settings' queue limits itself (serve/admission.py); Ray Serve's own limits stand
+    above them, so that Serve's rejection is not reached first (module docstring, "Admission")."""
+    from ray.serve.config import BackpressureConfig
+
     autoscaling = {"min_replicas": settings.min_replicas, "max_replicas": settings.max_replicas,
                    "target_ongoing_requests": settings.target_ongoing_requests}
+    unbounded = settings.max_queued_requests < 0
+    admitted = settings.max_ongoing_requests + max(0, settings.max_queued_requests)
     return StudentServer.options(
-        autoscaling_config=autoscaling, max_ongoing_requests=settings.max_ongoing_requests,
-        max_queued_requests=settings.max_queued_requests,
+        autoscaling_config=autoscaling, max_ongoing_requests=admitted + SERVE_HEADROOM,
+        max_queued_requests=-1 if unbounded else SERVE_QUEUE,
+        backpressure_config=BackpressureConfig(status_code=429, retry_after_s=RETRY_AFTER_S),
+        health_check_period_s=HEALTH_CHECK_PERIOD_S,
         ray_actor_options={"num_cpus": settings.replica_cpus},
     ).bind(list(models), settings, api_key)

@@ -12,9 +12,17 @@ import time
 import uuid
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 MAX_STOP_STRINGS = 4
+MAX_BODY_BYTES = 4 * 1024 * 1024
+"""Largest request body accepted (413 above it): room for many prompts of serve.max_prompt_tokens,
+while a runaway client cannot make a replica parse and tokenize gigabytes."""
+GREEDY_BELOW = 1e-6
+"""A temperature above 0 but below this decodes greedily: logits / 1e-270 overflow to inf (a NaN
+softmax), and any temperature this small picks the argmax anyway."""
+SEED_RANGE = (-(2**63), 2**64 - 1)
+"""Seeds torch.Generator.manual_seed takes; anything else would fail inside the decode (a 500)."""
 
 
 class ApiError(Exception):
@@ -49,7 +57,7 @@ class CompletionRequest(BaseModel):
     max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -58,6 +66,11 @@ class CompletionRequest(BaseModel):
     logprobs: int | None = None
     best_of: int | None = None
     suffix: str | None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _tiny_is_greedy(cls, t: float) -> float:
+        return 0.0 if t < GREEDY_BELOW else t
 
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
@@ -69,11 +82,17 @@ class CompletionRequest(BaseModel):
 
 
 def parse_completion_request(raw: bytes) -> CompletionRequest:
-    """The validated request, or ApiError(400) naming the field and what it must be."""
+    """The validated request, or ApiError(400) naming the field and what it must be (413 for a
+    body over MAX_BODY_BYTES)."""
+    if len(raw) > MAX_BODY_BYTES:
+        raise ApiError(413, f"the request body is {len(raw)} bytes; the limit is {MAX_BODY_BYTES} "
+                            "bytes: send fewer or shorter prompts per request",
+                       code="request_too_large")
     try:
         data = json.loads(raw) if raw else None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"the request body is not valid JSON ({e}); send a JSON object like "
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, >4300-digit ints, deep nesting
+        why = str(e)[:120] or "nested too deeply"
+        raise ApiError(400, f"the request body is not valid JSON ({why}); send a JSON object like "
                             '{"model": "...", "prompt": "..."}') from None
     if not isinstance(data, dict):
         raise ApiError(400, 'the request body must be a JSON object like {"model": "...", '
@@ -117,6 +136,14 @@ def _check_supported(req: CompletionRequest) -> None:
     if not req.prompts():
         raise ApiError(400, "prompt is an empty list; send a string or a list of strings",
                        param="prompt")
+    for param, texts in (("prompt", req.prompts()), ("stop", req.stops())):
+        for text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ApiError(400, f"{param} holds an unpaired surrogate ({text[e.start]!a} at "
+                                    f"character {e.start + 1}), which is not text; send valid "
+                                    "Unicode", param=param) from None
     stops = req.stops()
     if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
         raise ApiError(400, f"stop takes 1 to {MAX_STOP_STRINGS} non-empty strings, got "

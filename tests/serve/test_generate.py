@@ -104,3 +104,53 @@ def test_load_refuses_weights_that_are_not_safetensors(tmp_path, students):
     (tmp_path / "config.json").write_text(open(f"{src}/config.json").read())
     with pytest.raises(ValueError, match="safetensors"):
         load_student(str(tmp_path))
+
+
+def test_pickled_weights_are_refused_without_unpickling(tmp_path, students, monkeypatch):
+    """A model directory with only pytorch_model.bin (a pickle) is refused, naming the fix, and
+    nothing is unpickled on the way: torch.load and pickle.load fail the test if called."""
+    import pickle
+    import shutil
+
+    from orchestrator.config import ServeConfig
+    from orchestrator.errors import RaydistillError
+    from orchestrator.winners import ServedModel
+    from serve.app import build_app
+
+    src = next(iter(students["paths"].values()))
+    shutil.copytree(src, tmp_path / "m", ignore=shutil.ignore_patterns("*.safetensors"))
+    torch.save({"w": torch.zeros(2)}, tmp_path / "m" / "pytorch_model.bin")
+
+    def unpickle(*args, **kwargs):
+        raise AssertionError("something tried to unpickle a checkpoint")
+
+    monkeypatch.setattr(torch, "load", unpickle)
+    monkeypatch.setattr(pickle, "load", unpickle)
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin.*never loads.*"
+                                         r"safe_serialization=True"):
+        load_student(str(tmp_path / "m"))
+    with pytest.raises(RaydistillError, match=r"cannot serve m: .*pytorch_model\.bin"):
+        build_app([ServedModel(id="m", path=str(tmp_path / "m"))], ServeConfig())
+
+
+def test_every_torch_load_is_weights_only():
+    """Static check over the repository's own sources: each torch.load call passes
+    weights_only=True (no arbitrary unpickling anywhere)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    calls = []
+    for path in root.rglob("*.py"):
+        if any(part.startswith(".") or part in ("build", "dist") for part in
+               path.relative_to(root).parts):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            func = getattr(node, "func", None)
+            if isinstance(node, ast.Call) and isinstance(func, ast.Attribute) and \
+                    func.attr == "load" and getattr(func.value, "id", None) == "torch":
+                safe = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and
+                           k.value.value is True for k in node.keywords)
+                calls.append((f"{path.relative_to(root)}:{node.lineno}", safe))
+    assert calls, "expected at least the train loop's checkpoint load"
+    assert [where for where, safe in calls if not safe] == []

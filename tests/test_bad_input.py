@@ -1,0 +1,636 @@
+"""Bad input, everywhere: every row of docs/bad-input.md run through the real CLI.
+
+Each case runs `orchestrator.cli.main([...])` in-process and checks the exit code, the message's
+key phrase (the problem and the fix), that no traceback is printed, and that nothing already
+written changed: the commands point at a copy of a finished capture (the session's `captured`)
+whose every file is compared byte for byte afterwards. Two subprocess runs show the real
+`raydistill` script prints no traceback without --debug and one with it. A hypothesis fuzz
+feeds the config loader random YAML and random values for the real keys: it returns a Config or
+raises ConfigError naming a field, never anything else. The HTTP rows live in
+tests/serve/test_fuzz_http.py; `test_the_doc_table_names_existing_tests` keeps docs and tests in
+step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from conftest import train_config, write_jsonl
+from orchestrator.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "bad-input.md"
+RAYDISTILL = str(Path(sys.executable).with_name("raydistill"))
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _snapshot(root: Path) -> dict[str, str]:
+    """sha256 of every file under `root` (relative path → digest)."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _copy_capture(captured, dest: Path) -> Path:
+    shutil.copytree(captured["out"], dest, ignore=shutil.ignore_patterns("experiments"))
+    return dest
+
+
+def _good_config(captured, out: Path) -> dict:
+    """The full config (every section) of the session's capture, pointing at `out`."""
+    return dataclasses.asdict(train_config(out, captured["model"], captured["data"]))
+
+
+def _write_config(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def _cli(argv: list[str], capsys) -> tuple[int, str]:
+    """Exit code and stderr+stdout of the CLI run in this process (argparse exits: SystemExit)."""
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    text = out.err + out.out
+    assert "Traceback" not in text, text
+    return code, text
+
+
+def _assert_says(text: str, phrases) -> None:
+    flat = " ".join(text.split())  # rich wraps long lines
+    for phrase in phrases:
+        assert phrase in flat, f"{phrase!r} not in {flat!r}"
+
+
+@pytest.fixture(scope="module")
+def victim(captured, tmp_path_factory):
+    """A copy of the finished capture every failing command points at; must never change."""
+    out = _copy_capture(captured, tmp_path_factory.mktemp("victim") / "out")
+    cfg = _write_config(out.parent / "good.yaml", _good_config(captured, out))
+    return {"out": out, "config": cfg, "before": _snapshot(out)}
+
+
+@pytest.fixture
+def intact(victim):
+    yield victim
+    assert _snapshot(victim["out"]) == victim["before"], "a failing command changed the capture"
+
+
+# --------------------------------------------------------------------------- config files & fields
+
+def _set(dotted: str, value):
+    def mutate(cfg: dict) -> None:
+        section, _, key = dotted.rpartition(".")
+        (cfg[section] if section else cfg)[key] = value
+    return mutate
+
+
+def _set_all(**dotted):
+    def mutate(cfg: dict) -> None:
+        for key, value in dotted.items():
+            _set(key.replace("__", "."), value)(cfg)
+    return mutate
+
+
+def _drop(dotted: str):
+    def mutate(cfg: dict) -> None:
+        section, key = dotted.split(".")
+        del cfg[section][key]
+    return mutate
+
+
+def _rename_section(cfg: dict) -> None:
+    cfg["teachers"] = cfg.pop("teacher")
+
+
+def _typo_field(cfg: dict) -> None:
+    cfg["teacher"]["modle"] = cfg["teacher"].pop("model")
+
+
+def _model_dir(kind: str):
+    """A teacher directory missing something: `none` (no directory), `weights`, `tokenizer`."""
+    def mutate(cfg: dict, tmp_path: Path, teacher: str) -> None:
+        d = tmp_path / f"model-{kind}"
+        if kind != "none":
+            d.mkdir()
+            shutil.copy(Path(teacher) / "config.json", d)
+            if kind == "tokenizer":
+                for f in Path(teacher).glob("*.safetensors"):
+                    shutil.copy(f, d)
+        cfg["teacher"]["model"] = str(d)
+    return mutate
+
+
+CONFIG_CASES = [
+    pytest.param("text", "teacher: {model: [unclosed\n", ["is not valid YAML"], id="yaml-syntax"),
+    pytest.param("text", "- teacher\n- data\n", ["must hold a mapping of sections, got list"],
+                 id="not-a-mapping"),
+    pytest.param("text", "", ["teacher.model is empty; set it to a local model directory"],
+                 id="empty-file"),
+    pytest.param("bytes", b"teacher:\n  model: \xff\xfe\n", ["is not UTF-8 text",
+                                                             "save it as UTF-8"], id="not-utf8"),
+    pytest.param("text", "teacher: {k: " + "9" * 5000 + "}\n", ["is not valid YAML", "4300 digits"],
+                 id="huge-integer"),
+    pytest.param("mutate", _set("teacher", 5), ["teacher must be a mapping of fields, got 5"],
+                 id="section-not-a-mapping"),
+    pytest.param("mutate", _rename_section, ["unknown config key 'teachers'",
+                                             "(did you mean teacher?)"], id="unknown-section"),
+    pytest.param("mutate", _typo_field, ["unknown config key teacher.modle",
+                                         "(did you mean teacher.model?)"], id="unknown-field"),
+    pytest.param("mutate", _set("teacher.k", "many"), ["teacher.k must be an integer, got 'many'"],
+                 id="wrong-type"),
+    pytest.param("mutate", _set("teacher.k", 3.5), ["teacher.k must be an integer, got 3.5"],
+                 id="float-for-integer"),
+    pytest.param("mutate", _set("train.use_gpu", 1), ["train.use_gpu must be true or false, got 1"],
+                 id="number-for-bool"),
+    pytest.param("mutate", _set("teacher.backend", "tgi"),
+                 ["teacher.backend must be one of vllm | hf, got 'tgi'"], id="bad-choice"),
+    pytest.param("mutate", _set("data.path", None),
+                 ["data.path has no value (YAML null); set it to a string"], id="null-value"),
+    pytest.param("mutate", _set("teacher.temperature", float("inf")),
+                 ["teacher.temperature must be a finite number, got inf"], id="not-finite"),
+    pytest.param("mutate", _set("teacher.k", 0), ["teacher.k must be at least 1, got 0"],
+                 id="k-zero"),
+    pytest.param("mutate", _set("teacher.k", 5000),
+                 ["teacher.k must be between 1 and the vocabulary size (1024), got 5000"],
+                 id="k-above-vocab"),
+    pytest.param("mutate", _set("teacher.top_p", 1.5), ["teacher.top_p must be in (0, 1], got 1.5"],
+                 id="top-p-out-of-range"),
+    pytest.param("mutate", _set("teacher.memory_fraction", 1.5),
+                 ["teacher.memory_fraction must be in (0, 1), got 1.5"],
+                 id="memory-fraction-out-of-range"),
+    pytest.param("mutate", _set("train.alpha", 2), ["train.alpha must be in [0, 1]"],
+                 id="alpha-out-of-range"),
+    pytest.param("mutate", _set("student.heads", 3),
+                 ["student.heads (3) must divide student.hidden (128)"], id="heads-do-not-divide"),
+    pytest.param("mutate", _set("serve.port", 70000),
+                 ["serve.port must be between 1 and 65535, got 70000"], id="port-out-of-range"),
+    pytest.param("mutate", _set("data.eval_fraction", 1),
+                 ["data.eval_fraction must be in [0, 1), got 1"], id="eval-fraction-out-of-range"),
+    pytest.param("mutate", _set_all(teacher__mode="sample", teacher__max_new_tokens=500),
+                 ["teacher.max_new_tokens (500) leaves no room for a prompt"],
+                 id="max-new-tokens-beyond-context"),
+    pytest.param("mutate", _drop("teacher.model"),
+                 ["teacher.model is empty; set it to a local model directory"],
+                 id="missing-model-field"),
+    pytest.param("model", _model_dir("none"), ["does not exist; set it to a model directory"],
+                 id="missing-model-dir"),
+    pytest.param("mutate", _set("teacher.model", "someorg/somemodel"),
+                 ["teacher.model someorg/somemodel cannot be loaded", "does not download"],
+                 id="hub-id-not-cached"),
+    pytest.param("model", _model_dir("weights"), ["has a config.json but no weights"],
+                 id="model-without-weights"),
+    pytest.param("model", _model_dir("tokenizer"), ["its tokenizer cannot be loaded"],
+                 id="model-without-tokenizer"),
+]
+
+
+@pytest.mark.parametrize("kind, change, phrases", CONFIG_CASES)
+def test_config_file(kind, change, phrases, intact, captured, tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    if kind == "text":
+        path.write_text(change)
+    elif kind == "bytes":
+        path.write_bytes(change)
+    else:
+        cfg = _good_config(captured, intact["out"])
+        if kind == "model":
+            change(cfg, tmp_path, captured["model"])
+        else:
+            change(cfg)
+        _write_config(path, cfg)
+    code, text = _cli(["capture", str(path)], capsys)
+    assert code == 2
+    _assert_says(text, phrases)
+
+
+# --------------------------------------------------------------------------- dataset lines & files
+
+GOOD = json.dumps({"text": "x = 1"})
+
+DATA_CASES = [
+    pytest.param("missing", None, {}, ["does not exist; point it at a JSONL file"],
+                 id="missing-file"),
+    pytest.param("dir", None, {}, ["is a directory without *.jsonl files"],
+                 id="directory-without-jsonl"),
+    pytest.param("bytes", b"", {}, ["holds no usable records"], id="empty-file"),
+    pytest.param("bytes", b"\n  \n\n", {}, ["holds no usable records"], id="blank-lines-only"),
+    pytest.param("lines", [GOOD, '{"text": "oops'], {},
+                 ["d.jsonl:2: malformed JSON", "or set data.on_bad_line=skip"],
+                 id="malformed-json"),
+    pytest.param("lines", ["[1, 2]"], {}, ["d.jsonl:1: expected a JSON object, got list"],
+                 id="not-an-object"),
+    pytest.param("lines", [GOOD, '{"txt": "x"}'], {}, ["d.jsonl:2: missing string field 'text'"],
+                 id="missing-text-field"),
+    pytest.param("lines", ['{"text": 5}'], {},
+                 ["d.jsonl:1: field 'text' must be a string, got int"],
+                 id="non-string-text"),
+    pytest.param("lines", ['{"text": ""}'], {}, ["d.jsonl:1: empty 'text'"], id="empty-text"),
+    pytest.param("bytes", (GOOD + "\n").encode() * 200 + b'{"text": "caf\xe9"}\n' + b"x\n",
+                 {}, ["d.jsonl:201: not UTF-8 text (byte 14 of the line", "save the file as UTF-8"],
+                 id="invalid-utf8"),
+    pytest.param("lines", ['{"text": "a\\ud800b"}'], {},
+                 ["d.jsonl:1: 'text' holds an unpaired surrogate escape ('\\ud800' at "
+                  "character 2)"],
+                 id="surrogate-escape"),
+    pytest.param("lines", ['{"id": 1, "text": "a"}', '{"id": 1, "text": "b"}'], {},
+                 ["d.jsonl:2: id '1' was already used at", "sample ids must be unique"],
+                 id="duplicate-id"),
+    pytest.param("lines", ["not json", '{"text": 5}'], {"on_bad_line": "skip"},
+                 ["holds no usable records (2 bad lines skipped)"], id="all-lines-bad-skipped"),
+]
+
+
+@pytest.mark.parametrize("kind, content, data_sets, phrases", DATA_CASES)
+def test_dataset(kind, content, data_sets, phrases, intact, captured, tmp_path, capsys):
+    path = tmp_path / "d.jsonl"
+    if kind == "dir":
+        path = tmp_path / "data"
+        path.mkdir()
+        (path / "notes.txt").write_text("not a dataset")
+        (path / "sub.jsonl").mkdir()  # a directory named like a dataset file is not one
+    elif kind == "bytes":
+        path.write_bytes(content)
+    elif kind == "lines":
+        write_jsonl(path, content)
+    cfg = _good_config(captured, intact["out"])
+    cfg["data"] |= {"path": str(path), **data_sets}
+    code, text = _cli(["capture", str(_write_config(tmp_path / "c.yaml", cfg))], capsys)
+    assert code == 2
+    _assert_says(text, phrases)
+
+
+def test_skipped_lines_are_counted_and_the_rest_captured(tiny_teacher, ray_session, tmp_path,
+                                                         capsys):
+    """on_bad_line=skip: bad lines (not UTF-8, malformed, non-string text) are named and counted;
+    every good line is captured, including the ones next to a line that is not UTF-8 and a
+    first line with a UTF-8 byte-order mark."""
+    from orchestrator.shards import read_shards
+
+    lines = [b"\xef\xbb\xbf" + json.dumps({"text": "def a(): pass"}).encode(),
+             json.dumps({"text": "x = 1"}).encode(), b'{"text": "caf\xe9"}',
+             json.dumps({"text": "y = 2"}).encode(), b'{"text": "oops',
+             json.dumps({"text": 7}).encode(), json.dumps({"text": "z = 3"}).encode()]
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(b"\n".join(lines) + b"\n")
+    cfg = dataclasses.asdict(train_config(tmp_path / "out", tiny_teacher, str(data),
+                                          **{"train.baselines": "[]", "data.eval_fraction": 0}))
+    cfg["data"]["on_bad_line"] = "skip"
+    code, text = _cli(["capture", str(_write_config(tmp_path / "c.yaml", cfg))], capsys)
+    assert code == 0, text
+    _assert_says(text, ["3 bad lines skipped", "d.jsonl:3: not UTF-8 text", "d.jsonl:5: malformed"])
+    got = sorted(s["sample_id"] for s in read_shards(str(tmp_path / "out")))
+    assert got == ["d.jsonl:1", "d.jsonl:2", "d.jsonl:4", "d.jsonl:7"]
+
+
+# --------------------------------------------------------------------------- shard files & manifest
+
+def _rewrite_shard(out: Path, name: str, **meta_changes) -> None:
+    """Rewrite one shard with changed schema metadata, and record its new checksum (as a capture
+    of another teacher or format would have it)."""
+    from orchestrator.shards import META_KEY
+
+    path = out / "shards" / name
+    table = pq.read_table(path)
+    meta = json.loads(table.schema.metadata[META_KEY]) | meta_changes
+    table = table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
+    pq.write_table(table, path, compression="zstd")
+    manifest = json.loads((out / "manifest.json").read_text())
+    for s in manifest["shards"]:
+        if s["file"] == name:
+            s["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+            s["bytes"] = path.stat().st_size
+    (out / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _truncate(out: Path) -> None:
+    p = out / "shards" / "shard-000002.parquet"
+    p.write_bytes(p.read_bytes()[:100])
+
+
+def _flip(out: Path) -> None:
+    p = out / "shards" / "shard-000002.parquet"
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    p.write_bytes(bytes(data))
+
+
+def _manifest(content: bytes):
+    return lambda out: (out / "manifest.json").write_bytes(content)
+
+
+def _newer_format(out: Path) -> None:
+    m = json.loads((out / "manifest.json").read_text())
+    m["format_version"], m["fingerprint"] = 3, "0123456789abcdef"  # a newer raydistill's capture
+    (out / "manifest.json").write_text(json.dumps(m))
+
+
+SHARD_CASES = [
+    pytest.param(_truncate, "train", [], ["shard-000002.parquet does not match its checksum",
+                                          "raydistill capture CONFIG --repair"],
+                 id="truncated-shard"),
+    pytest.param(_flip, "train", [], ["shard-000002.parquet does not match its checksum",
+                                      "raydistill capture CONFIG --repair"], id="flipped-byte"),
+    pytest.param(_manifest(b"{not json"), "train", [],
+                 ["manifest.json is not a valid raydistill manifest",
+                  "rerun the capture with --fresh"], id="manifest-not-json"),
+    pytest.param(_manifest(b"\xff\xfe{}"), "train", [],
+                 ["manifest.json is not a valid raydistill manifest"], id="manifest-not-utf8"),
+    pytest.param(_manifest(b"[1, 2]"), "capture", [],
+                 ["manifest.json is not a valid raydistill manifest (expected a JSON object"],
+                 id="manifest-not-an-object"),
+    pytest.param(_manifest(b'{"fingerprint": "x"}'), "capture", [],
+                 ["manifest.json is not a valid raydistill manifest"],
+                 id="manifest-missing-fields"),
+    pytest.param(_newer_format, "capture", [],
+                 ["holds another capture (fingerprint 0123456789abcdef",
+                  "Use a new output_dir, or rerun with --fresh"], id="manifest-newer-format"),
+    pytest.param(lambda out: (out / "manifest.json").unlink(), "capture", [],
+                 ["has a shards/ folder but no manifest.json", "rerun with --fresh"],
+                 id="shards-without-manifest"),
+    pytest.param(lambda out: None, "capture", ["--set", "teacher.k=4"],
+                 ["holds another capture", "rerun with --fresh to delete that capture"],
+                 id="another-capture"),
+    pytest.param(lambda out: _rewrite_shard(out, "shard-000000.parquet",
+                                            tokenizer_fingerprint="feedfacefeedface"),
+                 "train", [], ["was captured with another tokenizer ('feedfacefeedface')",
+                               "recapture with --fresh"], id="another-tokenizer"),
+    pytest.param(lambda out: _rewrite_shard(out, "shard-000000.parquet", format_version=3),
+                 "inspect", [], ["has shard format 3", "this raydistill reads format 2"],
+                 id="other-shard-format"),
+    pytest.param(lambda out: (out / "shards" / "shard-000000.parquet").write_bytes(b"PAR1oops"),
+                 "inspect", [], ["shard-000000.parquet is not a readable Parquet file"],
+                 id="first-shard-not-parquet"),
+]
+
+
+@pytest.mark.parametrize("damage, command, extra, phrases", SHARD_CASES)
+def test_shards(damage, command, extra, phrases, captured, tmp_path, capsys):
+    out = _copy_capture(captured, tmp_path / "out")
+    cfg = _write_config(tmp_path / "c.yaml", _good_config(captured, out))
+    damage(out)
+    before = _snapshot(out)
+    argv = [command, str(out)] if command == "inspect" else [command, str(cfg), *extra]
+    code, text = _cli(argv, capsys)
+    assert code == 2
+    _assert_says(text, phrases)
+    assert _snapshot(out) == before  # refused: nothing deleted, nothing rewritten
+    assert not (out / "experiments").exists()
+
+
+def test_shard_listed_but_missing(captured, tmp_path, capsys):
+    """The missing shard is dropped from the manifest (to be recaptured); train refuses the now
+    incomplete capture; every other shard stays as it was."""
+    out = _copy_capture(captured, tmp_path / "out")
+    cfg = _write_config(tmp_path / "c.yaml", _good_config(captured, out))
+    (out / "shards" / "shard-000001.parquet").unlink()
+    before = _snapshot(out)
+    code, text = _cli(["train", str(cfg)], capsys)
+    assert code == 2
+    _assert_says(text, ["1 listed shards were missing", "is incomplete",
+                        "run `raydistill capture CONFIG` first"])
+    after = _snapshot(out)
+    assert {k: v for k, v in after.items() if k != "manifest.json"} == \
+        {k: v for k, v in before.items() if k != "manifest.json"}
+    listed = [s["file"] for s in json.loads((out / "manifest.json").read_text())["shards"]]
+    assert "shard-000001.parquet" not in listed and "shard-000002.parquet" in listed
+
+
+def test_leftover_tmp_files_are_removed_on_resume(captured, tmp_path, capsys):
+    out = _copy_capture(captured, tmp_path / "out")
+    cfg = _write_config(tmp_path / "c.yaml", _good_config(captured, out))
+    before = _snapshot(out)
+    (out / "shards" / "shard-000000.parquet.123-abcd.tmp").write_bytes(b"half-written")
+    code, text = _cli(["capture", str(cfg)], capsys)
+    assert code == 0, text
+    _assert_says(text, ["capture: complete"])
+    assert _snapshot(out) == before  # the .tmp is gone; every shard and the manifest unchanged
+
+
+# --------------------------------------------------------------------------- CLI arguments
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+CLI_CASES = [
+    pytest.param(["frobnicate"], ["invalid choice: 'frobnicate'"], id="unknown-verb"),
+    pytest.param(["capture"], ["the following arguments are required: config"],
+                 id="missing-config-argument"),
+    pytest.param(["capture", "{tmp}/none.yaml"],
+                 ["none.yaml does not exist; pass the path of a YAML run config"],
+                 id="nonexistent-config"),
+    pytest.param(["capture", "{tmp}"], ["is a directory; pass the path of a YAML run config"],
+                 id="config-is-a-directory"),
+    pytest.param(["capture", "{good}", "--set", "teacher.k"],
+                 ["--set 'teacher.k' must look like key=value, e.g. --set teacher.k=32"],
+                 id="set-without-equals"),
+    pytest.param(["capture", "{good}", "--set", "teacher.kk=1"],
+                 ["unknown config key teacher.kk", "(did you mean teacher.k?)"],
+                 id="set-unknown-key"),
+    pytest.param(["capture", "{good}", "--set", "teacher.k=abc"],
+                 ["teacher.k must be an integer, got 'abc'"], id="set-bad-value"),
+    pytest.param(["capture", "{good}", "--set", "teacher.k.x=1"],
+                 ["--set teacher.k.x: k is not a section"], id="set-into-a-field"),
+    pytest.param(["train", "{good}", "--resume", "nope"],
+                 ["--resume nope: no experiment of that name", "omit --resume"],
+                 id="train-resume-unknown"),
+    pytest.param(["tune", "{good}", "--resume", "nope"],
+                 ["--resume nope: no sweep of that name", "omit --resume"],
+                 id="tune-resume-unknown"),
+    pytest.param(["tune", "{good}", "--space", "nope"],
+                 ["neither a space in tune_spaces/"], id="tune-unknown-space"),
+    pytest.param(["serve", "{tmp}"], ["holds no finished students", "run `raydistill tune`"],
+                 id="serve-no-students"),
+    pytest.param(["serve", "{tmp}/nowhere"], ["nowhere is not a directory"],
+                 id="serve-missing-dir"),
+    pytest.param(["serve", "{tmp}", "--top", "0"], ["argument --top: must be at least 1, got 0"],
+                 id="serve-top-zero"),
+    pytest.param(["serve", "{tmp}", "--set", "teacher.k=3"],
+                 ["serving takes only serve.* settings"], id="serve-non-serve-setting"),
+    pytest.param(["serve", "{tmp}", "--set", "serve.port=0"],
+                 ["serve.port must be between 1 and 65535, got 0"], id="serve-bad-port"),
+    pytest.param(["query", "hi", "--url", "http://127.0.0.1:{port}"],
+                 ["no server at http://127.0.0.1:", "start one with `raydistill serve RUN_DIR`"],
+                 id="query-no-server"),
+    pytest.param(["query", "hi", "--max-tokens", "-3"],
+                 ["argument --max-tokens: must be at least 1, got -3"], id="query-bad-max-tokens"),
+    pytest.param(["jobs", "logs"], ["`raydistill jobs logs` needs a job id"],
+                 id="jobs-logs-without-id"),
+    pytest.param(["capture", "{good}", "--", "run"],
+                 ["only `raydistill submit` takes a command after --"], id="command-after-dashes"),
+    pytest.param(["submit", "{good}", "--", "frobnicate"],
+                 ["`raydistill submit ... -- frobnicate` is not a job command"],
+                 id="submit-unknown-job-command"),
+]
+
+
+@pytest.mark.parametrize("argv, phrases", CLI_CASES)
+def test_cli_arguments(argv, phrases, intact, tmp_path, capsys):
+    fill = {"tmp": str(tmp_path), "good": str(intact["config"]), "port": str(_free_port())}
+    code, text = _cli([a.format(**fill) for a in argv], capsys)
+    assert code == 2
+    _assert_says(text, phrases)
+
+
+def test_set_into_an_empty_yaml_section(captured, intact, tmp_path, capsys):
+    """`teacher:` with nothing under it (YAML null) is an empty section `--set` can fill."""
+    cfg = _good_config(captured, intact["out"])
+    teacher = cfg.pop("teacher")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False) + "teacher:\n")
+    sets = [x for k in ("model", "backend", "k", "num_cpus", "max_new_tokens")
+            for x in ("--set", f"teacher.{k}={teacher[k]}")]
+    code, text = _cli(["capture", str(path), *sets], capsys)
+    assert code == 0, text
+    _assert_says(text, ["capture: complete"])
+
+
+@pytest.mark.parametrize("debug", [False, True], ids=["no-traceback", "debug-traceback"])
+def test_the_real_script_prints_a_traceback_only_with_debug(debug, tmp_path):
+    argv = [RAYDISTILL, *(["--debug"] if debug else []), "serve", str(tmp_path / "nowhere")]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == (1 if debug else 2)
+    if debug:
+        assert "Traceback" in done.stderr and "RaydistillError: " in done.stderr
+    else:
+        assert done.stderr.strip().splitlines() == [
+            f"raydistill: error: {tmp_path / 'nowhere'} is not a directory; pass a sweep directory "
+            "(output_dir/sweeps/<name>), an experiment directory, a model directory or an "
+            "output_dir"]
+        assert done.stdout == ""
+
+
+# --------------------------------------------------------------------------- config fuzz
+
+def _fuzz_strategies():
+    from hypothesis import strategies as st
+
+    from orchestrator.config import _SECTIONS
+
+    fields = {name: sorted(f.name for f in dataclasses.fields(cls))
+              for name, cls in _SECTIONS.items()}
+    scalars = st.one_of(
+        st.none(), st.booleans(), st.integers(-3, 70000), st.integers(), st.floats(),
+        st.text(max_size=12), st.sampled_from(["score", "sample", "hf", "vllm", "nano", "fkl",
+                                               "skip", "stop", "[hard]", "1e3", "~/x", ""]),
+        st.dates())
+    values = st.recursive(scalars, lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)),
+        max_leaves=6)
+    section = st.sampled_from(sorted(fields)).flatmap(lambda name: st.tuples(
+        st.just(name), st.dictionaries(st.sampled_from(fields[name]) | st.text(max_size=8),
+                                       values, max_size=5)))
+    configs = st.lists(section, max_size=4).map(dict).flatmap(lambda d: st.fixed_dictionaries(
+        {}, optional={"output_dir": values, "extra": values}).map(lambda top: d | top))
+    keys = [f"{s}.{f}" for s, names in fields.items() for f in names] + ["output_dir"]
+    overrides = st.lists(st.tuples(st.sampled_from(keys) | st.text(max_size=10),
+                                   st.text(max_size=12)).map(lambda kv: f"{kv[0]}={kv[1]}")
+                         | st.text(max_size=12), max_size=3)
+    return st, configs, overrides, keys
+
+
+def _named_a_field(message: str, keys: list[str]) -> bool:
+    from orchestrator.config import _SECTIONS
+
+    words = (*keys, *_SECTIONS, "config key", "config file", "--set", "student")
+    return any(w in message for w in words)
+
+
+def test_fuzz_config_loader_raises_only_config_errors(tmp_path):
+    """Random nested mappings over the real keys with random-typed values, random `--set`
+    overrides, and mangled YAML text: load_config returns a Config or raises a ConfigError that
+    names a field (or the file) — never another exception."""
+    from hypothesis import HealthCheck, example, given, settings
+
+    from orchestrator.config import Config, load_config
+    from orchestrator.errors import ConfigError
+
+    st, configs, overrides, keys = _fuzz_strategies()
+    base = ["teacher.model=/m", "data.path=/d.jsonl", "output_dir=/o"]
+    path = tmp_path / "fuzz.yaml"
+
+    def check(text: str | bytes, sets: list[str]) -> None:
+        path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass"))
+        for argv in (sets, base + sets):
+            try:
+                assert isinstance(load_config(path, argv), Config)
+            except ConfigError as e:
+                assert _named_a_field(str(e), keys), str(e)
+
+    @settings(max_examples=100, derandomize=True, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(cfg=configs, sets=overrides, cut=st.integers(0, 400), junk=st.text(max_size=3))
+    @example(cfg={"teacher": {"k": 10**400}}, sets=[], cut=0, junk="")
+    @example(cfg={"teacher": None}, sets=["teacher.k=5", "data.path=" + "9" * 5000], cut=0,
+             junk="")
+    def fuzz(cfg, sets, cut, junk):
+        text = yaml.safe_dump(cfg, allow_unicode=True)
+        check(text, sets)
+        if cut:  # the same YAML, mangled: a cut, a stray character, a deep nest
+            check(text[:cut] + junk + text[cut:], sets)
+
+    fuzz()
+    for text in ("[" * 5000, "&a [*a]", "teacher: &a {k: *a}", "? [1, 2]\n: 3", "\ud800: 1"):
+        check(text, [])
+
+
+# --------------------------------------------------------------------------- the doc table
+
+def _case_ids(module) -> set[str]:
+    """`test_name[id]` for each parametrized case of a test module, `test_name` for the rest."""
+    names = set()
+    for name, fn in vars(module).items():
+        if not name.startswith("test_") or not callable(fn):
+            continue
+        marks = [m for m in getattr(fn, "pytestmark", []) if m.name == "parametrize"]
+        if not marks:
+            names.add(name)
+        for mark in marks:
+            for i, p in enumerate(mark.args[1]):
+                ident = getattr(p, "id", None) or (mark.kwargs.get("ids") or [])[i]
+                names.add(f"{name}[{ident}]")
+    return names
+
+
+def _load(path: Path):
+    spec = importlib.util.spec_from_file_location(f"_doc_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_doc_table_names_existing_tests():
+    """Every row of docs/bad-input.md names a test case that exists, and every table-driven case
+    has its row: the table and the tests cannot drift apart."""
+    here = sys.modules[__name__]
+    http = _load(ROOT / "tests" / "serve" / "test_fuzz_http.py")
+    known = {f"test_bad_input.py::{n}" for n in _case_ids(here)}
+    known |= {f"serve/test_fuzz_http.py::{n}" for n in _case_ids(http)}
+    rows = [line for line in DOC.read_text().splitlines()
+            if line.startswith("|") and not re.match(r"\|\s*-", line)]
+    cited = []
+    for row in rows:
+        cited += re.findall(r"`((?:serve/)?test_[a-z_]+\.py::[^`]+)`", row.split("|")[-2])
+    assert len(cited) >= 60
+    assert not set(cited) - known, f"rows naming no test: {sorted(set(cited) - known)}"
+    row_driven = {k for k in known if "[" in k and not k.split("::")[1].startswith(
+        ("test_the_real_script", "test_fuzz"))}
+    assert not row_driven - set(cited), f"cases without a row: {sorted(row_driven - set(cited))}"
