@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import uuid
 
 import pytest
@@ -148,3 +149,19 @@ def students(tmp_path_factory):
                   metric="eval_kl", mode="min")
     return {"sweep": str(sweep), "paths": paths}
 
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (for a test's own server)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_settings(**overrides):
+    """ServeConfig for tests: a free port, half a CPU per replica, small limits."""
+    from orchestrator.config import ServeConfig
+
+    base = {"port": free_port(), "replica_cpus": 0.5, "max_batch_size": 8,
+            "batch_wait_timeout_s": 0.05, "max_tokens": 200, "max_prompt_tokens": 100}
+    return ServeConfig(**(base | overrides))

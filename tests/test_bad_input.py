@@ -19,7 +19,6 @@ import importlib.util
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import train_config, write_jsonl
+from tests.conftest import free_port, train_config, write_jsonl
 from orchestrator.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -424,12 +423,6 @@ def test_leftover_tmp_files_are_removed_on_resume(captured, tmp_path, capsys):
 
 # --------------------------------------------------------------------------- CLI arguments
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 CLI_CASES = [
     pytest.param(["frobnicate"], ["invalid choice: 'frobnicate'"], id="unknown-verb"),
     pytest.param(["capture"], ["the following arguments are required: config"],
@@ -484,7 +477,7 @@ CLI_CASES = [
 
 @pytest.mark.parametrize("argv, phrases", CLI_CASES)
 def test_cli_arguments(argv, phrases, intact, tmp_path, capsys):
-    fill = {"tmp": str(tmp_path), "good": str(intact["config"]), "port": str(_free_port())}
+    fill = {"tmp": str(tmp_path), "good": str(intact["config"]), "port": str(free_port())}
     code, text = _cli([a.format(**fill) for a in argv], capsys)
     assert code == 2
     _assert_says(text, phrases)

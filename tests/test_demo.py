@@ -47,6 +47,7 @@ def test_demo_builds_teacher_captures_trains_and_reports(tmp_path, ray_session, 
     assert f"prompt ({winner})" in err and "serving" in err
     assert len(captured.out.strip()) > 0  # the streamed completion
     # a second run reuses the cached teacher and the finished captures
-    assert main(["demo", "--home", str(home), *TINY, *ONE_TRIAL]) == 0
+    assert main(["demo", "--home", str(home), *TINY, *ONE_TRIAL,
+                 "--set", "train.baselines=[]"]) == 0  # (no baselines: only a shorter test)
     err = capsys.readouterr().err
     assert "using the cached demo teacher" in err and "capture: complete" in err

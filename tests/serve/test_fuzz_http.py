@@ -10,13 +10,13 @@ One keyed application (API key `sekrit`) serves the whole module; server limits 
 from __future__ import annotations
 
 import json
-import socket
 
 import httpx
 import pytest
 
 from orchestrator.config import ServeConfig
 from orchestrator.winners import find_models
+from tests.conftest import free_port
 
 A, B = "t0001-1x128", "t0002-1x128"
 KEY = "sekrit"
@@ -24,17 +24,11 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 SHAPE = {"message", "type", "param", "code"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(students, ray_session):
     from serve import app
 
-    settings = ServeConfig(port=_free_port(), replica_cpus=0.5, max_batch_size=8,
+    settings = ServeConfig(port=free_port(), replica_cpus=0.5, max_batch_size=8,
                            batch_wait_timeout_s=0.01, max_tokens=16, max_prompt_tokens=100)
     url = app.start(find_models(students["sweep"]), settings, api_key=KEY)
     yield url

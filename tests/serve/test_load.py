@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import threading
 import time
 
@@ -21,22 +20,14 @@ from orchestrator.config import ServeConfig
 from orchestrator.winners import find_models
 from serve.admission import Admission
 from serve.protocol import ApiError
+from tests.conftest import free_port, serve_settings
 
 A = "t0001-1x128"
 PROMPTS = ["def f(", "import os", "class A:", "x = "]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _settings(**overrides) -> ServeConfig:
-    base = {"port": _free_port(), "replica_cpus": 0.5, "max_batch_size": 8,
-            "batch_wait_timeout_s": 0.02, "max_tokens": 64, "max_prompt_tokens": 100}
-    base.update(overrides)
-    return ServeConfig(**base)
+def _settings_load(**overrides):
+    return serve_settings(**({"batch_wait_timeout_s": 0.02, "max_tokens": 64} | overrides))
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +35,7 @@ def proxy(ray_session):
     """Serve's HTTP proxy on a free port; stopped by its own handle (serve.shutdown)."""
     from ray import serve
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -114,7 +105,7 @@ def test_burst_beyond_capacity_is_429_never_5xx(proxy, students, reference):
     """170 requests at once against capacity 1 working + 3 waiting: each is 200 or 429, the 200s
     are the right completions (a quarter streamed), the 429s carry Retry-After and OpenAI's
     error body, and the server answers normally afterwards."""
-    settings = _settings(max_ongoing_requests=1, max_queued_requests=3, max_batch_size=4)
+    settings = _settings_load(max_ongoing_requests=1, max_queued_requests=3, max_batch_size=4)
     with _deployed(proxy, students, "burst", settings) as url:
         assert _complete(url).status_code == 200  # the student is loaded
         results = asyncio.run(_burst(url, 170))
@@ -170,7 +161,7 @@ def test_killed_replica_is_replaced_and_traffic_continues(proxy, students, refer
     succeeds."""
     from ray import serve
 
-    settings = _settings(min_replicas=2, max_replicas=2)
+    settings = _settings_load(min_replicas=2, max_replicas=2)
     with _deployed(proxy, students, "kill", settings) as url:
         pids = _replica_pids(url, 2)
         load = _Traffic(url, workers=4)
@@ -256,7 +247,7 @@ def _running(serve, app: str) -> int:
 
 
 def test_wrong_or_missing_key_is_401_and_never_reaches_the_model(proxy, students):
-    with _deployed(proxy, students, "keyed", _settings(), api_key="sekrit") as url:
+    with _deployed(proxy, students, "keyed", _settings_load(), api_key="sekrit") as url:
         body = {"model": A, "prompt": "def f(", "max_tokens": 4}
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekrit"},
                         {"Authorization": "Basic sekrit"}, {"Authorization": "Bearer sekrit2"}):

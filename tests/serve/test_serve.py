@@ -19,22 +19,10 @@ import torch
 from orchestrator.config import ServeConfig
 from orchestrator.errors import RaydistillError
 from orchestrator.winners import find_models
+from tests.conftest import free_port, serve_settings
 
 RAYDISTILL = str(Path(sys.executable).with_name("raydistill"))
 A, B = "t0001-1x128", "t0002-1x128"
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _settings(**overrides) -> ServeConfig:
-    base = {"port": _free_port(), "replica_cpus": 0.5, "max_batch_size": 8,
-            "batch_wait_timeout_s": 0.05, "max_tokens": 200, "max_prompt_tokens": 100}
-    base.update(overrides)
-    return ServeConfig(**base)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +31,7 @@ def server(students, ray_session):
     from serve import app
 
     models = find_models(students["sweep"])
-    url = app.start(models, _settings())
+    url = app.start(models, serve_settings())
     yield url
     app.stop()
 
@@ -163,7 +151,7 @@ def test_api_key(students, server):
     from serve.app import build_app
 
     models = find_models(students["sweep"], top=1)
-    serve.run(build_app(models, _settings(), api_key="sekrit"), name="keyed",
+    serve.run(build_app(models, serve_settings(), api_key="sekrit"), name="keyed",
               route_prefix="/keyed", blocking=False)
     try:
         url = f"{server}/keyed"
@@ -214,7 +202,7 @@ def test_query_command(server, local):
 
 
 def test_query_command_without_a_server():
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     done = subprocess.run([RAYDISTILL, "query", "x", "--url", url], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 2
@@ -235,7 +223,7 @@ def test_busy_port_is_a_clear_error(students):
 @pytest.mark.slow
 def test_serve_command_runs_until_interrupted(students, local):
     """`raydistill serve SWEEP` with its own local Ray: answers, then exits 0 on SIGINT."""
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen([RAYDISTILL, "serve", students["sweep"], "--top", "1",
                              "--set", f"serve.port={port}", "--set", "serve.replica_cpus=0.5"],
