@@ -49,6 +49,7 @@ def capture(cfg: Config, *, fresh: bool = False, repair: bool = False) -> Manife
 
 def train(cfg: Config, *, resume: str | None = None) -> str:
     """Train the KD student and the baselines on complete captures; returns the report's path."""
+    experiment = _experiment(cfg, resume)  # a bad --resume is refused before any other work
     plans = plan_captures(cfg)
     for plan in plans:
         if plan.todo:
@@ -62,7 +63,6 @@ def train(cfg: Config, *, resume: str | None = None) -> str:
     started_ray = _init_ray()
     try:
         check_resources(cfg, teachers=False)
-        experiment = _experiment(cfg, resume)
         with _interruptible(experiment):
             results = _train_students(cfg, plans, experiment, board=None, streaming=False,
                                       only=("kd", *cfg.train.baselines))
@@ -77,6 +77,7 @@ def run(cfg: Config, *, fresh: bool = False, resume: str | None = None) -> str:
 
     from orchestrator.board import ShardBoard
 
+    experiment = _experiment(cfg, resume)
     plans = plan_captures(cfg, fresh=fresh)
     main, held = plans[0], [p for p in plans if p.label == "held-out"]
     later = [p for p in plans[1:] if p.label != "held-out"]
@@ -86,7 +87,6 @@ def run(cfg: Config, *, fresh: bool = False, resume: str | None = None) -> str:
     started_ray = _init_ray()
     try:
         check_resources(cfg, teachers=bool(main.todo))
-        experiment = _experiment(cfg, resume)
         max_ahead = max(cfg.train.max_shards_ahead, 2 * max(1, cfg.train.num_workers))
         board = ray.remote(ShardBoard).options(num_cpus=0).remote(max_ahead=max_ahead)
         board.publish.remote(len(main.manifest.shards))
