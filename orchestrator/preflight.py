@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from orchestrator.errors import ConfigError, ShardError
 from orchestrator.manifest import SHARDS_DIR
 from orchestrator.progress import say
-from orchestrator.shards import read_bytes, shard_metadata
+from orchestrator.shards import load_shard, read_bytes, shard_metadata
 from orchestrator.teacher_info import inspect_teacher
 
 if TYPE_CHECKING:
@@ -34,17 +34,13 @@ def check_shards(plan: CapturePlan, *, verify_all: bool) -> None:
             except (FileNotFoundError, OSError):
                 raise ShardError(f"shard {path} is listed in the manifest but missing; recapture "
                                  "it with `raydistill capture CONFIG --repair`") from None
-            if _h.sha256(data).hexdigest() != shard.sha256:
+            if n == 0:  # checksum, Parquet, shard format version, then origin
+                meta = shard_metadata(load_shard(data, name=path, sha256=shard.sha256))
+                check_shard_origin(meta, expect, name=path)
+            elif _h.sha256(data).hexdigest() != shard.sha256:
                 raise ShardError(f"shard {path} does not match its checksum in manifest.json "
                                  "(truncated or corrupt); recapture it with `raydistill capture "
                                  "CONFIG --repair`")
-            if n == 0:
-                import io
-
-                import pyarrow.parquet as pq
-
-                meta = shard_metadata(pq.read_schema(io.BytesIO(data)))
-                check_shard_origin(meta, expect, name=path)
         if not verify_all:
             break
 
