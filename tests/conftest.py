@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 import uuid
 
 import pytest
@@ -165,3 +166,20 @@ def serve_settings(**overrides):
     base = {"port": free_port(), "replica_cpus": 0.5, "max_batch_size": 8,
             "batch_wait_timeout_s": 0.05, "max_tokens": 200, "max_prompt_tokens": 100}
     return ServeConfig(**(base | overrides))
+
+
+def server_up(url: str) -> bool:
+    """The server at `url` answers /health with 200 (Serve answers 404 while it starts)."""
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def wait_until(ready, *, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.25)

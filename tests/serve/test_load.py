@@ -20,7 +20,7 @@ from orchestrator.config import ServeConfig
 from orchestrator.winners import find_models
 from serve.admission import Admission
 from serve.protocol import ApiError
-from tests.conftest import free_port, serve_settings
+from tests.conftest import free_port, serve_settings, server_up, wait_until
 
 A = "t0001-1x128"
 PROMPTS = ["def f(", "import os", "class A:", "x = "]
@@ -64,7 +64,7 @@ def _deployed(proxy: str, students, name: str, settings: ServeConfig, *,
               blocking=False)
     url = f"{proxy}/{name}"
     try:
-        _wait(lambda: _up(url), timeout_s=120)
+        wait_until(lambda: server_up(url), timeout_s=120)
         yield url
     finally:
         serve.delete(name)
@@ -167,17 +167,17 @@ def test_killed_replica_is_replaced_and_traffic_continues(proxy, students, refer
         load = _Traffic(url, workers=4)
         load.start()
         try:
-            _wait(lambda: load.count(200) >= 8, timeout_s=60)
+            wait_until(lambda: load.count(200) >= 8, timeout_s=60)
             victim = sorted(pids)[0]
             with open(f"/proc/{victim}/cmdline", "rb") as fh:  # a Ray worker, not something else
                 assert fh.read().startswith(b"ray::"), "the reported pid is not a Ray worker"
             killed_at = time.monotonic()
             os.kill(victim, signal.SIGKILL)
-            _wait(lambda: _running(serve, "kill") == 2 and (_replica_pids(url, 2) - pids),
+            wait_until(lambda: _running(serve, "kill") == 2 and (_replica_pids(url, 2) - pids),
                   timeout_s=90)
             replaced_s = time.monotonic() - killed_at
             done_at = load.count()
-            _wait(lambda: load.count(200, since=done_at) >= 8, timeout_s=60)
+            wait_until(lambda: load.count(200, since=done_at) >= 8, timeout_s=60)
         finally:
             load.stop()
         failed = [r for r in load.results if r[1] != 200]
@@ -266,17 +266,3 @@ def test_wrong_or_missing_key_is_401_and_never_reaches_the_model(proxy, students
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
         health = httpx.get(f"{url}/health").json()
         assert health["loaded"] == [A] and health["stats"]["batches"] == 1
-
-
-def _up(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def _wait(ready, *, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not ready():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.25)

@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -19,7 +18,7 @@ import torch
 from orchestrator.config import ServeConfig
 from orchestrator.errors import RaydistillError
 from orchestrator.winners import find_models
-from tests.conftest import free_port, serve_settings
+from tests.conftest import free_port, serve_settings, server_up, wait_until
 
 RAYDISTILL = str(Path(sys.executable).with_name("raydistill"))
 A, B = "t0001-1x128", "t0002-1x128"
@@ -155,7 +154,7 @@ def test_api_key(students, server):
               route_prefix="/keyed", blocking=False)
     try:
         url = f"{server}/keyed"
-        _wait(lambda: httpx.get(f"{url}/health").status_code == 200)
+        wait_until(lambda: httpx.get(f"{url}/health").status_code == 200)
         body = {"model": A, "prompt": "x", "max_tokens": 2}
         assert "Authorization" in _error(httpx.post(f"{url}/v1/completions", json=body), 401)
         _error(httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
@@ -231,7 +230,7 @@ def test_serve_command_runs_until_interrupted(students, local):
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait(lambda: _up(url) or proc.poll() is not None, timeout_s=180)
+        wait_until(lambda: server_up(url) or proc.poll() is not None, timeout_s=180)
         assert proc.poll() is None, proc.stdout.read()
         assert [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]] == [A]
         out = httpx.post(f"{url}/v1/completions", timeout=60,
@@ -245,17 +244,3 @@ def test_serve_command_runs_until_interrupted(students, local):
         if proc.poll() is None:  # only on failure: stop what the test started, by its group id
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-
-
-def _up(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def _wait(ready, *, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not ready():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.25)
