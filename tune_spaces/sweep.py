@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 
-from orchestrator.errors import RaydistillError
+from orchestrator.errors import RaydistillError, remote_cause, remote_errors
 from orchestrator.progress import say
 from orchestrator.student import resolve_shape
 from orchestrator.train_loop import LoopSpec
@@ -167,7 +167,13 @@ def _new_tuner(trainable, *, space: Space, sweep_dir: str, settings: SweepSettin
 def _trial(config: dict, *, base: LoopSpec, student: dict, trials_dir: str,
            settings: SweepSettings) -> None:
     """One trial (in a Tune actor): train the student these params describe, reporting each
-    held-out evaluation to Tune."""
+    held-out evaluation to Tune. Its errors cross Ray intact (RemoteError)."""
+    with remote_errors("trial"):
+        _run_trial(config, base=base, student=student, trials_dir=trials_dir, settings=settings)
+
+
+def _run_trial(config: dict, *, base: LoopSpec, student: dict, trials_dir: str,
+               settings: SweepSettings) -> None:
     from ray import tune
 
     from orchestrator.training import fit_student
@@ -300,5 +306,10 @@ def _outcome(result, *, base: LoopSpec, student: dict, trials_dir: str) -> Trial
 
 
 def _error_text(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[-1][:300] if text else type(error).__name__
+    """A failed trial's cause in one line: the trial's own error (type and text, see RemoteError),
+    or the last line of Tune's."""
+    cause = remote_cause(error)
+    if isinstance(cause, RaydistillError):
+        return str(cause)[:500]
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[-1]}"[:500] if text else type(cause).__name__
