@@ -103,6 +103,9 @@ def run_sweep(base: LoopSpec, *, space: Space, student: dict, sweep_dir: str,
     # indistinguishable from a complete sweep; as a KeyboardInterrupt it says how to resume
     # (Tune saves the experiment state as it goes and after every trial)
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    # a failed trial: our one line (`_Lines`) instead of Tune's logged traceback (kept in the
+    # trial's error.txt)
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
     from ray import tune
 
     trials_dir = os.path.join(sweep_dir, TRIALS_DIR)
@@ -121,10 +124,17 @@ def run_sweep(base: LoopSpec, *, space: Space, student: dict, sweep_dir: str,
     interrupted = RaydistillError(
         f"interrupted: the sweep's finished trials and checkpoints are kept; continue with "
         f"the same command plus --resume {os.path.basename(sweep_dir.rstrip('/'))}")
+    import logging
+
+    tune_log = logging.getLogger("ray.tune.tune")  # "Trials did not complete": ours says which
+    level = tune_log.level
+    tune_log.setLevel(logging.CRITICAL)
     try:
         grid = tuner.fit()
     except KeyboardInterrupt:
         raise interrupted from None
+    finally:
+        tune_log.setLevel(level)
     if grid.num_terminated + grid.num_errors < len(grid):  # Tune caught SIGUSR1
         raise interrupted
     return [_outcome(r, base=base, student=student, trials_dir=trials_dir) for r in grid]
@@ -229,17 +239,30 @@ def _Lines(metric: str):
             _reap(self.groups.pop(trial.trial_id, None))
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            try:
-                why = _error_text(trial.get_error())
-            except Exception:  # noqa: BLE001 — no readable error file: point at the log instead
-                why = trial.error_file or "see its log"
-            say(f"  [red]{trial.trial_id} failed[/]: {why}")
+            say(f"  [red]{trial.trial_id} failed[/]: {_trial_error(trial)}")
             _reap(self.groups.pop(trial.trial_id, None))
 
         def on_trial_recover(self, iteration, trials, trial, **info):
             _reap(self.groups.pop(trial.trial_id, None))
 
     return Lines()
+
+
+def _trial_error(trial) -> str:
+    """A failed trial's cause in one line, from the error Tune pickled (ours always unpickles)."""
+    try:
+        path = trial.pickled_error_file  # the local copy: storage is synced later
+        if path and os.path.exists(path):
+            import ray.cloudpickle as cloudpickle
+
+            with open(path, "rb") as f:
+                return _error_text(cloudpickle.load(f))
+        lines = (trial.get_error() or "").strip().splitlines()
+        if lines:
+            return lines[-1][:500]
+    except Exception:  # noqa: BLE001 — no readable error file: point at it instead
+        pass
+    return trial.error_file or "see its log"
 
 
 def _finished(trial) -> bool:
