@@ -179,6 +179,7 @@ def _save_done(fs, run_root: str, record: dict) -> None:
 
 
 def _last_line(error: BaseException) -> str:
-    """`Type: last line of the message` (Ray's errors carry whole tracebacks in their text)."""
+    """`Type: first sentence of the message's last line` (Ray's errors carry whole tracebacks
+    and paragraphs of troubleshooting in their text)."""
     text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[-1]}" if text else type(error).__name__
+    return f"{type(error).__name__}: {text[-1].split('. ')[0]}" if text else type(error).__name__
