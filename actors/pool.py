@@ -23,7 +23,8 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from actors.teacher import TeacherWorker, WorkerSpec
-from orchestrator.errors import RaydistillError, ShardError, is_transient, remote_cause, remote_errors
+from orchestrator.errors import (RaydistillError, ShardError, is_transient, remote_cause,
+                                 remote_errors)
 from orchestrator.manifest import ShardInfo
 
 
@@ -131,11 +132,9 @@ class TeacherPool:
         failures[index] += 1
         cause = remote_cause(error)
         if failures[index] >= self.max_unit_failures:
-            advice = ("rerun the same command to resume" if is_transient(cause) else
-                      "fix the cause, then rerun the same command (a rerun alone fails the same way)")
             raise RaydistillError(
                 f"work unit {index} failed {failures[index]} times; last error: {_text(cause)}. "
-                f"Finished shards are kept: {advice}") from cause
+                f"Finished shards are kept: {_advice(cause)}") from cause
         self.log(f"unit {index} failed ({_text(cause)[:200]}); retrying")
         queue.appendleft(unit)
 
@@ -172,10 +171,15 @@ def _started(refs: list) -> list[dict]:
         return ray.get(refs)
     except (RayTaskError, RayActorError) as e:
         cause = remote_cause(e)
-        advice = ("rerun the same command to resume" if is_transient(cause) else
-                  "fix the cause, then rerun the same command (a rerun alone fails the same way)")
         raise RaydistillError(f"a teacher actor failed to start: {_text(cause)}. "
-                              f"Finished shards are kept: {advice}") from cause
+                              f"Finished shards are kept: {_advice(cause)}") from cause
+
+
+def _advice(cause: BaseException) -> str:
+    """A rerun resumes a capture; say so only when it can get past the cause."""
+    if is_transient(cause):
+        return "rerun the same command to resume"
+    return "fix the cause, then rerun the same command (a rerun alone fails the same way)"
 
 
 def _text(error: BaseException) -> str:

@@ -95,7 +95,8 @@ def is_transient(error: BaseException) -> bool:
 
 def carried(error: BaseException) -> BaseException:
     """What to raise across a Ray boundary instead of `error`: one of our own errors as it is when
-    it survives a pickle round trip (DivergedError, ShardError …), anything else as a RemoteError."""
+    it survives a pickle round trip (DivergedError, ShardError …), anything else as a
+    RemoteError."""
     import pickle
 
     if isinstance(error, RaydistillError):

@@ -261,7 +261,8 @@ def test_a_sweep_whose_trials_all_failed_fails_naming_the_first_cause(captured, 
         pipeline.tune(cfg)
     text = str(info.value)
     assert not isinstance(info.value, DivergedError)
-    assert text.startswith("all 2 trials of the sweep failed; the first, t00-") and "diverged" in text
+    assert text.startswith("all 2 trials of the sweep failed; the first, t00-")
+    assert "diverged" in text
     assert "lower train.lr" in text.lower() and "--resume" not in text
     sweep_dir = Path(text.rsplit("(leaderboard: ", 1)[1].rstrip(")"))
     rows = list(csv.DictReader(open(sweep_dir / "leaderboard.csv")))

@@ -165,6 +165,18 @@ def test_train_failure_advice_fits_the_cause():
         "peer reset"))))
 
 
+def test_debug_prints_the_worker_s_traceback(capsys):
+    from orchestrator.cli import _print_worker_traceback
+
+    remote = carried(_raised(Nasty("bad config", cause=1)))
+    try:
+        raise RaydistillError(f"training failed: {remote}") from remote
+    except RaydistillError as e:
+        _print_worker_traceback(e)
+    err = capsys.readouterr().err
+    assert "the Ray worker's traceback:" in err and 'raise error' in err and "Nasty: bad config" in err
+
+
 def test_remote_cause_finds_the_worker_error_inside_ray_s_wrappers(ray_session):
     """A real Ray task: the driver gets RayTaskError(RemoteError); the cause is the RemoteError."""
     import ray
