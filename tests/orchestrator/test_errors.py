@@ -277,7 +277,7 @@ def test_a_tune_trial_s_error_reaches_the_cli_intact(captured, tmp_path):
     done = _cli(["tune", str(cfg)], _nasty_env(tmp_path, "trial"))
     _assert_one_clear_message(done, "all 2 trials of the sweep failed; the first, ")
     assert "serve them" not in done.stdout + done.stderr
-    out = " ".join(done.stdout.split())  # the console wraps long lines
+    out = " ".join((done.stdout + done.stderr).split())  # the console wraps long lines
     assert out.count(f"failed: {NASTY_TEXT}") == 2  # each trial's line names the cause
 
 
