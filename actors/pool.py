@@ -6,6 +6,11 @@ with the same spec, and puts the actor's unfinished units back at the front of t
 given up after `max_unit_failures` failures, which stops the capture with the last error — never
 silently. A unit whose task raises (bad input reaching the engine) counts as a failure the same way,
 except a storage error (disk full, no permission): it stops the capture at once with its message.
+
+Errors cross Ray intact: the actor is a `TeacherWorker` behind `_Teacher`, whose methods raise only
+errors that unpickle on the driver (`orchestrator.errors.remote_errors`), so the user sees the
+original type and text. An engine that fails to start is reported by `ready()`, not by Ray's
+actor-creation failure (which keeps only a traceback string).
 """
 
 from __future__ import annotations
@@ -18,10 +23,40 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from actors.teacher import TeacherWorker, WorkerSpec
-from orchestrator.errors import RaydistillError, ShardError
+from orchestrator.errors import (RaydistillError, ShardError, is_transient, remote_cause,
+                                 remote_errors)
 from orchestrator.manifest import ShardInfo
 
-TeacherActor = ray.remote(max_restarts=0, max_task_retries=0)(TeacherWorker)
+
+class _Teacher:
+    """The teacher actor's body: a TeacherWorker whose errors cross Ray intact (RemoteError)."""
+
+    def __init__(self, spec: WorkerSpec):
+        self.worker, self.start_error = None, None
+        try:
+            with remote_errors("teacher.start"):
+                self.worker = TeacherWorker(spec)
+        except RaydistillError as e:  # kept for ready(): a failed creation loses the exception
+            self.start_error = e
+
+    def ready(self) -> dict:
+        if self.start_error is not None:
+            raise self.start_error
+        with remote_errors("teacher.ready"):
+            return self.worker.ready()
+
+    def process(self, unit: int, records: list[tuple[str, str]],
+                target: tuple[str, dict] | None = None) -> ShardInfo:
+        with remote_errors("teacher.process"):
+            return self.worker.process(unit, records, target)
+
+    def close(self) -> None:
+        if self.worker is not None:
+            with remote_errors("teacher.close"):
+                self.worker.close()
+
+
+TeacherActor = ray.remote(max_restarts=0, max_task_retries=0)(_Teacher)
 
 
 class TeacherPool:
@@ -44,7 +79,7 @@ class TeacherPool:
 
     def wait_ready(self) -> dict:
         """Block until every engine is up; returns the first actor's limits (vocab, max length)."""
-        self.ready_info = ray.get([a.ready.remote() for a in self.actors])
+        self.ready_info = _started([a.ready.remote() for a in self.actors])
         return self.ready_info[0]
 
     def actor_handles(self) -> list:
@@ -95,12 +130,12 @@ class TeacherPool:
     def _fail(self, unit, failures, error, queue) -> None:
         index = unit[0]
         failures[index] += 1
+        cause = remote_cause(error)
         if failures[index] >= self.max_unit_failures:
-            cause = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
             raise RaydistillError(
-                f"work unit {index} failed {failures[index]} times; last error: {cause}. "
-                "Finished shards are kept: fix the cause and rerun the same command to resume")
-        self.log(f"unit {index} failed ({type(error).__name__}); retrying")
+                f"work unit {index} failed {failures[index]} times; last error: {_text(cause)}. "
+                f"Finished shards are kept: {_advice(cause)}") from cause
+        self.log(f"unit {index} failed ({_text(cause)[:200]}); retrying")
         queue.appendleft(unit)
 
     def _replace(self, slot, inflight, per_actor, queue) -> None:
@@ -113,7 +148,7 @@ class TeacherPool:
         per_actor[slot] = 0
         ray.kill(dead, no_restart=True)
         self.actors[slot] = self._start()
-        self.ready_info[slot] = ray.get(self.actors[slot].ready.remote())
+        self.ready_info[slot] = _started([self.actors[slot].ready.remote()])[0]
         self.replacements += 1
         self.log(f"teacher actor {slot} died; started a replacement")
 
@@ -127,3 +162,29 @@ class TeacherPool:
         for a in self.actors:
             ray.kill(a, no_restart=True)
         self.actors = []
+
+
+def _started(refs: list) -> list[dict]:
+    """The actors' `ready()` answers; an engine that failed to start stops the capture with its
+    cause (a deterministic one — a bad model file, a setting the engine refuses — says so)."""
+    try:
+        return ray.get(refs)
+    except (RayTaskError, RayActorError) as e:
+        cause = remote_cause(e)
+        raise RaydistillError(f"a teacher actor failed to start: {_text(cause)}. "
+                              f"Finished shards are kept: {_advice(cause)}") from cause
+
+
+def _advice(cause: BaseException) -> str:
+    """A rerun resumes a capture; say so only when it can get past the cause."""
+    if is_transient(cause):
+        return "rerun the same command to resume"
+    return "fix the cause, then rerun the same command (a rerun alone fails the same way)"
+
+
+def _text(error: BaseException) -> str:
+    """One line for a failure: our own errors as they read, others as `Type: last line`."""
+    if isinstance(error, RaydistillError):
+        return str(error)
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[-1]}" if lines else type(error).__name__

@@ -11,7 +11,9 @@
     raydistill submit CONFIG --address http://HEAD:8265 [-- run|tune|capture ...]   # Ray Jobs
     raydistill jobs [list|logs ID|stop ID] --address http://HEAD:8265
 
-User errors print one message (no traceback unless --debug) and exit with status 2.
+User errors print one message (no traceback unless --debug) and exit with status 2; an error raised
+inside a Ray worker (teacher actor, Train worker, Tune trial) is one of them, naming the original
+type and text (--debug adds the worker's traceback).
 """
 
 from __future__ import annotations
@@ -201,10 +203,22 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     except RaydistillError as e:
         if args.debug:
+            _print_worker_traceback(e)
             raise
         print(f"raydistill: error: {e}", file=sys.stderr)
         return 2
     return 2
+
+
+def _print_worker_traceback(error: BaseException) -> None:
+    """--debug: the traceback of a Ray worker's error, which only its RemoteError carries."""
+    from orchestrator.errors import RemoteError
+
+    seen = error
+    while seen is not None and not isinstance(seen, RemoteError):
+        seen = seen.__cause__
+    if seen is not None and seen.traceback:
+        print(f"the Ray worker's traceback:\n{seen.traceback}", file=sys.stderr)
 
 
 if __name__ == "__main__":

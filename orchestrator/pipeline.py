@@ -173,11 +173,26 @@ def tune(cfg: Config, *, resume: str | None = None) -> str:
         for r in rows:
             say(_describe_row(r, settings.metric))
         say(f"leaderboard: {paths['md']} (+ leaderboard.csv), Pareto plot: {paths['png']}")
-        say(f"winners: {', '.join(paths['winner_ids']) or 'none'} — serve them with "
-            f"`raydistill serve {sweep_dir}`")
+        _sweep_verdict(outcomes, winner_ids=paths["winner_ids"], sweep_dir=sweep_dir)
         return sweep_dir
     finally:
         _stop_ray(started_ray)
+
+
+def _sweep_verdict(outcomes: list, *, winner_ids: list[str], sweep_dir: str) -> None:
+    """The sweep's last lines: a sweep whose every trial failed is an error naming the first
+    cause (exit 2); some failures are counted; serving is suggested only when there are winners."""
+    failed = [o for o in outcomes if o.status == "error"]
+    first = f"the first, {failed[0].label}: {failed[0].error}" if failed else ""
+    if failed and len(failed) == len(outcomes):
+        raise RaydistillError(f"all {len(outcomes)} trials of the sweep failed; {first}. Fix the "
+                              f"cause and start a new sweep (leaderboard: {sweep_dir})")
+    if failed:
+        say(f"[yellow]{len(failed)} of {len(outcomes)} trials failed[/]; {first}")
+    if winner_ids:
+        say(f"winners: {', '.join(winner_ids)} — serve them with `raydistill serve {sweep_dir}`")
+    else:
+        say("winners: none — no trial finished its training; nothing to serve")
 
 
 def _capture_once(cfg: Config, plans: list[CapturePlan]) -> None:

@@ -2,6 +2,11 @@
 `{storage}/{name}/`, the final student exported as a plain Hugging Face directory
 `{storage}/{name}/model/` (loadable by transformers and vLLM).
 
+Errors cross Ray intact: the worker function is `train_worker` inside `remote_errors`, so what it
+raises reaches `_fit` as the original type and text (RemoteError), and the advice fits the cause:
+`--resume` only for what a rerun can fix (a killed worker, a lost node), never for an error the
+same inputs raise again (orchestrator/errors.py: TRANSIENT_TYPES).
+
 Run names are unique per experiment: Ray Train V2 silently resumes a run whose name and storage
 path it has seen before, which is what resuming on purpose (`--resume`) relies on and what a fresh
 experiment must avoid.
@@ -14,7 +19,8 @@ import os
 import time
 from dataclasses import dataclass, replace
 
-from orchestrator.errors import DivergedError, RaydistillError
+from orchestrator.errors import (DivergedError, RaydistillError, RemoteError, remote_cause,
+                                 remote_errors)
 from orchestrator.manifest import exists, filesystem
 from orchestrator.train_loop import HISTORY_FILE, STATE_FILE, LoopSpec
 
@@ -44,8 +50,6 @@ def fit_student(spec: LoopSpec, *, storage: str, name: str, num_workers: int, us
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from orchestrator.train_loop import train_worker
-
     fs, root = filesystem(storage)
     model_uri = f"{storage.rstrip('/')}/{name}/{MODEL_DIR}"
     done = _load_done(fs, f"{root}/{name}")
@@ -56,7 +60,7 @@ def fit_student(spec: LoopSpec, *, storage: str, name: str, num_workers: int, us
         spec = replace(spec, local=True)
     resources = {"GPU": 1} if use_gpu else {"CPU": cpus_per_worker}
     trainer = TorchTrainer(
-        train_worker, train_loop_config={"spec": spec},
+        _guarded_worker, train_loop_config={"spec": spec},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources if num_workers else None),
         run_config=RunConfig(name=name, storage_path=storage,
@@ -97,15 +101,37 @@ def _fit(trainer, spec: LoopSpec, *, storage: str, name: str):
     except KeyboardInterrupt:
         raise
     except Exception as e:  # noqa: BLE001 — Ray wraps the worker's error; name its root cause
-        cause = _root_cause(e)
-        if "DivergedError: " in cause:  # resuming would diverge again: no checkpoint advice
-            raise DivergedError(cause.split("DivergedError: ", 1)[1]) from e
-        raise RaydistillError(f"training of the {spec.label} student failed: {cause}. "
-                              f"Checkpoints are kept under {storage}/{name}; rerun with "
-                              "--resume to continue from the last one") from e
+        raise _failure(e, label=spec.label, storage=storage, name=name) from remote_cause(e)
     finally:
         if main_thread:
             signal.signal(signal.SIGINT, previous)
+
+
+def _guarded_worker(config: dict) -> None:
+    """The Ray Train worker function: `train_worker`, raising only errors that unpickle on the
+    driver (a transformers / huggingface_hub error may not: see RemoteError)."""
+    from orchestrator.train_loop import train_worker
+
+    with remote_errors("train"):
+        train_worker(config)
+
+
+def _failure(error: BaseException, *, label: str, storage: str, name: str) -> RaydistillError:
+    """The one message for a failed Train run: the worker's original error (type and text), with
+    `--resume` advice only when a rerun can get past it."""
+    cause = remote_cause(error)
+    if isinstance(cause, DivergedError):  # resuming would diverge again: its own advice
+        return DivergedError(str(cause))
+    where = f"training of the {label} student failed"
+    if isinstance(cause, RaydistillError) and not isinstance(cause, RemoteError):
+        return RaydistillError(f"{where}: {cause}")  # our own error already names the fix
+    if isinstance(cause, RemoteError) and not cause.transient:
+        return RaydistillError(f"{where}: {cause}. It is not transient (resuming fails the same "
+                               "way): fix its cause first; --debug shows the worker's traceback")
+    # a transient error in the worker, or Ray's own failure (a worker, node or connection lost)
+    text = str(cause) if isinstance(cause, RemoteError) else _last_line(cause)
+    return RaydistillError(f"{where}: {text}. Checkpoints are kept under {storage}/{name}; "
+                           "rerun with --resume to continue from the last one")
 
 
 def _export(checkpoint, fs, dest: str) -> tuple[list[dict], dict]:
@@ -152,13 +178,8 @@ def _save_done(fs, run_root: str, record: dict) -> None:
     write_atomic(fs, _done_path(run_root), json.dumps(record).encode())
 
 
-def _root_cause(error: BaseException) -> str:
-    """The innermost message of a chain of Ray/Train wrappers."""
-    seen = error
-    while True:
-        nxt = getattr(seen, "cause", None) or seen.__cause__
-        if nxt is None or nxt is seen:
-            break
-        seen = nxt
-    text = str(seen).strip().splitlines()
-    return text[-1] if text else type(seen).__name__
+def _last_line(error: BaseException) -> str:
+    """`Type: first sentence of the message's last line` (Ray's errors carry whole tracebacks
+    and paragraphs of troubleshooting in their text)."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[-1].split('. ')[0]}" if text else type(error).__name__

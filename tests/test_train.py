@@ -127,6 +127,43 @@ def test_killed_worker_resumes_from_checkpoint_and_matches_an_uninterrupted_run(
     assert hit.final["eval_kl"] == pytest.approx(clean.final["eval_kl"], abs=1e-4)
 
 
+def test_a_killed_worker_with_no_retries_left_advises_resume(captured, tmp_path):
+    """A lost worker is transient: with max_failures 0 the run fails, and the one message says the
+    checkpoints are kept and to rerun with --resume (a deterministic error never says so:
+    tests/orchestrator/test_errors.py)."""
+    import ray
+
+    from orchestrator.board import ShardBoard
+    from orchestrator.errors import RaydistillError
+    from orchestrator.training import fit_student
+
+    board = ray.remote(ShardBoard).options(num_cpus=0).remote(max_ahead=1)
+    killed = []
+
+    def killer():
+        while not killed:
+            m = ray.get(board.snapshot.remote())["metrics"].get("kd")
+            if m and m["step"] >= 5:
+                os.kill(m["pid"], signal.SIGKILL)
+                killed.append(m["step"])
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(RaydistillError) as info:
+            fit_student(_spec(captured, board=board, max_steps=40), storage=str(tmp_path),
+                        name="kd", num_workers=1, use_gpu=False, cpus_per_worker=0.5,
+                        max_failures=0)
+    finally:
+        killed.append(-1)
+    assert killed[0] > 0, "the worker was never killed"
+    text = str(info.value)
+    assert text.startswith("training of the kd student failed: ")
+    assert f"Checkpoints are kept under {tmp_path}/kd; rerun with --resume" in text
+    assert "\n" not in text and "Traceback" not in text
+
+
 def test_interrupted_driver_resumes_the_experiment(captured, ray_session, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(json.dumps({

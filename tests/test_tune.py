@@ -240,3 +240,32 @@ def test_a_crashing_trial_is_reported_and_the_sweep_continues(captured, ray_sess
     assert "failed" in out and "diverged" in out and "--resume" not in rows[1e30]["error"]
     winners = json.loads((sweep_dir / "winners.json").read_text())["models"]
     assert [w["id"] for w in winners] == [rows[0.002]["id"]]  # a failed trial never wins
+    flat = " ".join(out.split())  # the console wraps long lines
+    assert f"1 of 2 trials failed; the first, {rows[1e30]['id']}: " in flat
+    assert "serve them with `raydistill serve" in flat
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_trials_all_failed_fails_naming_the_first_cause(captured, ray_session,
+                                                                      capsys):
+    """Every trial diverges (lr 1e30): `tune` is an error naming the first trial's cause, the
+    leaderboard still lists them, and serving is never suggested."""
+    from orchestrator import pipeline
+    from orchestrator.errors import DivergedError, RaydistillError
+
+    cfg = train_config(captured["out"], captured["model"], captured["data"], **{
+        "tune.space": json.dumps({"train.lr": {"grid": [1e30, 2e30]}}),
+        "tune.scheduler": "fifo", "tune.max_concurrent_trials": 1, "train.max_steps": 4,
+        "train.eval_every": 2, "train.max_failures": 0})
+    with pytest.raises(RaydistillError) as info:
+        pipeline.tune(cfg)
+    text = str(info.value)
+    assert not isinstance(info.value, DivergedError)
+    assert text.startswith("all 2 trials of the sweep failed; the first, t00-")
+    assert "diverged" in text
+    assert "lower train.lr" in text.lower() and "--resume" not in text
+    sweep_dir = Path(text.rsplit("(leaderboard: ", 1)[1].rstrip(")"))
+    rows = list(csv.DictReader(open(sweep_dir / "leaderboard.csv")))
+    assert [r["status"] for r in rows] == ["error", "error"]
+    out = " ".join("".join(capsys.readouterr()).split())
+    assert "serve them" not in out and "raydistill serve" not in out

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 
-from orchestrator.errors import RaydistillError
+from orchestrator.errors import RaydistillError, remote_cause, remote_errors
 from orchestrator.progress import say
 from orchestrator.student import resolve_shape
 from orchestrator.train_loop import LoopSpec
@@ -103,6 +103,9 @@ def run_sweep(base: LoopSpec, *, space: Space, student: dict, sweep_dir: str,
     # indistinguishable from a complete sweep; as a KeyboardInterrupt it says how to resume
     # (Tune saves the experiment state as it goes and after every trial)
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    # a failed trial: our one line (`_Lines`) instead of Tune's logged traceback (kept in the
+    # trial's error.txt)
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
     from ray import tune
 
     trials_dir = os.path.join(sweep_dir, TRIALS_DIR)
@@ -121,10 +124,17 @@ def run_sweep(base: LoopSpec, *, space: Space, student: dict, sweep_dir: str,
     interrupted = RaydistillError(
         f"interrupted: the sweep's finished trials and checkpoints are kept; continue with "
         f"the same command plus --resume {os.path.basename(sweep_dir.rstrip('/'))}")
+    import logging
+
+    tune_log = logging.getLogger("ray.tune.tune")  # "Trials did not complete": ours says which
+    level = tune_log.level
+    tune_log.setLevel(logging.CRITICAL)
     try:
         grid = tuner.fit()
     except KeyboardInterrupt:
         raise interrupted from None
+    finally:
+        tune_log.setLevel(level)
     if grid.num_terminated + grid.num_errors < len(grid):  # Tune caught SIGUSR1
         raise interrupted
     return [_outcome(r, base=base, student=student, trials_dir=trials_dir) for r in grid]
@@ -167,7 +177,13 @@ def _new_tuner(trainable, *, space: Space, sweep_dir: str, settings: SweepSettin
 def _trial(config: dict, *, base: LoopSpec, student: dict, trials_dir: str,
            settings: SweepSettings) -> None:
     """One trial (in a Tune actor): train the student these params describe, reporting each
-    held-out evaluation to Tune."""
+    held-out evaluation to Tune. Its errors cross Ray intact (RemoteError)."""
+    with remote_errors("trial"):
+        _run_trial(config, base=base, student=student, trials_dir=trials_dir, settings=settings)
+
+
+def _run_trial(config: dict, *, base: LoopSpec, student: dict, trials_dir: str,
+               settings: SweepSettings) -> None:
     from ray import tune
 
     from orchestrator.training import fit_student
@@ -223,17 +239,30 @@ def _Lines(metric: str):
             _reap(self.groups.pop(trial.trial_id, None))
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            try:
-                why = _error_text(trial.get_error())
-            except Exception:  # noqa: BLE001 — no readable error file: point at the log instead
-                why = trial.error_file or "see its log"
-            say(f"  [red]{trial.trial_id} failed[/]: {why}")
+            say(f"  [red]{trial.trial_id} failed[/]: {_trial_error(trial)}")
             _reap(self.groups.pop(trial.trial_id, None))
 
         def on_trial_recover(self, iteration, trials, trial, **info):
             _reap(self.groups.pop(trial.trial_id, None))
 
     return Lines()
+
+
+def _trial_error(trial) -> str:
+    """A failed trial's cause in one line, from the error Tune pickled (ours always unpickles)."""
+    try:
+        path = trial.pickled_error_file  # the local copy: storage is synced later
+        if path and os.path.exists(path):
+            import ray.cloudpickle as cloudpickle
+
+            with open(path, "rb") as f:
+                return _error_text(cloudpickle.load(f))
+        lines = (trial.get_error() or "").strip().splitlines()
+        if lines:
+            return lines[-1][:500]
+    except Exception:  # noqa: BLE001 — no readable error file: point at it instead
+        pass
+    return trial.error_file or "see its log"
 
 
 def _finished(trial) -> bool:
@@ -300,5 +329,10 @@ def _outcome(result, *, base: LoopSpec, student: dict, trials_dir: str) -> Trial
 
 
 def _error_text(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[-1][:300] if text else type(error).__name__
+    """A failed trial's cause in one line: the trial's own error (type and text, see RemoteError),
+    or the last line of Tune's."""
+    cause = remote_cause(error)
+    if isinstance(cause, RaydistillError):
+        return str(cause)[:500]
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[-1]}"[:500] if text else type(cause).__name__
