@@ -272,7 +272,7 @@ def _report(metrics: dict, history: list, *, step: int, position: int, model, to
 
 def _restore(model, optimizer, schedule, *, layout: dict, label: str) -> dict:
     """Load the last checkpoint of this run, if any (weights_only: no untrusted unpickling); refuse
-    one saved under another batch layout (the driver checks first; this catches any other way in)."""
+    one saved under another batch layout (the driver checks first; this catches other ways in)."""
     import ray.train
     from safetensors.torch import load_file
 
