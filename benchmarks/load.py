@@ -12,7 +12,7 @@ Overload: each wave sends `--wave-size` non-streamed greedy completions at once;
 counted by status, latency is end to end. Kill: `--clients` closed-loop clients (half of them
 streaming) run while one replica's process (its pid from /health) gets SIGKILL; a request counts
 as ok only with status 200 and, streamed, a final [DONE]. The clients run in this process, on the
-same 2 CPUs as the replicas and the proxy.
+same machine as the replicas and the proxy.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks._common import REPO, log, write_section
-from benchmarks.serve import MODEL_ID, _free_port, _machine, _pct, build_student, make_prompts
+from benchmarks._common import REPO, log, machine_facts, write_section
+from benchmarks.serve import (MODEL_ID, _free_port, _pct, build_student, machine_text,
+                              make_prompts)
 
 SECTION = "## Serving under load (issue 5)"
 COMMAND = "python -m benchmarks.load"
@@ -235,7 +236,7 @@ def run(path: str, prompts: list[str], args) -> dict:
 def markdown(R: dict) -> str:
     s, m, k = R["serve"]["settings"], R["model"], R["serve"]["kill"]
     lines = [SECTION, "",
-             f"`{COMMAND}` ({R['date']}, {R['machine']}): one student ({m['desc']}, "
+             f"`{COMMAND}` ({R['date']}): one student ({m['desc']}, "
              f"{m['params'] / 1e6:.1f}M parameters, fp32, EOS disabled so every request makes "
              f"max_tokens), prompts of {R['prompt_tokens']} tokens, {R['max_tokens']} greedy "
              f"tokens per request; {s['min_replicas']} replicas × {s['replica_cpus']} CPU, "
@@ -244,8 +245,7 @@ def markdown(R: dict) -> str:
              f"{s['min_replicas'] * (s['max_ongoing_requests'] + s['max_queued_requests'])} "
              f"admitted at once), max_batch_size={s['max_batch_size']}; Serve start "
              f"{R['serve']['start_s']:.0f} s (not in the numbers); the HTTP clients run on the "
-             f"same 2 CPUs; 1-min load average {R['load_avg_start']:.1f} at the start, "
-             f"{R['load_avg_end']:.1f} at the end (the machine is shared).", "",
+             f"same machine. {machine_text(R)}", "",
              "**Overload**: each wave sends its requests at once.", "",
              "| Wave | sent | 200 | 429 (with Retry-After + OpenAI body) | 5xx | other | "
              "p50 ms (200) | p99 ms (200) | p50 ms (429) | completions/s | tokens/s | wall s |",
@@ -301,7 +301,7 @@ def main() -> None:
         path = args.model or build_student(Path(tmp) / "student")
         student = load_student(path, threads=1)
         cfg = student.model.config
-        R = {"date": time.strftime("%Y-%m-%d"), "machine": _machine(),
+        R = {"date": time.strftime("%Y-%m-%d"), "machine": machine_facts(),
              "model": {"path": args.model or "built",
                        "params": sum(p.numel() for p in student.model.parameters()),
                        "desc": f"{cfg.num_hidden_layers} × {cfg.hidden_size} Llama, "

@@ -19,14 +19,13 @@ import asyncio
 import json
 import logging
 import os
-import platform
 import socket
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks._common import REPO, log, write_section
+from benchmarks._common import REPO, log, machine_facts, machine_line, write_section
 
 SECTION = "## Serving (issue 4)"
 MODEL_ID = "bench"
@@ -188,14 +187,13 @@ def markdown(R: dict) -> str:
     ref = R["in_process"]["generate_b1"]
     m = R["model"]
     lines = [SECTION, "",
-             f"`python -m benchmarks.serve` ({R['date']}, {R['machine']}): one student "
+             f"`python -m benchmarks.serve` ({R['date']}): one student "
              f"({m['desc']}, {m['params'] / 1e6:.1f}M parameters, fp32), prompts of "
              f"{R['prompt_tokens']} tokens, {R['max_tokens']} greedy tokens per request, "
              f"torch threads {max(1, int(R['serve']['settings']['replica_cpus']))}, "
              f"{R['requests']} requests per Serve row; Serve settings "
              f"{_settings_text(R['serve']['settings'])}; Serve start {R['serve']['start_s']:.0f} s "
-             f"(not in the numbers); 1-min load average {R['load_avg_start']:.1f} at the start, "
-             f"{R['load_avg_end']:.1f} at the end (the machine is shared).", "",
+             f"(not in the numbers). {machine_text(R)}", "",
              "| Path | p50 ms | p99 ms | requests/s | tokens/s | × tokens/s of (a) | "
              "× p50 of (a) | mean batch | non-2xx |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -248,7 +246,7 @@ def main() -> None:
         path = args.model or build_student(Path(tmp) / "student")
         student = load_student(path, threads=max(1, int(args.replica_cpus)))
         cfg = student.model.config
-        R = {"date": time.strftime("%Y-%m-%d"), "machine": _machine(),
+        R = {"date": time.strftime("%Y-%m-%d"), "machine": machine_facts(),
              "model": {"path": args.model or "built", "params": sum(
                  p.numel() for p in student.model.parameters()),
                  "desc": f"{cfg.num_hidden_layers} × {cfg.hidden_size} Llama, "
@@ -271,8 +269,14 @@ def main() -> None:
     log(f"wrote {write_section(SECTION, text)}")
 
 
-def _machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+def machine_text(R: dict) -> str:
+    """The machine line of a result: detected facts (`machine_facts`), or the bare string that
+    results saved before them hold."""
+    if isinstance(R["machine"], str):
+        return (f"Machine: {R['machine']}; 1-min load average {R['load_avg_start']:.1f} at the "
+                f"start, {R['load_avg_end']:.1f} at the end.")
+    return machine_line({**R["machine"], "load_1min": R["load_avg_start"]},
+                        load_end=R["load_avg_end"])
 
 
 if __name__ == "__main__":

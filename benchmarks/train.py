@@ -1,10 +1,13 @@
 """Student-training benchmark: KD step time and peak memory against plain cross-entropy (same
-student, same batch, same run), the data-wait share of a streaming run, and the demo's quality
-table. Writes the "## Training (issue 3)" section of BENCHMARKS.md.
+student, same batch, same run), measured here; the data-wait share of a streaming run and the
+quality table, *read* from a finished run's report.json and cited with its path and date (this
+benchmark does not train students). Writes the "## Training (issue 3)" section of BENCHMARKS.md.
 
     python -m benchmarks.train                  # ~5 min on 2 CPUs
+    python -m benchmarks.train --rounds 1       # smallest run
     python -m benchmarks.train --report PATH    # take the streaming/quality figures from that
-                                                # report.json (default: the newest demo report)
+                                                # report.json (default: the newest demo report
+                                                # under runs/; none: the section says so)
 
 Step timings are paired: every round times CE, then each KD variant, on the same batch; ratios
 are medians over rounds. Peak memory: each variant runs one step in a fresh subprocess, after a
@@ -24,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks._common import REPO, log, peak_rss, write_section
+from benchmarks._common import REPO, log, machine_facts, machine_line, peak_rss, write_section
 
 SECTION = "## Training (issue 3)"
 VOCAB, K, BATCH, SEQ = 32000, 64, 8, 256
@@ -148,7 +151,11 @@ def streaming_and_quality(report_path: Path | None) -> dict | None:
     after = [h for h in kd if h["time"] > manifest["updated"]]
     share_after = (sum(h["data_wait_s"] for h in after) / sum(h["step_time_s"] for h in after)
                    if after else None)
-    return {"report": str(report_path), "wait_share_while_capturing": share,
+    finished = max((h["time"] for rows in report["history"].values() for h in rows),
+                   default=report_path.stat().st_mtime)
+    return {"report": str(report_path), "finished": time.strftime("%Y-%m-%d %H:%M UTC",
+                                                                  time.gmtime(finished)),
+            "wait_share_while_capturing": share,
             "rows_while_capturing": len(during), "wait_share_after": share_after,
             "streamed": report["settings"].get("streaming", {}).get("streamed"),
             "students": report["students"], "settings": report["settings"]}
@@ -157,8 +164,8 @@ def streaming_and_quality(report_path: Path | None) -> dict | None:
 def markdown(R: dict) -> str:
     st, mem = R["steps"], R["memory"]
     lines = [SECTION, "",
-             f"Command: `python -m benchmarks.train` (from the repository root). Date: {R['date']}. "
-             f"Machine: {os.cpu_count()} CPU cores, no GPU.", "",
+             f"Command: `{R['command']}` (from the repository root). Date: {R['date']}. "
+             + machine_line(R["machine"], load_end=R.get("load_end")), "",
              f"### KD step vs. cross-entropy ({R['rounds']} paired rounds)", "",
              f"Student 2 × 256 (preset `mini`), vocabulary {VOCAB:,}, batch {BATCH} × {SEQ} tokens, "
              f"top-{K} teacher labels; a step = forward, loss, backward, AdamW. Peak memory = RSS "
@@ -173,13 +180,20 @@ def markdown(R: dict) -> str:
     lines.append("")
     q = R.get("run")
     if q is None:
-        lines += ["No demo report found: run `raydistill demo` first for the streaming and quality "
-                  "figures.", ""]
+        lines += ["No run's report.json was given or found under runs/: no streaming or quality "
+                  "figures (this benchmark does not train students; run `raydistill demo`, then "
+                  "this benchmark, or pass --report).", ""]
         return "\n".join(lines)
     share, after = q["wait_share_while_capturing"], q["wait_share_after"]
     pct = lambda x: "–" if x is None else f"{100 * x:.1f}%"  # noqa: E731
-    lines += ["### Streaming data wait", "",
-              f"From `{q['report']}` (KD student trained while the capture ran: "
+    tr = q["settings"].get("train", {})
+    lines += [f"The two sections below are not measured by this benchmark: they are read from "
+              f"`{q['report']}`, the report of experiment {q['settings'].get('experiment', '?')} "
+              f"(finished {q['finished']}; students {tr.get('max_steps', '?')} steps × "
+              f"{tr.get('batch_size', '?')} × {tr.get('grad_accum', '?')} sequences, teacher "
+              f"{q['settings'].get('teacher', '?')}).", "",
+              "### Streaming data wait", "",
+              f"From that report (KD student trained while the capture ran: "
               f"{q['rows_while_capturing']} progress reports before the last shard). Share of step "
               f"time waiting for data while capturing: **{pct(share)}**; after the capture: "
               f"{pct(after)}.",
@@ -205,12 +219,16 @@ def main() -> None:
     if args.memory_child:
         _memory_child(args.memory_child)
         return
-    R = {"date": time.strftime("%Y-%m-%d"), "rounds": args.rounds}
+    R = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rounds": args.rounds,
+         "machine": machine_facts(),
+         "command": "python -m benchmarks.train" + "".join(
+             f" {a}" for a in sys.argv[1:] if not a.startswith("--memory-child"))}
     log("step times (paired rounds)")
     R["steps"] = step_times(args.rounds)
     log("peak memory (one subprocess per variant)")
     R["memory"] = peak_memory()
     R["run"] = streaming_and_quality(args.report)
+    R["load_end"] = os.getloadavg()[0]
     text = markdown(R)
     print(text)
     log(f"wrote {write_section(SECTION, text)}")

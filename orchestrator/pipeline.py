@@ -528,7 +528,8 @@ class _interruptible:
 def _experiment(cfg: Config, resume: str | None) -> str:
     """A new unique experiment name, or the one to resume (it must exist)."""
     from orchestrator.manifest import exists
-    from orchestrator.training import experiment_name
+    from orchestrator.train_loop import batch_layout
+    from orchestrator.training import check_experiment_layout, experiment_name
 
     if resume is None:
         return experiment_name("exp")
@@ -536,6 +537,10 @@ def _experiment(cfg: Config, resume: str | None) -> str:
     if not exists(fs, f"{root}/{EXPERIMENTS_DIR}/{resume}"):
         raise ConfigError(f"--resume {resume}: no experiment of that name in "
                           f"{cfg.output_dir}/{EXPERIMENTS_DIR}; omit --resume to start a new one")
+    check_experiment_layout(fs, f"{root}/{EXPERIMENTS_DIR}/{resume}",
+                            batch_layout(batch_size=cfg.train.batch_size,
+                                         grad_accum=cfg.train.grad_accum,
+                                         num_workers=cfg.train.num_workers, seed=cfg.train.seed))
     return resume
 
 

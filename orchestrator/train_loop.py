@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from orchestrator.errors import DivergedError
+from orchestrator.errors import ConfigError, DivergedError
 
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"
@@ -72,6 +72,25 @@ def lr_lambda(step: int, *, warmup: int, total: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def batch_layout(*, batch_size: int, grad_accum: int, num_workers: int, seed: int) -> dict:
+    """What fixes a run's data position: a checkpoint at step s has consumed s · batch_size ·
+    grad_accum samples of each worker's stream, and the streams depend on the number of workers
+    (local mode, 0, streams like 1) and the seed. A resume must keep all of them."""
+    return {"train.batch_size": batch_size, "train.grad_accum": grad_accum,
+            "train.num_workers": max(1, num_workers), "train.seed": seed}
+
+
+def refuse_changed_layout(old: dict, new: dict, *, what: str) -> None:
+    """ConfigError naming each setting whose value differs between `old` and `new`."""
+    changed = [f"{key} {old[key]} → {new[key]}" for key in new
+               if key in old and old[key] != new[key]]
+    if changed:
+        raise ConfigError(
+            f"{what} started with another batch layout ({', '.join(changed)}); resuming it would "
+            "shift its data position and train on other samples than it should. Resume with the "
+            "old values, or start a new experiment (omit --resume)")
+
+
 def train_worker(config: dict) -> None:
     """`train_loop_per_worker` of the TorchTrainer; config = {"spec": LoopSpec}."""
     import ray.train
@@ -104,7 +123,9 @@ def train_worker(config: dict) -> None:
                                   betas=(0.9, 0.95))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, warmup=spec.warmup_steps, total=spec.max_steps))
-    state = _restore(model, optimizer, schedule)
+    layout = batch_layout(batch_size=spec.batch_size, grad_accum=spec.grad_accum,
+                          num_workers=world, seed=spec.seed)
+    state = _restore(model, optimizer, schedule, layout=layout, label=spec.label)
     step, history = state.get("step", 0), state.get("history", [])
     resumed_from = step if state else None
     per_step = spec.batch_size * spec.grad_accum
@@ -165,13 +186,13 @@ def train_worker(config: dict) -> None:
             if resumed_from is not None:
                 metrics["resumed_from"] = resumed_from
             window = dict.fromkeys(window, 0.0)
-            if evaluate_now and heldout:
-                metrics.update(_evaluate(core, heldout, device=device, world=world))
+            if evaluate_now and spec.heldout_uri:  # every rank, even one with no held-out samples:
+                metrics.update(_evaluate(core, heldout, device=device, world=world))  # all-reduce
             history.append(metrics)
             if spec.board is not None and rank == 0:
                 spec.board.train_update.remote(spec.label, metrics)
             _report(metrics, history, step=step, position=step * per_step, model=core,
-                    tokenizer=tokenizer, optimizer=optimizer, schedule=schedule,
+                    tokenizer=tokenizer, optimizer=optimizer, schedule=schedule, layout=layout,
                     checkpoint=evaluate_now, rank=rank, keep=spec.local)
 
 
@@ -209,6 +230,8 @@ def _window_metrics(window: dict, *, step: int, lr: float, epoch: int, world: in
 
 
 def _evaluate(model, heldout: list[dict], *, device, world: int) -> dict:
+    """Held-out metrics over every rank's slice. Each rank enters the all-reduce, also one whose
+    slice is empty (fewer held-out samples than workers): it adds zeros."""
     from orchestrator.evaluate import SUM_KEYS, evaluate, finish
 
     sums = evaluate(model, heldout, device=str(device))
@@ -222,7 +245,8 @@ def _evaluate(model, heldout: list[dict], *, device, world: int) -> dict:
 
 
 def _report(metrics: dict, history: list, *, step: int, position: int, model, tokenizer,
-            optimizer, schedule, checkpoint: bool, rank: int, keep: bool) -> None:
+            optimizer, schedule, layout: dict, checkpoint: bool, rank: int,
+            keep: bool) -> None:
     """Every rank reports (Ray Train requires it); rank 0 attaches the checkpoint. Ray copies it
     to storage, so the local copy is removed — except in local mode, where it is the checkpoint
     (the driver exports it, then removes it)."""
@@ -236,7 +260,8 @@ def _report(metrics: dict, history: list, *, step: int, position: int, model, to
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                    "step": step, "position": position}, os.path.join(tmp, STATE_FILE))
+                    "step": step, "position": position, "layout": layout},
+                   os.path.join(tmp, STATE_FILE))
         with open(os.path.join(tmp, HISTORY_FILE), "w") as f:
             json.dump(history, f)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
@@ -245,8 +270,9 @@ def _report(metrics: dict, history: list, *, step: int, position: int, model, to
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _restore(model, optimizer, schedule) -> dict:
-    """Load the last checkpoint of this run, if any (weights_only: no untrusted unpickling)."""
+def _restore(model, optimizer, schedule, *, layout: dict, label: str) -> dict:
+    """Load the last checkpoint of this run, if any (weights_only: no untrusted unpickling); refuse
+    one saved under another batch layout (the driver checks first; this catches other ways in)."""
     import ray.train
     from safetensors.torch import load_file
 
@@ -261,6 +287,8 @@ def _restore(model, optimizer, schedule) -> dict:
         if "lm_head.weight" in missing:
             model.tie_weights()
         state = torch.load(os.path.join(d, STATE_FILE), weights_only=True)
+        refuse_changed_layout(state.get("layout", {}), layout,
+                              what=f"the {label} student's checkpoint at step {state['step']}")
         with open(os.path.join(d, HISTORY_FILE)) as f:
             history = json.load(f)
     optimizer.load_state_dict(state["optimizer"])

@@ -22,9 +22,11 @@ from dataclasses import dataclass, replace
 from orchestrator.errors import (DivergedError, RaydistillError, RemoteError, remote_cause,
                                  remote_errors)
 from orchestrator.manifest import exists, filesystem
-from orchestrator.train_loop import HISTORY_FILE, STATE_FILE, LoopSpec
+from orchestrator.train_loop import (HISTORY_FILE, STATE_FILE, LoopSpec, batch_layout,
+                                     refuse_changed_layout)
 
 MODEL_DIR = "model"
+LAYOUT_FILE = "layout.json"
 
 
 @dataclass
@@ -55,6 +57,10 @@ def fit_student(spec: LoopSpec, *, storage: str, name: str, num_workers: int, us
     done = _load_done(fs, f"{root}/{name}")
     if done is not None:  # finished before: nothing to resume
         return StudentResult(spec.label, model_uri, done["history"], done["final"], done["wall_s"])
+    check_layout(fs, f"{root}/{name}",
+                 batch_layout(batch_size=spec.batch_size, grad_accum=spec.grad_accum,
+                              num_workers=num_workers, seed=spec.seed),
+                 what=f"the {spec.label} student's run {name}")
     t0 = time.time()
     if num_workers == 0:
         spec = replace(spec, local=True)
@@ -183,3 +189,30 @@ def _last_line(error: BaseException) -> str:
     and paragraphs of troubleshooting in their text)."""
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[-1].split('. ')[0]}" if text else type(error).__name__
+
+
+def check_layout(fs, run_root: str, layout: dict, *, what: str) -> None:
+    """Refuse to resume the run at `run_root` with another batch layout (`batch_layout`) than it
+    started with — its data position would silently shift; record the layout at the run's start."""
+    from orchestrator.manifest import write_atomic
+
+    path = f"{run_root}/{LAYOUT_FILE}"
+    if exists(fs, path):
+        with fs.open_input_stream(path) as f:
+            refuse_changed_layout(json.loads(f.read()), layout, what=what)
+    else:
+        fs.create_dir(run_root, recursive=True)
+        write_atomic(fs, path, json.dumps(layout).encode())
+
+
+def check_experiment_layout(fs, experiment_root: str, layout: dict) -> None:
+    """`check_layout` for every student run of an experiment being resumed, finished ones too
+    (their report would otherwise show settings they were not trained with)."""
+    import pyarrow.fs as pafs
+
+    experiment = experiment_root.rstrip("/").rsplit("/", 1)[-1]
+    for info in fs.get_file_info(pafs.FileSelector(experiment_root, allow_not_found=True)):
+        if info.type == pafs.FileType.Directory and exists(fs, f"{info.path}/{LAYOUT_FILE}"):
+            label = info.path.rstrip("/").rsplit("/", 1)[-1]
+            check_layout(fs, info.path, layout, what=f"the {label} student of experiment "
+                                                     f"{experiment}")

@@ -18,6 +18,7 @@ import pytest
 
 from conftest import train_config, write_jsonl
 from orchestrator.cli import main
+from orchestrator.errors import RaydistillError
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -68,6 +69,27 @@ def test_two_ddp_workers(captured):
     kd = report["history"]["kd"]
     assert kd[-1]["step"] == 12 and kd[-1]["workers"] == 2
     assert report["students"]["kd"]["student_nll"] < 10
+
+
+@pytest.mark.timeout(180, method="thread")  # ray.get ignores SIGALRM
+def test_fewer_heldout_samples_than_workers_does_not_hang(captured, tmp_path):
+    """Rank 1 holds no held-out sample but enters the evaluation's all-reduce with zeros (it used
+    to skip it, and rank 0 waited there for ever)."""
+    from orchestrator.train_data import ShardWatcher, heldout_samples
+    from orchestrator.training import fit_student
+
+    spec = _spec(captured, eval_samples=1, max_steps=4, eval_every=2, log_every=2,
+                 warmup_steps=1)
+    [only] = heldout_samples(ShardWatcher(spec.heldout_uri, wait=False), rank=0, world=1,
+                             limit=1)
+    assert heldout_samples(ShardWatcher(spec.heldout_uri, wait=False), rank=1, world=2,
+                           limit=1) == []
+    result = fit_student(spec, storage=str(tmp_path), name="one-heldout", num_workers=2,
+                         use_gpu=False, cpus_per_worker=0.5, max_failures=0)
+    assert [h["step"] for h in result.history] == [2, 4]
+    assert result.final["workers"] == 2
+    assert result.final["eval_positions"] == len(only["input_ids"]) - 1  # the one sample's
+    assert 0 < result.final["eval_student_nll"] < 10
 
 
 def _spec(captured, **kw):
@@ -211,7 +233,7 @@ def copied_capture(captured, tmp_path):
     return out
 
 
-def _train_cli(captured, out, *sets):
+def _train_cli(captured, out, *sets, resume: str | None = None):
     base = ["--set", f"teacher.model={captured['model']}", "--set", f"data.path={captured['data']}",
             "--set", f"output_dir={out}"]
     cfg = train_config(out, captured["model"], captured["data"])
@@ -220,7 +242,42 @@ def _train_cli(captured, out, *sets):
 
     path.write_text(json.dumps({k: asdict(getattr(cfg, k)) for k in
                                 ("teacher", "data", "capture", "student", "train")}))
-    return main(["train", str(path), *base, *[x for s in sets for x in ("--set", s)]])
+    return main(["train", str(path), *base, *[x for s in sets for x in ("--set", s)],
+                 *(["--resume", resume] if resume else [])])
+
+
+def test_resume_with_another_batch_layout_is_refused(captured, copied_capture, capsys):
+    """A checkpoint at step s has consumed s · batch_size · grad_accum samples of each worker's
+    stream: resuming with another batch size, accumulation or worker count would silently train
+    on other samples. The driver refuses before any work; the worker refuses a checkpoint of
+    another layout however it was reached."""
+    from orchestrator.training import fit_student
+
+    short = ("train.max_steps=3", "train.eval_every=3", "train.log_every=3", "train.baselines=[]")
+    assert _train_cli(captured, copied_capture, *short) == 0
+    [exp] = os.listdir(copied_capture / "experiments")
+    run = copied_capture / "experiments" / exp / "kd"
+    (run / "done.json").unlink()  # as if interrupted after its last checkpoint (step 3)
+    capsys.readouterr()
+    for change, named in [("train.batch_size=2", "train.batch_size 4 → 2"),
+                          ("train.grad_accum=2", "train.grad_accum 1 → 2"),
+                          ("train.num_workers=2", "train.num_workers 1 → 2")]:
+        assert _train_cli(captured, copied_capture, *short, change, resume=exp) == 2, change
+        err = capsys.readouterr().err
+        assert named in err and f"experiment {exp}" in err and "omit --resume" in err, err
+    assert not (run / "done.json").exists()  # nothing trained
+    # the same layout resumes from the checkpoint
+    assert _train_cli(captured, copied_capture, *short[1:], "train.max_steps=6",
+                      resume=exp) == 0
+    kd = _report(str(copied_capture / "experiments" / exp / "report.md"))["history"]["kd"]
+    assert [h["step"] for h in kd] == [3, 6] and kd[-1]["resumed_from"] == 3
+    # without the driver's record, the worker refuses the checkpoint itself
+    (run / "done.json").unlink()
+    (run / "layout.json").unlink()
+    spec = _spec(captured, batch_size=2, max_steps=9, eval_every=3, log_every=3)
+    with pytest.raises(RaydistillError, match="train.batch_size 4 → 2"):
+        fit_student(spec, storage=str(run.parent), name="kd", num_workers=1, use_gpu=False,
+                    cpus_per_worker=0.5, max_failures=0)
 
 
 def test_corrupt_shard_is_named_and_nothing_trains(captured, copied_capture, capsys):
