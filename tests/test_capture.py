@@ -103,12 +103,11 @@ def test_actor_killed_midway_is_replaced(how, tmp_path, tiny_teacher, dataset, r
     from actors.pool import TeacherPool
     from orchestrator import data as data_mod
     from orchestrator.manifest import filesystem
-    from orchestrator.capture_plan import _worker_spec
 
     cfg = capture_config(tmp_path, tiny_teacher, dataset, **{"capture.samples_per_shard": 4})
     filesystem(cfg.output_dir)[0].create_dir(f"{cfg.output_dir}/shards", recursive=True)
-    spec = _worker_spec(cfg, max_length=128, shard_meta={"k": 8, "fingerprint": "x"})
-    pool = TeacherPool(spec, num_actors=1, num_cpus=0.5, num_gpus=0, log=lambda m: None)
+    pool = TeacherPool(_engine(tiny_teacher), num_actors=1, num_cpus=0.5, num_gpus=0,
+                       log=lambda m: None)
     pool.wait_ready()
     done = []
 
@@ -124,7 +123,7 @@ def test_actor_killed_midway_is_replaced(how, tmp_path, tiny_teacher, dataset, r
                                     fallback_field=None, id_field="id", on_bad_line="stop")
     units = [(u, [(r.sample_id, r.text) for r in b]) for u, b in data_mod.units(records, 4)]
     try:
-        pool.run(units, on_shard)
+        pool.run(units, on_shard, capture=_capture_spec(cfg.output_dir, k=8, max_length=128))
     finally:
         pool.shutdown()
     assert pool.replacements == 1
@@ -138,6 +137,24 @@ def test_actor_killed_midway_is_replaced(how, tmp_path, tiny_teacher, dataset, r
     ids = [i for p in files for i in pq.read_table(p, columns=["sample_id"])["sample_id"].to_pylist()]
     assert len(ids) == len(set(ids))  # no piece twice
     assert {i.split("#")[0] for i in ids} == {f"t{i}" for i in range(40)}  # no sample lost
+
+
+def _engine(model: str, **overrides):
+    """A transformers-backend engine spec for pool tests (score mode)."""
+    from actors.teacher import WorkerSpec
+
+    return WorkerSpec(**{"backend": "hf", "model": model, "revision": None, "mode": "score",
+                         "max_k": 8, "dtype": "float32", "scoring": "hidden",
+                         "memory_fraction": 0.15, "kv_cache_gib": None, "max_model_len": None,
+                         "tensor_parallel_size": 1, "chunk_rows": 512, "batch_tokens": 8192,
+                         "seed": 0} | overrides)
+
+
+def _capture_spec(output_dir: str, *, k: int, max_length: int, long_text: str = "split"):
+    from actors.teacher import CaptureSpec
+
+    return CaptureSpec(output_dir=output_dir, mode="score", k=k, max_length=max_length,
+                       long_text=long_text, shard_meta={"fingerprint": "x"})
 
 
 def assert_manifest_matches_files(out: Path) -> None:
@@ -267,7 +284,7 @@ def test_import_directions():
             for mod in _imports(ast.parse(f.read_text())):
                 assert mod.split(".")[0] not in banned, f"{f} imports {mod}"
     for f in (root / "orchestrator").rglob("*.py"):
-        if f.stem in ("pipeline", "capture_plan", "cli"):  # the driver (capture_plan is its part)
+        if f.stem in ("pipeline", "capture_plan", "capture_run", "cli"):  # the driver, its parts
             continue
         for mod in _imports(ast.parse(f.read_text())):
             assert mod.split(".")[0] not in ("actors", "tune_spaces", "serve"), f"{f} imports {mod}"
