@@ -84,7 +84,8 @@ class DataConfig:
     max_length: int | None = None
     """Longest sequence in tokens; defaults to the engine's context length."""
     long_text: Literal["truncate", "split"] = "split"
-    """Texts longer than max_length: `split` into consecutive pieces (`<id>/<part>`) or `truncate`."""
+    """Texts longer than max_length: `split` into consecutive pieces (`<id>#p<j>`) or `truncate`.
+    The held-out split always truncates (one sequence per record: it is a measurement)."""
     on_bad_line: Literal["stop", "skip"] = "stop"
     """A malformed JSONL line: `stop` before any work with file:line, or `skip` it and count it."""
     limit: int | None = None
