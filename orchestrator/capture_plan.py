@@ -47,7 +47,9 @@ class CaptureKind(enum.Enum):
 
 
 def _join(base: str, name: str) -> str:
-    return f"{base.rstrip('/')}/{name}"
+    """`base/name`; a URI's query (`?endpoint_override=…` of S3-compatible stores) stays last."""
+    path, sep, query = base.partition("?")
+    return f"{path.rstrip('/')}/{name}{sep}{query}"
 
 
 @dataclass(frozen=True)

@@ -371,6 +371,14 @@ def test_captures_are_content_addressed(tmp_path, tiny_teacher, texts, ray_sessi
         {f"{i}#s0" for i in range(8)}
 
 
+def test_derived_captures_sit_under_the_output_dir_of_an_s3_compatible_store():
+    from orchestrator.capture_plan import _join
+
+    assert _join("s3://b/run1?endpoint_override=h:9&scheme=http", "heldout") == \
+        "s3://b/run1/heldout?endpoint_override=h:9&scheme=http"
+    assert _join("/data/out/", "bc") == "/data/out/bc"
+
+
 def test_import_directions():
     """actors/, tune_spaces/, serve/ import orchestrator core, never each other; only the pipeline
     and CLI import everything; pure-torch modules import no Ray."""
