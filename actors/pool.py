@@ -22,9 +22,9 @@ from collections.abc import Callable, Iterable
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from actors.teacher import TeacherWorker, WorkerSpec
-from orchestrator.errors import (RaydistillError, ShardError, is_transient, remote_cause,
-                                 remote_errors)
+from actors.teacher import CaptureSpec, TeacherWorker, WorkerSpec
+from orchestrator.errors import (ConfigError, RaydistillError, ShardError, is_transient,
+                                 remote_cause, remote_errors)
 from orchestrator.manifest import ShardInfo
 
 
@@ -46,9 +46,9 @@ class _Teacher:
             return self.worker.ready()
 
     def process(self, unit: int, records: list[tuple[str, str]],
-                target: tuple[str, dict] | None = None) -> ShardInfo:
+                capture: CaptureSpec) -> ShardInfo:
         with remote_errors("teacher.process"):
-            return self.worker.process(unit, records, target)
+            return self.worker.process(unit, records, capture)
 
     def close(self) -> None:
         if self.worker is not None:
@@ -86,13 +86,17 @@ class TeacherPool:
         return list(self.actors)
 
     def run(self, units: Iterable[tuple[int, list[tuple[str, str]]]],
-            on_shard: Callable[[ShardInfo], None], *, target: tuple[str, dict] | None = None,
+            on_shard: Callable[[ShardInfo], None], *, capture: CaptureSpec,
             may_submit: Callable[[float], bool] | None = None) -> None:
-        """Process every unit; `on_shard` is called in the driver as each shard is published.
+        """Process every unit of one capture; `on_shard` is called in the driver as each shard is
+        published.
 
-        target: (output_dir, shard_meta) when this capture is not the spec's own;
+        capture: that capture's own settings (output, k, length, long-text policy, shard
+        metadata), sent with every unit — the engine is shared, the settings are not;
         may_submit(seconds_waited): backpressure — no new unit is sent while it returns False.
         """
+        self._check(capture)
+        capture_ref = ray.put(capture)  # once, not per unit (Ray resolves it for each task)
         queue = collections.deque(units)
         failures: collections.Counter[int] = collections.Counter()
         inflight: dict[ray.ObjectRef, tuple[int, tuple[int, list]]] = {}
@@ -104,7 +108,7 @@ class TeacherPool:
             for slot in range(len(self.actors)):
                 while allowed and queue and per_actor[slot] < self.max_inflight:
                     unit = queue.popleft()
-                    ref = self.actors[slot].process.remote(*unit, target)
+                    ref = self.actors[slot].process.remote(*unit, capture_ref)
                     inflight[ref] = (slot, unit)
                     per_actor[slot] += 1
             if not inflight:  # paused by backpressure with nothing running
@@ -126,6 +130,21 @@ class TeacherPool:
                 if isinstance(e.cause, ShardError):  # disk full, no permission: retrying won't help
                     raise ShardError(str(e.cause)) from None
                 self._fail(unit, failures, e, queue)
+
+    def _check(self, capture: CaptureSpec) -> None:
+        """A capture asks no more of the engine than its ready limits (engine length, k)."""
+        info = next((i for i in self.ready_info if i), None)
+        if info is None:
+            raise RuntimeError("TeacherPool.run before wait_ready")
+        if capture.mode != info["mode"]:
+            raise RaydistillError(f"a {capture.mode}-mode capture cannot run on the "
+                                  f"{info['mode']}-mode teachers")
+        if capture.k > info["max_k"] or capture.max_length > info["max_length"]:
+            raise ConfigError(
+                f"the capture into {capture.output_dir} needs k={capture.k} and sequences of "
+                f"{capture.max_length} tokens, but the teacher engine was started for k ≤ "
+                f"{info['max_k']} and {info['max_length']} tokens; raise teacher.max_model_len "
+                "or lower data.max_length / teacher.k")
 
     def _fail(self, unit, failures, error, queue) -> None:
         index = unit[0]

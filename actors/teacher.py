@@ -13,13 +13,17 @@ from orchestrator.teacher_info import load_tokenizer
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """Everything a teacher worker needs, as plain values (no config object crosses into actors)."""
+    """What the engine needs, as plain values (no config object crosses into actors). Shared by
+    every capture of one command that runs on this pool; what differs per capture is a
+    `CaptureSpec`, sent with each unit."""
 
     backend: str
     model: str
     revision: str | None
     mode: str
-    k: int
+    """`score` or `sample`: a scoring engine cannot sample (vLLM's runner differs)."""
+    max_k: int
+    """Largest k any capture on this engine asks for (vLLM's `max_logprobs` is fixed at start)."""
     dtype: str
     scoring: str
     memory_fraction: float
@@ -28,15 +32,42 @@ class WorkerSpec:
     tensor_parallel_size: int
     chunk_rows: int
     batch_tokens: int
-    temperature: float
-    top_p: float
-    num_samples: int
-    max_new_tokens: int
     seed: int
-    max_length: int
-    long_text: str
+    """The engine's own seed (vLLM); each prompt's samples are seeded by `CaptureSpec.seed`."""
+
+
+@dataclass(frozen=True)
+class CaptureSpec:
+    """What one capture needs from the engine — travels with each of its units, so captures of
+    different lengths, k or long-text policy share one engine without inheriting each other's
+    settings (the held-out split is truncated while the main capture is split, say)."""
+
     output_dir: str
+    mode: str
+    k: int
+    max_length: int
+    """Longest sequence: a longer text is split or truncated to it (score mode); a prompt keeps
+    its last `max_length - max_new_tokens` tokens (sample mode)."""
+    long_text: str
+    """`split` or `truncate` (score mode)."""
     shard_meta: dict
+    """Provenance written into every shard (teacher, tokenizer, fingerprint, capture kind)."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    num_samples: int = 1
+    max_new_tokens: int = 0
+    seed: int = 0
+    """Sample mode: the per-prompt seeds derive from it and the sample id."""
+
+    def done(self) -> dict:
+        """What this capture does to the records, recorded in each shard's metadata (training
+        checks it against what its config expects): the same fields `TeacherWorker.label` uses."""
+        out = {"mode": self.mode, "k": self.k, "max_length": self.max_length}
+        if self.mode == "score":
+            return out | {"long_text": self.long_text, "capture_temperature": 1.0}
+        return out | {"capture_temperature": self.temperature, "top_p": self.top_p,
+                      "num_samples": self.num_samples, "max_new_tokens": self.max_new_tokens,
+                      "sample_seed": self.seed}
 
 
 def make_backend(spec: WorkerSpec):
@@ -48,9 +79,9 @@ def make_backend(spec: WorkerSpec):
                          revision=spec.revision)
     from actors.vllm_backend import VLLMBackend
 
-    return VLLMBackend(spec.model, mode=spec.mode, k=spec.k, dtype=spec.dtype, scoring=spec.scoring,
-                       memory_fraction=spec.memory_fraction, kv_cache_gib=spec.kv_cache_gib,
-                       max_model_len=spec.max_model_len,
+    return VLLMBackend(spec.model, mode=spec.mode, k=spec.max_k, dtype=spec.dtype,
+                       scoring=spec.scoring, memory_fraction=spec.memory_fraction,
+                       kv_cache_gib=spec.kv_cache_gib, max_model_len=spec.max_model_len,
                        tensor_parallel_size=spec.tensor_parallel_size, seed=spec.seed,
                        chunk_rows=spec.chunk_rows, revision=spec.revision)
 
@@ -60,44 +91,48 @@ class TeacherWorker:
         self.spec = spec
         self.tokenizer = load_tokenizer(spec.model, revision=spec.revision)
         self.backend = make_backend(spec)
-        self.fs, self.root = filesystem(spec.output_dir)
+        self._outputs: dict[str, tuple] = {}  # output_dir → (filesystem, root)
 
     def ready(self) -> dict:
-        """Called once by the pool: proves the engine started and reports its limits."""
+        """Called once by the pool: proves the engine started and reports its limits (each
+        capture is checked against them: `TeacherPool.run`)."""
         import os
 
         return {"vocab_size": self.backend.vocab_size, "max_length": self.backend.max_length,
-                "max_k": self.backend.max_k, "pid": os.getpid()}
+                "max_k": self.backend.max_k, "mode": self.spec.mode, "pid": os.getpid()}
 
-    def process(self, unit: int, records: list[tuple[str, str]],
-                target: tuple[str, dict] | None = None) -> ShardInfo:
-        """Label one unit's (sample_id, text) records and publish them as one shard — into the
-        spec's output, or into `target` = (output_dir, shard_meta) of another capture of the same
-        mode (the held-out split shares the engine of the main capture)."""
+    def process(self, unit: int, records: list[tuple[str, str]], capture: CaptureSpec
+                ) -> ShardInfo:
+        """Label one unit's (sample_id, text) records as `capture` says and publish them as one
+        shard in its output_dir, its metadata saying what was done."""
         _test_delay()
-        rows = self.label(records)
-        if target is None:
-            return write_shard(self.fs, f"{self.root}/shards", unit, rows, self.spec.shard_meta)
-        fs, root = filesystem(target[0])
-        return write_shard(fs, f"{root}/shards", unit, rows, target[1])
+        rows = self.label(records, capture)
+        if capture.output_dir not in self._outputs:
+            self._outputs[capture.output_dir] = filesystem(capture.output_dir)
+        fs, root = self._outputs[capture.output_dir]
+        return write_shard(fs, f"{root}/shards", unit, rows, {**capture.shard_meta,
+                                                              **capture.done()})
 
-    def label(self, records: list[tuple[str, str]]) -> list[tuple[str, SoftLabels]]:
-        s = self.spec
+    def label(self, records: list[tuple[str, str]], capture: CaptureSpec
+              ) -> list[tuple[str, SoftLabels]]:
+        c = capture
+        if c.mode != self.spec.mode:  # the driver starts one pool per mode; never mix them
+            raise ValueError(f"a {c.mode}-mode capture sent to a {self.spec.mode}-mode engine")
         texts = [text for _, text in records]
         encoded = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
-        if s.mode == "score":
+        if c.mode == "score":
             ids, seqs = [], []
             for (sample_id, _), tokens in zip(records, encoded):
-                pieces = split_tokens(tokens, s.max_length, s.long_text)
+                pieces = split_tokens(tokens, c.max_length, c.long_text)
                 for j, piece in enumerate(pieces):
                     ids.append(sample_id if len(pieces) == 1 else f"{sample_id}#p{j}")
                     seqs.append(piece)
-            return list(zip(ids, self.backend.score(seqs, k=s.k)))
-        room = s.max_length - s.max_new_tokens
+            return list(zip(ids, self.backend.score(seqs, k=c.k)))
+        room = c.max_length - c.max_new_tokens
         prompts = [tokens[-room:] for tokens in encoded]  # long prompts keep their end
-        seeds = [stable_seed(s.seed, sample_id) for sample_id, _ in records]
-        outs = self.backend.sample(prompts, k=s.k, n=s.num_samples, temperature=s.temperature,
-                                   top_p=s.top_p, max_new_tokens=s.max_new_tokens, seeds=seeds,
+        seeds = [stable_seed(c.seed, sample_id) for sample_id, _ in records]
+        outs = self.backend.sample(prompts, k=c.k, n=c.num_samples, temperature=c.temperature,
+                                   top_p=c.top_p, max_new_tokens=c.max_new_tokens, seeds=seeds,
                                    eos_id=self.tokenizer.eos_token_id)
         return [(f"{sample_id}#s{j}", sl)
                 for (sample_id, _), samples in zip(records, outs) for j, sl in enumerate(samples)]

@@ -84,7 +84,8 @@ class DataConfig:
     max_length: int | None = None
     """Longest sequence in tokens; defaults to the engine's context length."""
     long_text: Literal["truncate", "split"] = "split"
-    """Texts longer than max_length: `split` into consecutive pieces (`<id>/<part>`) or `truncate`."""
+    """Texts longer than max_length: `split` into consecutive pieces (`<id>#p<j>`) or `truncate`.
+    The held-out split always truncates (one sequence per record: it is a measurement)."""
     on_bad_line: Literal["stop", "skip"] = "stop"
     """A malformed JSONL line: `stop` before any work with file:line, or `skip` it and count it."""
     limit: int | None = None
@@ -269,20 +270,34 @@ class Config:
     output_dir: str = ""
     """Where shards and the manifest go: a local path or an `s3://bucket/prefix` URI."""
 
-    def capture_fingerprint(self, *, format_version: int = 0) -> str:
-        """Hash of every setting that changes what the shards contain (not how fast they come),
-        and of the shard format version (a capture never mixes two formats)."""
+    def capture_keys(self, *, format_version: int = 0, data_sha256: str = "",
+                     selection: str = "all") -> dict:
+        """Every setting that changes what a capture's shards contain (not how fast they come):
+        teacher, k, mode, engine length, the data settings and the shard format version. The
+        data enter by content, not by path: `data_sha256` is `orchestrator.data.content_digest`
+        of the files `data.path` names (a moved copy resumes, an edited file is refused), and
+        `selection` says which of their records the capture keeps (`all`, or the train /
+        held-out side of `data.eval_fraction`) — so data.path, data.eval_path and
+        data.eval_fraction count only through those two."""
         t, d = self.teacher, self.data
-        keys = {"format_version": format_version,
-            "model": t.model, "revision": t.revision, "k": t.k, "mode": t.mode,
-            "max_model_len": t.max_model_len,
-            "data": dataclasses.asdict(d), "samples_per_shard": self.capture.samples_per_shard,
-        }
+        data = {k: v for k, v in dataclasses.asdict(d).items()
+                if k not in ("path", "eval_path", "eval_fraction")}
+        keys = {"format_version": format_version, "model": t.model, "revision": t.revision,
+                "k": t.k, "mode": t.mode, "max_model_len": t.max_model_len,
+                "data": data | {"content_sha256": data_sha256, "selection": selection},
+                "samples_per_shard": self.capture.samples_per_shard}
         if t.mode == "sample":  # sampling settings change nothing a scoring capture holds
             keys |= {"temperature": t.temperature, "top_p": t.top_p, "seed": t.seed,
                      "num_samples": t.num_samples, "max_new_tokens": t.max_new_tokens}
-        blob = json.dumps(keys, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return keys
+
+    def capture_fingerprint(self, *, format_version: int = 0, data_sha256: str = "",
+                            selection: str = "all") -> str:
+        """16 hex digits of the sha256 of `capture_keys` (same arguments): a capture never
+        resumes into shards of other settings, other data or another shard format."""
+        keys = self.capture_keys(format_version=format_version, data_sha256=data_sha256,
+                                 selection=selection)
+        return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
 _SECTIONS = {"teacher": TeacherConfig, "data": DataConfig, "capture": CaptureConfig,
@@ -299,6 +314,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     validate(cfg)
     cfg.teacher.model = _expand(cfg.teacher.model)
     cfg.data.path = _expand(cfg.data.path)
+    cfg.data.eval_path = _expand(cfg.data.eval_path)
     cfg.output_dir = os.path.abspath(_expand(cfg.output_dir)) if "://" not in cfg.output_dir \
         else cfg.output_dir
     return cfg

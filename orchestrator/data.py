@@ -29,21 +29,22 @@ class ScanResult:
     """`file:line: reason` of each skipped bad line (on_bad_line=skip)."""
 
 
-def dataset_files(path: str) -> list[Path]:
-    """The JSONL files `path` names: a file, a directory (its *.jsonl, sorted) or a glob."""
+def dataset_files(path: str, *, key: str = "data.path") -> list[Path]:
+    """The JSONL files `path` names: a file, a directory (its *.jsonl, sorted) or a glob.
+    `key` is the config field that named `path` (`data.path`, `data.eval_path`): errors say it."""
     p = Path(path)
     if p.is_file():
         return [p]
     if p.is_dir():
         files = sorted(f for f in p.glob("*.jsonl") if f.is_file())
         if not files:
-            raise DataError(f"data.path {path} is a directory without *.jsonl files; "
-                            "put the dataset there as JSON lines or point data.path at the file")
+            raise DataError(f"{key} {path} is a directory without *.jsonl files; "
+                            f"put the dataset there as JSON lines or point {key} at the file")
         return files
     matches = sorted(Path(m) for m in glob.glob(path) if Path(m).is_file())
     if matches:
         return matches
-    raise DataError(f"data.path {path} does not exist; point it at a JSONL file "
+    raise DataError(f"{key} {path} does not exist; point it at a JSONL file "
                     "(one JSON object per line, e.g. {\"text\": \"...\"})")
 
 
@@ -136,18 +137,48 @@ def _bad(message: str, on_bad_line: str, skipped: list[str] | None) -> None:
 
 
 def scan(path: str, *, field: str, fallback_field: str | None, id_field: str, on_bad_line: str,
-         limit: int | None, keep=None) -> ScanResult:
-    """Read the whole dataset once before compute: count records, find bad lines, refuse empty."""
-    files = dataset_files(path)
+         limit: int | None, keep=None, key: str = "data.path") -> ScanResult:
+    """Read the whole dataset once before compute: count records, find bad lines, refuse empty.
+    `key`: the config field that names `path`, for the messages."""
+    files = dataset_files(path, key=key)
     skipped: list[str] = []
     n = sum(1 for _ in iter_records(files, field=field, fallback_field=fallback_field,
                                     id_field=id_field, on_bad_line=on_bad_line, limit=limit,
                                     skipped=skipped, keep=keep))
     if n == 0:
         extra = f" ({len(skipped)} bad lines skipped)" if skipped else ""
-        raise DataError(f"data.path {path} holds no usable records{extra}; each line must be a "
+        raise DataError(f"{key} {path} holds no usable records{extra}; each line must be a "
                         f"JSON object with a non-empty '{field}' string")
     return ScanResult(files, n, skipped)
+
+
+def content_digest(files: list[Path]) -> dict:
+    """What a capture's fingerprint knows of its data: the sha256 of each file's name and bytes,
+    in order, read in 1 MiB blocks — {"sha256": hex, "files": [{"name", "bytes"}]}.
+
+    By content, not path: a dataset moved or copied elsewhere with the same bytes keeps its
+    captures; one edited (even keeping its size and mtime) does not. The file *name* counts
+    (records without an id are `<file name>:<line>`), its directory does not. Cost: one streamed
+    read, ~0.08 s per 100 MB here — the pre-flight scan that parses every line takes ~1.2 s.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    listed = []
+    for path in files:
+        h.update(f"{path.name}\0".encode())
+        size = 0
+        try:
+            with open(path, "rb") as fh:
+                while block := fh.read(1 << 20):
+                    h.update(block)
+                    size += len(block)
+        except OSError as e:
+            raise DataError(f"{path} cannot be read ({e.strerror or e}); check the file's "
+                            "permissions") from None
+        h.update(f"\0{size}\0".encode())
+        listed.append({"name": path.name, "bytes": size})
+    return {"sha256": h.hexdigest(), "files": listed}
 
 
 def units(records, size: int):

@@ -22,7 +22,8 @@ import os
 import threading
 from dataclasses import replace
 
-from orchestrator.capture_plan import CapturePlan, Teachers, plan_captures
+from orchestrator.capture_plan import CaptureKind, CapturePlan, plan_captures
+from orchestrator.capture_run import Teachers
 from orchestrator.config import Config
 from orchestrator.errors import ConfigError, RaydistillError
 from orchestrator.manifest import Manifest, filesystem
@@ -39,7 +40,7 @@ def capture(cfg: Config, *, fresh: bool = False, repair: bool = False) -> Manife
     plans = plan_captures(cfg, fresh=fresh, repair=repair)
     started_ray = _init_ray()
     try:
-        with Teachers(cfg) as teachers:
+        with Teachers() as teachers:
             for plan in plans:
                 teachers.capture(plan)
     finally:
@@ -55,7 +56,7 @@ def train(cfg: Config, *, resume: str | None = None) -> str:
         if plan.todo:
             m = plan.manifest
             raise ConfigError(
-                f"the {'' if plan.label == 'capture' else plan.label + ' '}capture in "
+                f"the {'' if plan.kind is CaptureKind.MAIN else plan.label + ' '}capture in "
                 f"{plan.cfg.output_dir} is incomplete "
                 f"({len(m.shards)}/{m.total_units} shards); run `raydistill capture CONFIG` first, "
                 "or `raydistill run CONFIG` to capture and train together")
@@ -79,8 +80,8 @@ def run(cfg: Config, *, fresh: bool = False, resume: str | None = None) -> str:
 
     experiment = _experiment(cfg, resume)
     plans = plan_captures(cfg, fresh=fresh)
-    main, held = plans[0], [p for p in plans if p.label == "held-out"]
-    later = [p for p in plans[1:] if p.label != "held-out"]
+    main, held = plans[0], [p for p in plans if p.kind is CaptureKind.HELDOUT]
+    later = [p for p in plans if p.kind is CaptureKind.BC]
     for plan in plans:
         if plan.manifest.shards:
             check_shards(plan, verify_all=False)
@@ -90,7 +91,7 @@ def run(cfg: Config, *, fresh: bool = False, resume: str | None = None) -> str:
         max_ahead = max(cfg.train.max_shards_ahead, 2 * max(1, cfg.train.num_workers))
         board = ray.remote(ShardBoard).options(num_cpus=0).remote(max_ahead=max_ahead)
         board.publish.remote(len(main.manifest.shards))
-        with _interruptible(experiment), Teachers(cfg) as teachers:
+        with _interruptible(experiment), Teachers() as teachers:
             for plan in held:
                 teachers.capture(plan)
             streaming = bool(main.todo)
@@ -138,7 +139,7 @@ def tune(cfg: Config, *, resume: str | None = None) -> str:
                           f"{cfg.output_dir}/{SWEEPS_DIR}; omit --resume to start a new one")
     capture_cfg = replace(cfg, train=replace(cfg.train, baselines=[]))  # KD students only
     plans = plan_captures(capture_cfg)
-    held = next((p for p in plans if p.label == "held-out"), None)
+    held = next((p for p in plans if p.kind is CaptureKind.HELDOUT), None)
     if held is None:
         raise ConfigError("tune ranks students on held-out metrics: set data.eval_path, or "
                           "data.eval_fraction > 0")
@@ -199,7 +200,7 @@ def _capture_once(cfg: Config, plans: list[CapturePlan]) -> None:
     """Capture only what is missing; every trial reads the same shards."""
     todo = [p for p in plans if p.todo]
     if todo:
-        with Teachers(cfg) as teachers:
+        with Teachers() as teachers:
             for plan in todo:
                 teachers.capture(plan)
     else:
@@ -348,7 +349,7 @@ class _CaptureThread:
                 for plan in plans:  # the streamed capture (if any) first, under backpressure
                     if self.stop.is_set():
                         return
-                    streamed = plan.label == "capture"
+                    streamed = plan.kind is CaptureKind.MAIN
                     teachers.capture(plan, may_submit=may_submit if streamed else None,
                                      quiet=True, on_published=(lambda n: board.publish.remote(n))
                                      if streamed else None)
@@ -379,10 +380,10 @@ def _train_students(cfg: Config, plans: list[CapturePlan], experiment: str, *, b
     from orchestrator.training import fit_student
 
     t, s, tr = cfg.teacher, cfg.student, cfg.train
-    by_label = {p.label: p for p in plans}
-    main = by_label["capture"]
-    held = by_label.get("held-out")
-    bc = by_label.get("bc samples", main if t.mode == "sample" else None)
+    by_kind = {p.kind: p for p in plans}
+    main = by_kind[CaptureKind.MAIN]
+    held = by_kind.get(CaptureKind.HELDOUT)
+    bc = by_kind.get(CaptureKind.BC, main if t.mode == "sample" else None)
     shape = resolve_shape(preset=s.preset, layers=s.layers, hidden=s.hidden, heads=s.heads,
                           intermediate=s.intermediate)
     warn_if_not_smaller(t.model, shape)
@@ -418,7 +419,7 @@ def _train_students(cfg: Config, plans: list[CapturePlan], experiment: str, *, b
         return result
 
     streamed = [sp for sp in specs.values() if sp.streaming]
-    capture_total = by_label["capture"].manifest.total_units if streamed else None
+    capture_total = main.manifest.total_units if streamed else None
     parallel = _students_at_once(cfg, len(specs))
     if parallel > 1:
         threads = max(1, int(tr.cpus_per_worker))
@@ -455,7 +456,7 @@ def _loop_spec(cfg: Config, *, plan: CapturePlan, held: CapturePlan | None, alph
         shards_uri=plan.cfg.output_dir, units=list(range(plan.manifest.total_units)),
         streaming=streaming, heldout_uri=held.cfg.output_dir if held else None,
         eval_samples=tr.eval_samples,
-        expect={"tokenizer_fingerprint": plan.shard_meta["tokenizer_fingerprint"]},
+        expect=plan.expect(), heldout_expect=held.expect() if held else None,
         loss=tr.loss, temperature=tr.temperature, alpha=alpha, beta=tr.beta, tail=tr.tail,
         lr=tr.lr, warmup_steps=tr.warmup_steps, batch_size=tr.batch_size,
         grad_accum=tr.grad_accum, max_steps=tr.max_steps, eval_every=tr.eval_every,

@@ -10,7 +10,6 @@ from orchestrator.errors import ConfigError, ShardError
 from orchestrator.manifest import SHARDS_DIR
 from orchestrator.progress import say
 from orchestrator.shards import load_shard, read_bytes, shard_metadata
-from orchestrator.teacher_info import inspect_teacher
 
 if TYPE_CHECKING:
     from orchestrator.capture_plan import CapturePlan
@@ -18,14 +17,14 @@ if TYPE_CHECKING:
 
 
 def check_shards(plan: CapturePlan, *, verify_all: bool) -> None:
-    """Before training: the shards must come from this config's teacher and tokenizer, and (for
+    """Before training: the shards must come from this config's teacher and tokenizer, captured
+    as the config says (mode, k, max_length, long_text…), and (for
     `train`) every one must match its checksum — a bad shard is named, never trained on."""
     import hashlib as _h
 
     from orchestrator.train_data import check_shard_origin
 
-    info = inspect_teacher(plan.cfg.teacher.model, revision=plan.cfg.teacher.revision)
-    expect = {"tokenizer_fingerprint": info.tokenizer_fingerprint}
+    expect = plan.expect()  # the teacher's tokenizer and how the capture was made
     for n, (unit, shard) in enumerate(sorted(plan.manifest.shards.items())):
         path = f"{plan.root}/{SHARDS_DIR}/{shard.file}"
         if n == 0 or verify_all:

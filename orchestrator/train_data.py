@@ -87,13 +87,21 @@ class ShardWatcher:
 
 
 def check_shard_origin(meta: dict, expect: dict, *, name: str) -> None:
-    """Refuse shards whose teacher or tokenizer differs from the one the config names."""
+    """Refuse shards whose teacher or tokenizer differs from the one the config names, or that
+    record another way of capturing (mode, k, max_length, long_text, temperature…: every other
+    key of `expect`) than the config's capture does."""
     for key, what in (("tokenizer_fingerprint", "tokenizer"), ("teacher_model", "teacher model")):
         if key in expect and meta.get(key) != expect[key]:
             raise ShardError(
                 f"shard {name} was captured with another {what} ({meta.get(key)!r}) than the "
                 f"config's teacher ({expect[key]!r}); the student would learn another model's "
                 "labels. Point output_dir at a capture of this teacher, or recapture with --fresh")
+    other = [f"{key} {meta.get(key)!r} (the config's: {want!r})" for key, want in expect.items()
+             if key not in ("tokenizer_fingerprint", "teacher_model") and meta.get(key) != want]
+    if other:
+        raise ShardError(
+            f"shard {name} was captured otherwise than the config says: {', '.join(other)}; the "
+            "student would learn from other labels than it asks for. Recapture with --fresh")
 
 
 class _ReadShard:

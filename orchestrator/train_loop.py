@@ -40,6 +40,8 @@ class LoopSpec:
     heldout_uri: str | None
     eval_samples: int
     expect: dict
+    """What every training shard's metadata must say (tokenizer, mode, k, max_length,
+    long_text…; `train_data.check_shard_origin`)."""
     loss: str
     temperature: float
     alpha: float
@@ -58,6 +60,9 @@ class LoopSpec:
     board: object = None
     label: str = "kd"
     torch_threads: int = 0
+    heldout_expect: dict | None = None
+    """The same for the held-out shards (captured with their own settings); None: the tokenizer
+    of `expect` only."""
     """Intra-op threads of each worker; 0 leaves torch's default (every core). Students trained
     side by side get their CPU share: each using every core slows both down several-fold."""
     local: bool = False
@@ -142,7 +147,10 @@ def train_worker(config: dict) -> None:
     heldout = []
     if spec.heldout_uri:
         heldout = heldout_samples(ShardWatcher(spec.heldout_uri, wait=False), rank=rank,
-                                  world=world, limit=spec.eval_samples, expect=spec.expect)
+                                  world=world, limit=spec.eval_samples,
+                                  expect=spec.heldout_expect or {
+                                      "tokenizer_fingerprint": spec.expect.get(
+                                          "tokenizer_fingerprint")})
 
     window = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "tokens": 0, "wait": 0.0, "time": 0.0, "n": 0}
     model.train()

@@ -183,3 +183,45 @@ def wait_until(ready, *, timeout_s: float = 60.0) -> None:
     while not ready():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.25)
+
+
+def assert_split_main_truncated_heldout(out, model: str, texts: dict[str, str], *,
+                                        max_length: int) -> None:
+    """The main capture in `out` holds every one of its records split into `#p<j>` pieces of at
+    most `max_length` tokens that together are the tokenizer's tokens of the record (none
+    truncated; a 1-token tail has nothing to predict and is dropped); the held-out capture in
+    `out/heldout` holds each of its records once, truncated to its first `max_length` tokens (the
+    documented policy); each shard's metadata says which it did. `texts`: sample id → text of
+    every record of both captures."""
+    from collections import defaultdict
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    from orchestrator.shards import META_KEY, read_shards
+    from orchestrator.teacher_info import load_tokenizer
+
+    tok = load_tokenizer(model)
+    pieces = defaultdict(dict)
+    for r in read_shards(str(out)):
+        sid, _, part = r["sample_id"].partition("#p")
+        assert len(r["input_ids"]) <= max_length
+        pieces[sid][int(part or 0)] = list(r["input_ids"])
+    assert any(len(p) > 1 for p in pieces.values()), "no long text was split"
+    for sid, parts in pieces.items():
+        assert sorted(parts) == list(range(len(parts)))
+        whole = tok(texts[sid], add_special_tokens=True)["input_ids"]
+        joined = [t for j in range(len(parts)) for t in parts[j]]
+        assert joined == whole or (joined == whole[:-1] and len(whole) % max_length == 1), sid
+    held = list(read_shards(str(Path(out) / "heldout")))
+    assert held and not [r["sample_id"] for r in held if "#" in r["sample_id"]], "held-out split"
+    assert not set(pieces) & {r["sample_id"] for r in held}  # disjoint splits
+    assert any(len(tok(texts[r["sample_id"]])["input_ids"]) > max_length for r in held)
+    for r in held:
+        whole = tok(texts[r["sample_id"]], add_special_tokens=True)["input_ids"]
+        assert list(r["input_ids"]) == whole[:max_length]
+    for sub, policy, kind in (("", "split", "main"), ("heldout", "truncate", "heldout")):
+        for shard in (Path(out) / sub / "shards").glob("*.parquet"):
+            meta = json.loads(pq.read_schema(shard).metadata[META_KEY])
+            assert (meta["long_text"], meta["max_length"], meta["capture"]) == \
+                (policy, max_length, kind), shard

@@ -225,6 +225,9 @@ GOOD = json.dumps({"text": "x = 1"})
 DATA_CASES = [
     pytest.param("missing", None, {}, ["does not exist; point it at a JSONL file"],
                  id="missing-file"),
+    pytest.param("eval-missing", None, {},
+                 ["data.eval_path", "e.jsonl does not exist; point it at a JSONL file"],
+                 id="missing-eval-file"),
     pytest.param("dir", None, {}, ["is a directory without *.jsonl files"],
                  id="directory-without-jsonl"),
     pytest.param("bytes", b"", {}, ["holds no usable records"], id="empty-file"),
@@ -268,10 +271,37 @@ def test_dataset(kind, content, data_sets, phrases, intact, captured, tmp_path, 
     elif kind == "lines":
         write_jsonl(path, content)
     cfg = _good_config(captured, intact["out"])
-    cfg["data"] |= {"path": str(path), **data_sets}
+    if kind == "eval-missing":  # data.path is fine; the held-out file named by eval_path is not
+        cfg["data"]["eval_path"] = str(tmp_path / "e.jsonl")
+    else:
+        cfg["data"] |= {"path": str(path), **data_sets}
     code, text = _cli(["capture", str(_write_config(tmp_path / "c.yaml", cfg))], capsys)
     assert code == 2
     _assert_says(text, phrases)
+
+
+def test_edited_dataset_is_refused_a_moved_one_resumes(captured, tmp_path, capsys):
+    """Captures are content-addressed: the dataset copied elsewhere (same bytes) resumes the
+    capture; one byte of it edited, the capture is refused with the --fresh hint and stays as
+    it was."""
+    out = _copy_capture(captured, tmp_path / "out")
+    moved = tmp_path / "moved" / Path(captured["data"]).name
+    moved.parent.mkdir()
+    shutil.copy(captured["data"], moved)
+    cfg = _good_config(captured, out)
+    cfg["data"]["path"] = str(moved)
+    path = _write_config(tmp_path / "c.yaml", cfg)
+    before = _snapshot(out)
+    code, text = _cli(["capture", str(path)], capsys)
+    assert code == 0, text
+    _assert_says(text, ["capture: complete"])
+    assert _snapshot(out) == before
+    moved.write_bytes(moved.read_bytes().replace(b"def ", b"def  ", 1))
+    code, text = _cli(["capture", str(path)], capsys)
+    assert code == 2
+    _assert_says(text, ["holds another capture", f"the content of data.path {moved} changed since "
+                        "it was captured (sha256", "rerun with --fresh to delete that capture"])
+    assert _snapshot(out) == before
 
 
 def test_skipped_lines_are_counted_and_the_rest_captured(tiny_teacher, ray_session, tmp_path,
@@ -369,6 +399,10 @@ SHARD_CASES = [
                                             tokenizer_fingerprint="feedfacefeedface"),
                  "train", [], ["was captured with another tokenizer ('feedfacefeedface')",
                                "recapture with --fresh"], id="another-tokenizer"),
+    pytest.param(lambda out: _rewrite_shard(out, "shard-000000.parquet", long_text="truncate"),
+                 "train", [], ["was captured otherwise than the config says: long_text "
+                               "'truncate' (the config's: 'split')", "Recapture with --fresh"],
+                 id="captured-otherwise"),
     pytest.param(lambda out: _rewrite_shard(out, "shard-000000.parquet", format_version=3),
                  "inspect", [], ["has shard format 3", "this raydistill reads format 2"],
                  id="other-shard-format"),

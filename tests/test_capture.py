@@ -10,14 +10,17 @@ import sys
 import time
 from pathlib import Path
 
+import json
+
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from orchestrator.cli import main
 from orchestrator.errors import ConfigError, DataError, ShardError
 from orchestrator.pipeline import capture
-from orchestrator.shards import load_shard, read_shards
-from tests.conftest import capture_config, write_jsonl
+from orchestrator.shards import META_KEY, decode_rows, load_shard, read_shards
+from tests.conftest import assert_split_main_truncated_heldout, capture_config, write_jsonl
 
 
 def ids_of(out: str) -> list[str]:
@@ -64,6 +67,66 @@ def test_hf_score_capture_via_cli(tmp_path, tiny_teacher, dataset, ray_session, 
     assert main(["inspect", str(tmp_path / "out")]) == 0
 
 
+@pytest.mark.parametrize("heldout", ["eval_fraction", "eval_path"])
+def test_capture_splits_the_main_texts_and_truncates_the_heldout_split(
+        heldout, tmp_path, tiny_teacher, texts, ray_session):
+    """`capture` with long_text: split and a held-out split: the main capture runs first and
+    starts the engine, yet the held-out capture after it on the same engine is truncated (its
+    documented policy), and the main one is split, none of it truncated."""
+    main = {f"t{i}": t for i, t in enumerate(texts[:24])}
+    data = write_jsonl(tmp_path / "d.jsonl", [{"id": i, "text": t} for i, t in main.items()])
+    sets = {"data.long_text": "split", "data.max_length": 64, "train.eval_samples": 16}
+    if heldout == "eval_path":
+        held = {f"e{i}": t for i, t in enumerate(texts[60:66])}
+        sets["data.eval_path"] = write_jsonl(tmp_path / "e.jsonl",
+                                             [{"id": i, "text": t} for i, t in held.items()])
+    else:
+        held = {}
+        sets["data.eval_fraction"] = 0.25
+    cfg = capture_config(tmp_path, tiny_teacher, data, **sets)
+    capture(cfg)
+    assert_split_main_truncated_heldout(cfg.output_dir, tiny_teacher, main | held, max_length=64)
+
+
+def test_one_engine_serves_captures_with_their_own_settings(tmp_path, tiny_teacher, dataset,
+                                                            ray_session):
+    """One pool (real Ray actor, transformers engine), two captures with different k, length and
+    long-text policy, one after the other and back: each unit is labelled as its own capture
+    says, whichever capture ran first on the engine."""
+    from actors.pool import TeacherPool
+    from orchestrator import data as data_mod
+    from orchestrator.manifest import filesystem
+
+    records = data_mod.iter_records(data_mod.dataset_files(dataset), field="text",
+                                    fallback_field=None, id_field="id", on_bad_line="stop",
+                                    limit=8)
+    units = [(u, [(r.sample_id, r.text) for r in b]) for u, b in data_mod.units(records, 4)]
+    specs = {"a": _capture_spec(str(tmp_path / "a"), k=4, max_length=48, long_text="truncate"),
+             "b": _capture_spec(str(tmp_path / "b"), k=8, max_length=96, long_text="split"),
+             "c": _capture_spec(str(tmp_path / "c"), k=2, max_length=32, long_text="split")}
+    for spec in specs.values():
+        filesystem(spec.output_dir)[0].create_dir(f"{spec.output_dir}/shards", recursive=True)
+    pool = TeacherPool(_engine(tiny_teacher), num_actors=1, num_cpus=0.5, num_gpus=0,
+                       log=lambda m: None)
+    try:
+        assert pool.wait_ready()["max_k"] >= 8
+        for name in ("a", "b", "c"):
+            pool.run(units, lambda info: None, capture=specs[name])
+    finally:
+        pool.shutdown()
+    for name, spec in specs.items():
+        files = sorted(Path(spec.output_dir, "shards").glob("*.parquet"))
+        assert len(files) == 2
+        rows = [r for f in files for r in decode_rows(load_shard(f.read_bytes(), name=str(f)))]
+        assert {r["topk_ids"].shape[1] for r in rows} == {spec.k}
+        assert max(len(r["input_ids"]) for r in rows) == spec.max_length
+        split = any("#p" in r["sample_id"] for r in rows)
+        assert split == (spec.long_text == "split"), name
+        meta = json.loads(pq.read_schema(files[0]).metadata[META_KEY])
+        assert (meta["k"], meta["max_length"], meta["long_text"]) == \
+            (spec.k, spec.max_length, spec.long_text)
+
+
 def test_sample_mode_capture(tmp_path, tiny_teacher, texts, ray_session):
     data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": t[:80]} for t in texts[:6]])
     cfg = capture_config(tmp_path, tiny_teacher, data, **{
@@ -103,12 +166,11 @@ def test_actor_killed_midway_is_replaced(how, tmp_path, tiny_teacher, dataset, r
     from actors.pool import TeacherPool
     from orchestrator import data as data_mod
     from orchestrator.manifest import filesystem
-    from orchestrator.capture_plan import _worker_spec
 
     cfg = capture_config(tmp_path, tiny_teacher, dataset, **{"capture.samples_per_shard": 4})
     filesystem(cfg.output_dir)[0].create_dir(f"{cfg.output_dir}/shards", recursive=True)
-    spec = _worker_spec(cfg, max_length=128, shard_meta={"k": 8, "fingerprint": "x"})
-    pool = TeacherPool(spec, num_actors=1, num_cpus=0.5, num_gpus=0, log=lambda m: None)
+    pool = TeacherPool(_engine(tiny_teacher), num_actors=1, num_cpus=0.5, num_gpus=0,
+                       log=lambda m: None)
     pool.wait_ready()
     done = []
 
@@ -124,7 +186,7 @@ def test_actor_killed_midway_is_replaced(how, tmp_path, tiny_teacher, dataset, r
                                     fallback_field=None, id_field="id", on_bad_line="stop")
     units = [(u, [(r.sample_id, r.text) for r in b]) for u, b in data_mod.units(records, 4)]
     try:
-        pool.run(units, on_shard)
+        pool.run(units, on_shard, capture=_capture_spec(cfg.output_dir, k=8, max_length=128))
     finally:
         pool.shutdown()
     assert pool.replacements == 1
@@ -138,6 +200,24 @@ def test_actor_killed_midway_is_replaced(how, tmp_path, tiny_teacher, dataset, r
     ids = [i for p in files for i in pq.read_table(p, columns=["sample_id"])["sample_id"].to_pylist()]
     assert len(ids) == len(set(ids))  # no piece twice
     assert {i.split("#")[0] for i in ids} == {f"t{i}" for i in range(40)}  # no sample lost
+
+
+def _engine(model: str, **overrides):
+    """A transformers-backend engine spec for pool tests (score mode)."""
+    from actors.teacher import WorkerSpec
+
+    return WorkerSpec(**{"backend": "hf", "model": model, "revision": None, "mode": "score",
+                         "max_k": 8, "dtype": "float32", "scoring": "hidden",
+                         "memory_fraction": 0.15, "kv_cache_gib": None, "max_model_len": None,
+                         "tensor_parallel_size": 1, "chunk_rows": 512, "batch_tokens": 8192,
+                         "seed": 0} | overrides)
+
+
+def _capture_spec(output_dir: str, *, k: int, max_length: int, long_text: str = "split"):
+    from actors.teacher import CaptureSpec
+
+    return CaptureSpec(output_dir=output_dir, mode="score", k=k, max_length=max_length,
+                       long_text=long_text, shard_meta={"fingerprint": "x"})
 
 
 def assert_manifest_matches_files(out: Path) -> None:
@@ -254,6 +334,51 @@ def test_output_dir_of_another_run_is_refused(tmp_path, tiny_teacher, dataset, r
     assert (Path(cfg.output_dir) / "notes.txt").read_text() == "mine"  # not the capture's to delete
 
 
+def test_captures_are_content_addressed(tmp_path, tiny_teacher, texts, ray_session):
+    """The fingerprint covers the data's bytes, not its path: a moved copy resumes (nothing
+    recaptured), an edited dataset is refused with the --fresh hint. The behaviour-cloning
+    prompts live in the bc capture, are fingerprinted by content and go with --fresh."""
+    import shutil
+
+    rows = [{"id": i, "text": t} for i, t in enumerate(texts[:8])]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    sets = {"train.baselines": "[bc]", "train.bc_prompt_tokens": 8, "data.max_length": 48}
+    capture(capture_config(tmp_path, tiny_teacher, data, **sets))
+    out = tmp_path / "out"
+    (prompts,) = (out / "bc").glob("prompts-*.jsonl")
+    shards = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
+
+    moved = tmp_path / "elsewhere" / "d.jsonl"
+    moved.parent.mkdir()
+    shutil.copy(data, moved)
+    cfg = capture_config(tmp_path, tiny_teacher, str(moved), **sets)
+    capture(cfg)  # same bytes, another path: resumed, nothing redone
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")} == shards
+
+    prompts.write_text(prompts.read_text().replace('"prompt": "', '"prompt": "# ', 1))
+    with pytest.raises(ConfigError, match=r"holds another capture .*the content of the bc "
+                                          r"prompts .*changed.*--fresh"):
+        capture(cfg)
+    write_jsonl(moved, [{"id": 0, "text": "edited = True\n" + texts[0]}, *rows[1:]])
+    with pytest.raises(ConfigError, match=r"holds another capture .*the content of data.path "
+                                          r".*d.jsonl changed since it was captured.*--fresh"):
+        capture(cfg)
+    capture(cfg, fresh=True)
+    assert not prompts.exists()  # --fresh removed the old prompts; new ones come from the edit
+    (new_prompts,) = (out / "bc").glob("prompts-*.jsonl")
+    assert json.loads(new_prompts.read_text().splitlines()[0])["prompt"].startswith("edited")
+    assert {r["sample_id"] for r in read_shards(str(out / "bc"))} == \
+        {f"{i}#s0" for i in range(8)}
+
+
+def test_derived_captures_sit_under_the_output_dir_of_an_s3_compatible_store():
+    from orchestrator.capture_plan import _join
+
+    assert _join("s3://b/run1?endpoint_override=h:9&scheme=http", "heldout") == \
+        "s3://b/run1/heldout?endpoint_override=h:9&scheme=http"
+    assert _join("/data/out/", "bc") == "/data/out/bc"
+
+
 def test_import_directions():
     """actors/, tune_spaces/, serve/ import orchestrator core, never each other; only the pipeline
     and CLI import everything; pure-torch modules import no Ray."""
@@ -267,7 +392,7 @@ def test_import_directions():
             for mod in _imports(ast.parse(f.read_text())):
                 assert mod.split(".")[0] not in banned, f"{f} imports {mod}"
     for f in (root / "orchestrator").rglob("*.py"):
-        if f.stem in ("pipeline", "capture_plan", "cli"):  # the driver (capture_plan is its part)
+        if f.stem in ("pipeline", "capture_plan", "capture_run", "cli"):  # the driver, its parts
             continue
         for mod in _imports(ast.parse(f.read_text())):
             assert mod.split(".")[0] not in ("actors", "tune_spaces", "serve"), f"{f} imports {mod}"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import train_config, write_jsonl
+from conftest import assert_split_main_truncated_heldout, train_config, write_jsonl
 from orchestrator.cli import main
 
 
@@ -55,6 +55,33 @@ def test_a_fast_teacher_pauses_for_the_students(tmp_path, tiny_teacher, texts, r
     assert report["settings"]["streaming"]["capture_paused_s"] > 0
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["complete"]
     assert report["history"]["kd"][-1]["step"] == 24
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("heldout", ["eval_fraction", "eval_path"])
+def test_run_splits_the_training_texts_the_heldout_capture_started_the_engine_for(
+        heldout, tmp_path, tiny_teacher, texts, ray_session):
+    """`run` captures the held-out split first (truncated, as documented), on the engine the
+    main capture then streams through: the main capture's long texts are still split into
+    `#p<j>` pieces, none truncated, and the students train on them and evaluate on the
+    held-out shards (both checked against what their shards say was done)."""
+    from orchestrator import pipeline
+
+    main = {str(i): t for i, t in enumerate(texts[:24])}
+    sets = {"data.long_text": "split", "data.max_length": 64, "train.baselines": "[]",
+            "train.max_steps": 4, "train.eval_every": 2, "train.log_every": 2}
+    if heldout == "eval_path":
+        held = {f"e{i}": t for i, t in enumerate(texts[60:66])}
+        sets["data.eval_path"] = write_jsonl(tmp_path / "e.jsonl",
+                                             [{"id": i, "text": t} for i, t in held.items()])
+    else:
+        held, sets["data.eval_fraction"] = {}, 0.25
+    data = write_jsonl(tmp_path / "d.jsonl", [{"id": i, "text": t} for i, t in main.items()])
+    cfg = train_config(tmp_path / "out", tiny_teacher, data, **sets)
+    report = _report(pipeline.run(cfg))
+    assert_split_main_truncated_heldout(tmp_path / "out", tiny_teacher, main | held, max_length=64)
+    assert report["history"]["kd"][-1]["step"] == 4
+    assert report["students"]["kd"]["student_nll"] > 0  # evaluated on the held-out shards
 
 
 _VLLM_LOAD = """

@@ -102,3 +102,15 @@ def test_training_sections_do_not_change_the_capture_fingerprint():
     b = load_config(None, BASE + ["train.loss=jsd", "student.preset=mini", "train.temperature=2"])
     assert a.capture_fingerprint() == b.capture_fingerprint()
     assert b.train.loss == "jsd" and b.student.preset == "mini"
+
+
+def test_fingerprint_covers_the_data_by_content_not_by_path():
+    a = load_config(None, BASE)
+    moved = load_config(None, ["teacher.model=/m", "data.path=/elsewhere/d.jsonl", "output_dir=/o"])
+    assert a.capture_fingerprint(data_sha256="x") == moved.capture_fingerprint(data_sha256="x")
+    assert a.capture_fingerprint(data_sha256="x") != a.capture_fingerprint(data_sha256="y")
+    # the held-out fraction counts through the records a capture keeps
+    assert a.capture_fingerprint(selection="train:0.05") != \
+        a.capture_fingerprint(selection="train:0.1")
+    assert a.capture_keys(data_sha256="x")["data"]["content_sha256"] == "x"
+    assert "path" not in a.capture_keys()["data"]

@@ -62,3 +62,21 @@ def test_long_text_split_and_truncate():
     assert split_tokens(toks, 4, "truncate") == [[0, 1, 2, 3]]
     assert split_tokens(list(range(9)), 4, "split") == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert split_tokens(toks, 20, "split") == [toks]
+
+
+def test_content_digest_follows_bytes_and_names_not_directories(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    rows = [{"text": "a"}, {"text": "b"}]
+    first = data.content_digest([data.dataset_files(write_jsonl(tmp_path / "a" / "d.jsonl", rows))[0]])
+    copy = data.content_digest([data.dataset_files(write_jsonl(tmp_path / "b" / "d.jsonl", rows))[0]])
+    assert first == copy and first["files"] == [{"name": "d.jsonl", "bytes": 28}]
+    edited = write_jsonl(tmp_path / "b" / "d.jsonl", [{"text": "a"}, {"text": "c"}])  # same size
+    assert data.content_digest(data.dataset_files(edited))["sha256"] != first["sha256"]
+    renamed = write_jsonl(tmp_path / "b" / "e.jsonl", rows)  # ids default to <file name>:<line>
+    assert data.content_digest(data.dataset_files(renamed))["sha256"] != first["sha256"]
+
+
+def test_missing_eval_file_is_named_as_data_eval_path(tmp_path):
+    with pytest.raises(DataError, match=r"^data.eval_path .*e.jsonl does not exist"):
+        data.dataset_files(str(tmp_path / "e.jsonl"), key="data.eval_path")
