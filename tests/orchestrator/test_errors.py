@@ -228,10 +228,10 @@ def test_a_teacher_engine_that_fails_to_start_is_named(tmp_path, tiny_teacher, d
                                                        ray_session):
     """A real teacher actor (runtime_env carries the hook) whose start raises Nasty."""
     from actors.pool import TeacherPool
-    from orchestrator.capture_plan import _worker_spec
+    from orchestrator.capture_plan import plan_captures
 
     cfg = capture_config(tmp_path, tiny_teacher, dataset)
-    spec = _worker_spec(cfg, max_length=128, shard_meta={"k": 8, "fingerprint": "x"})
+    spec = plan_captures(cfg)[0].engine_spec()
     pool = TeacherPool(spec, num_actors=1, num_cpus=0.5, num_gpus=0, log=lambda m: None,
                        runtime_env={"env_vars": _nasty_env(tmp_path, "teacher.start")})
     try:
