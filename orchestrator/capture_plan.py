@@ -350,7 +350,7 @@ def _worker_spec(cfg: Config, *, max_length: int, shard_meta: dict):
         batch_tokens=t.batch_tokens, temperature=t.temperature, top_p=t.top_p,
         num_samples=t.num_samples, max_new_tokens=t.max_new_tokens, seed=t.seed,
         max_length=max_length, long_text=cfg.data.long_text, output_dir=cfg.output_dir,
-        shard_meta=shard_meta)
+        shard_meta=shard_meta, tail_temperatures=tuple(float(x) for x in t.tail_temperatures))
 
 
 _STORAGE_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",

@@ -26,6 +26,8 @@ def check_shards(plan: CapturePlan, *, verify_all: bool) -> None:
 
     info = inspect_teacher(plan.cfg.teacher.model, revision=plan.cfg.teacher.revision)
     expect = {"tokenizer_fingerprint": info.tokenizer_fingerprint}
+    if plan.cfg.train.tail == "bucket":
+        expect["tail_temperature"] = plan.cfg.train.temperature
     for n, (unit, shard) in enumerate(sorted(plan.manifest.shards.items())):
         path = f"{plan.root}/{SHARDS_DIR}/{shard.file}"
         if n == 0 or verify_all:
