@@ -2,14 +2,14 @@
 
 Score mode, `scoring="hidden"` (default): the engine runs as a pooling model that returns the final
 hidden state of every position as one tensor; the LM head — weight, bias, soft cap and logit scale
-as the model's config and checkpoint give them — log-sum-exp and top-k are then applied here, chunk
-by chunk (`softlabels.topk_from_hidden`). At start a self-check compares this head with vLLM's own
-on one sequence and refuses to start on disagreement (`self_check`, actors/vllm_head_check.py).
-vLLM's own `prompt_logprobs` path builds a
-Python object per position and rank, which caps it at ~0.2× the model's forward speed; the hidden
-path keeps everything in tensors. `scoring="prompt_logprobs"` uses vLLM's path (for heads the fast path
-refuses). Sample mode uses vLLM's sampler with `logprobs=k` (flat form).
-vLLM is imported here only, so `import actors` stays fast.
+as the model's checkpoint and config give them — log-sum-exp and top-k are then applied here,
+chunk by chunk (`softlabels.topk_from_hidden`). vLLM's own `prompt_logprobs` path builds a Python
+object per position and rank, which caps it at ~0.2× the model's forward speed; the hidden path
+keeps everything in tensors. At start, `self_check` scores one sequence through this head and
+through vLLM's own (actors/vllm_head_check.py) and refuses to start when they disagree.
+`scoring="prompt_logprobs"` uses vLLM's path (for heads the fast path refuses). Sample mode uses
+vLLM's sampler with `logprobs=k` (flat form). vLLM is imported here only, so `import actors` stays
+fast.
 """
 
 from __future__ import annotations

@@ -32,6 +32,8 @@ class HeadReference:
 
         model = self.get_model()
         hidden = torch.tensor(hidden, dtype=torch.float32)
+        device = next(model.parameters()).device
+        dtype = self.vllm_config.model_config.dtype  # the engine's compute dtype
         restore = {}
         for name in ("lm_head", "logits_processor"):
             mod = model._modules.get(name)
@@ -39,18 +41,18 @@ class HeadReference:
                 restore[name] = mod
                 real = mod.__dict__["module"]
                 if name == "lm_head":
-                    real = _materialise_head(real, Path(model_dir), device=hidden.device)
+                    real = _materialise_head(real, Path(model_dir), device=device)
                 model._modules[name] = real
         processor = model._modules.get("logits_processor")
         saved_dtype = getattr(processor, "head_dtype", None)
         if processor is not None:  # the generate runner's head dtype (the pooling runner's is fp32)
-            processor.head_dtype = (next(model.parameters()).dtype if head_dtype == "model"
+            processor.head_dtype = (dtype if head_dtype == "model"
                                     else getattr(torch, head_dtype))
         try:
-            device = next(model.parameters()).device
-            dtype = next(model.parameters()).dtype
             with torch.inference_mode():
                 logits = model.compute_logits(hidden.to(device, dtype))
+                if logits is None:  # a tensor-parallel rank other than the one that gathers
+                    return None
                 lps = torch.log_softmax(logits.float(), dim=-1)
                 vals, ids = lps.topk(k, dim=-1)
         finally:
