@@ -62,9 +62,10 @@ class TeacherConfig:
     max_model_len: int | None = None
     """Context length of the engine; defaults to the model's max_position_embeddings."""
     scoring: Literal["hidden", "prompt_logprobs"] = "hidden"
-    """vLLM scoring path: `hidden` returns hidden states and computes top-k on tensors (fast);
-    `prompt_logprobs` uses vLLM's own per-position logprob objects (slow, for models whose head is
-    not a plain linear layer)."""
+    """vLLM scoring path: `hidden` returns hidden states and applies the model's head (weight, bias,
+    soft cap, logit scale) and top-k on tensors (fast; checked against vLLM's own head at start);
+    `prompt_logprobs` uses vLLM's own per-position logprob objects (slow, for heads the fast path
+    refuses)."""
     chunk_rows: int = 512
     """Positions whose full-vocabulary logits exist at once (bounds the actor's peak memory)."""
     batch_tokens: int = 8192
