@@ -26,10 +26,10 @@ def build_teacher(family: str, out: str) -> str:
                   num_hidden_layers=2, intermediate_size=256, max_position_embeddings=256)
     if family == "phi":          # lm_head has a bias
         cfg = tf.PhiConfig(**common, num_key_value_heads=2)
-    elif family == "gemma2":     # tanh soft cap of the logits (attention soft cap left off:
-        cfg = tf.Gemma2Config(   # vLLM's CPU attention does not implement it)
-            **common, num_key_value_heads=1, head_dim=64, final_logit_softcapping=10.0,
-            attn_logit_softcapping=None, sliding_window=64)
+    elif family == "gemma2":     # tanh soft cap of the logits (and of attention, as Gemma 2 has)
+        cfg = tf.Gemma2Config(**common, num_key_value_heads=1, head_dim=64,
+                              final_logit_softcapping=10.0, attn_logit_softcapping=50.0,
+                              sliding_window=64)
     else:                        # logits divided by logits_scaling
         cfg = tf.GraniteConfig(**common, num_key_value_heads=2, logits_scaling=4.0,
                                tie_word_embeddings=False)
