@@ -1,7 +1,8 @@
 """Transformers teacher backend: the reference implementation and the fallback when vLLM is absent.
 
 Runs the decoder body once per batch, then the LM head chunk by chunk (`softlabels.topk_from_hidden`),
-so no [tokens × vocab] tensor larger than one chunk ever exists. Sampling is a plain KV-cached loop
+so no [tokens × vocab] tensor larger than one chunk ever exists. The head is the model's: its output
+layer's weight and bias, then the soft cap / logit scale of its config (`softlabels.head_transform`). Sampling is a plain KV-cached loop
 with a seeded `torch.Generator` per prompt, which makes it reproducible and lets the raw (T=1)
 top-k be recorded at each step without keeping every step's logits.
 """
@@ -11,13 +12,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from orchestrator.softlabels import SoftLabels, topk_from_hidden, topk_from_logits
+from orchestrator.softlabels import SoftLabels, head_transform, topk_from_hidden, topk_from_logits
 
 
 class HFBackend:
     def __init__(self, model_path: str, *, dtype: str = "auto", device: str | None = None,
                  chunk_rows: int = 512, batch_tokens: int = 8192, max_length: int | None = None,
-                 revision: str | None = None):
+                 revision: str | None = None, tail_temperatures: tuple[float, ...] = ()):
         from transformers import AutoModelForCausalLM
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -28,8 +29,11 @@ class HFBackend:
             model_path, dtype=torch_dtype, revision=revision, local_files_only=True
         ).to(self.device).eval()
         cfg = self.model.config
-        if getattr(cfg, "final_logit_softcapping", None):
-            raise NotImplementedError("teacher models with final_logit_softcapping are not supported yet")
+        # the model's whole head: weight and bias of its output layer, then the soft cap and
+        # logit scale its config sets (refused when it sets anything else)
+        self.head_args = head_transform(cfg.to_dict(), fix="use teacher.backend=vllm with "
+                                        "teacher.scoring=prompt_logprobs")
+        self.tail_temperatures = tuple(tail_temperatures)
         self.head = self.model.get_output_embeddings()
         self.body = getattr(self.model, self.model.base_model_prefix)
         self.vocab_size = int(self.head.weight.shape[0])
@@ -54,16 +58,17 @@ class HFBackend:
             valid = mask.bool()
             targets = torch.full_like(ids, -1)
             targets[:, :-1] = torch.where(valid[:, 1:], ids[:, 1:], -1)
-            top_ids, top_lps, tlp = topk_from_hidden(
+            top_ids, top_lps, tlp, tails = topk_from_hidden(
                 hidden[valid.to(self.device)], self.head.weight, k=k,
                 targets=targets[valid].to(self.device), chunk_rows=self.chunk_rows,
-                bias=self.head.bias)
+                bias=self.head.bias, tail_temperatures=self.tail_temperatures, **self.head_args)
             offset = 0
             for i in batch:
                 seq, n = sequences[i], len(sequences[i])
-                out[i] = SoftLabels(np.asarray(seq, dtype=np.int32), 0, 0,
-                                    top_ids[offset:offset + n].numpy(),
-                                    top_lps[offset:offset + n].numpy(), tlp[offset:offset + n].numpy())
+                part = slice(offset, offset + n)
+                out[i] = SoftLabels(np.asarray(seq, dtype=np.int32), 0, 0, top_ids[part].numpy(),
+                                    top_lps[part].numpy(), tlp[part].numpy(), tails[part].numpy(),
+                                    (1.0, *self.tail_temperatures))
                 offset += n
         return out  # type: ignore[return-value]
 
@@ -80,16 +85,17 @@ class HFBackend:
         ids = torch.tensor([prompt] * n, device=self.device)
         out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
         past, logits = out.past_key_values, out.logits[:, -1]
-        tokens, top_ids, top_lps, tlps = [], [], [], []
+        tokens, top_ids, top_lps, tlps, tails = [], [], [], [], []
         done = torch.zeros(n, dtype=torch.bool, device=self.device)
         lengths = torch.full((n,), max_new_tokens, dtype=torch.long)
         for step in range(max_new_tokens):
             nxt = _sample_next(logits.float(), temperature=temperature, top_p=top_p, generator=gen)
-            c_ids, c_lps, c_tlp = topk_from_logits(logits, k=k, targets=nxt)
+            c = topk_from_logits(logits, k=k, targets=nxt, tail_temperatures=self.tail_temperatures)
             tokens.append(nxt.cpu())
-            top_ids.append(c_ids)
-            top_lps.append(c_lps)
-            tlps.append(c_tlp)
+            top_ids.append(c.ids)
+            top_lps.append(c.logprobs)
+            tlps.append(c.target_logprobs)
+            tails.append(c.tail_mass)
             if eos_id is not None:
                 newly = (nxt == eos_id) & ~done
                 lengths[newly.cpu()] = step + 1
@@ -99,13 +105,13 @@ class HFBackend:
             out = self.model(input_ids=nxt[:, None], past_key_values=past, use_cache=True)
             past, logits = out.past_key_values, out.logits[:, -1]
         tok = torch.stack(tokens, 1).numpy()
-        tid, tlp_k, tt = (torch.stack(x, 1).numpy() for x in (top_ids, top_lps, tlps))
+        tid, tlp_k, tt, tm = (torch.stack(x, 1).numpy() for x in (top_ids, top_lps, tlps, tails))
         results = []
         for r in range(n):
             g = int(min(lengths[r], tok.shape[1]))
             seq = np.concatenate([np.asarray(prompt, dtype=np.int32), tok[r, :g].astype(np.int32)])
             results.append(SoftLabels(seq, len(prompt), len(prompt) - 1, tid[r, :g], tlp_k[r, :g],
-                                      tt[r, :g]))
+                                      tt[r, :g], tm[r, :g], (1.0, *self.tail_temperatures)))
         return results
 
     def close(self) -> None:

@@ -34,6 +34,8 @@ class WorkerSpec:
     batch_tokens: int
     seed: int
     """The engine's own seed (vLLM); each prompt's samples are seeded by `CaptureSpec.seed`."""
+    tail_temperatures: tuple[float, ...] = ()
+    """Extra temperatures of the stored tail mass (teacher.tail_temperatures)."""
 
 
 @dataclass(frozen=True)
@@ -76,14 +78,15 @@ def make_backend(spec: WorkerSpec):
 
         return HFBackend(spec.model, dtype=spec.dtype, chunk_rows=spec.chunk_rows,
                          batch_tokens=spec.batch_tokens, max_length=spec.max_model_len,
-                         revision=spec.revision)
+                         revision=spec.revision, tail_temperatures=spec.tail_temperatures)
     from actors.vllm_backend import VLLMBackend
 
     return VLLMBackend(spec.model, mode=spec.mode, k=spec.max_k, dtype=spec.dtype,
                        scoring=spec.scoring, memory_fraction=spec.memory_fraction,
                        kv_cache_gib=spec.kv_cache_gib, max_model_len=spec.max_model_len,
                        tensor_parallel_size=spec.tensor_parallel_size, seed=spec.seed,
-                       chunk_rows=spec.chunk_rows, revision=spec.revision)
+                       chunk_rows=spec.chunk_rows, revision=spec.revision,
+                       tail_temperatures=spec.tail_temperatures)
 
 
 class TeacherWorker:

@@ -122,6 +122,18 @@ def agreement(ref_ids, ref_lps, ref_t, ids, lps, t) -> dict:
             "target_lp_meandiff": float(d_t.mean()) if d_t.size else float("nan")}
 
 
+def lp_error(ref_ids, ref_lps, ids, lps) -> dict:
+    """Max / mean |Δ log-prob| of the same token ids at the same positions (rows aligned): every
+    (row, id) in both top-k lists. Rank-independent, so near-ties that swap order do not count."""
+    errs = []
+    for r_ids, r_lps, o_ids, o_lps in zip(ref_ids, ref_lps, ids, lps):
+        common, ri, oi = np.intersect1d(r_ids, o_ids, assume_unique=True, return_indices=True)
+        errs.append(np.abs(r_lps[ri].astype(np.float64) - o_lps[oi]))
+    e = np.concatenate(errs) if errs else np.zeros(0)
+    return {"max_nats": float(e.max()) if e.size else float("nan"),
+            "mean_nats": float(e.mean()) if e.size else float("nan"), "pairs": int(e.size)}
+
+
 def bench_hf_backend(path: Path, seqs, repeats: int, ref: Reference):
     from actors.hf_backend import HFBackend
 
@@ -172,6 +184,7 @@ def bench_vllm_backend(path: Path, seqs, repeats: int, ref: Reference, *, dtype:
                          ref=ref)
         res["engine_start_s"] = start_s
         if scoring == "hidden":
+            diag["self_check"] = be.self_check()  # vs vLLM's own head on the same hidden states
             # Where the time goes: the engine's forward (hidden states out) vs the LM head + top-k.
             from vllm.inputs import TokensPrompt
 
@@ -380,13 +393,38 @@ def main(argv=None) -> int:
         log(f"  vs HF: top-1 same {a['top1_same']:.4f}, top-64 overlap {a['topk_overlap']:.4f}, "
             f"top-1 Δlp max {a['top1_lp_maxdiff']:.3f}, target Δlp max {a['target_lp_maxdiff']:.3f}")
 
+    vllm_pl = None
+
+    def head_errors(key, dtype, out, diag):
+        """The fast path's error against vLLM's own prompt_logprobs in the same dtype (bf16, from
+        (b)) and against the fp32 reference (the HF backend in fp32), on the same batch."""
+        ids, lps = stack(out, "topk_ids"), stack(out, "topk_logprobs")
+        errs = R.setdefault("head_error", {}).setdefault(key, {})
+        if diag.get("self_check"):
+            errs["self_check"] = diag["self_check"]
+        if vllm_pl is not None and dtype == "bfloat16" and key == "vllm_hidden_bf16":
+            errs["vs_vllm_prompt_logprobs"] = lp_error(vllm_pl[0], vllm_pl[1], ids[keep],
+                                                       lps[keep])
+        if hf_out is not None:
+            errs["vs_fp32"] = lp_error(stack(hf_out, "topk_ids"), stack(hf_out, "topk_logprobs"),
+                                       ids, lps)
+            if vllm_pl is not None and key == "vllm_hidden_bf16":
+                h_ids, h_lps = stack(hf_out, "topk_ids")[keep], stack(hf_out, "topk_logprobs")[keep]
+                errs["vllm_prompt_logprobs_vs_fp32"] = lp_error(h_ids, h_lps, vllm_pl[0], vllm_pl[1])
+        log(f"  head error ({key}): " + "; ".join(
+            f"{name} max {e['max_nats']:.4f} / mean {e['mean_nats']:.4f} nat"
+            for name, e in errs.items()))
+
+    starts = np.cumsum([0] + [len(s) for s in seqs[:-1]])
+    keep = np.concatenate([np.arange(len(s) - 1) + o for s, o in zip(seqs, starts)])
     if "vllm_pl" in paths:
         got = attempt("vllm_pl", lambda: bench_vllm_prompt_logprobs(teacher, seqs, repeats, ref))
         if got:
             # vLLM's prompt position p (p >= 1) is HF row p - 1; the last HF row has no counterpart
             starts = np.cumsum([0] + [len(s) for s in seqs[:-1]])
             keep = np.concatenate([np.arange(len(s) - 1) + o for s, o in zip(seqs, starts)])
-            compare("vllm_pl", *(np.concatenate([a[j] for a in got[1]]) for j in range(3)), keep=keep)
+            vllm_pl = [np.concatenate([a[j] for a in got[1]]) for j in range(3)]
+            compare("vllm_pl", *vllm_pl, keep=keep)
 
     for key, dtype, scoring in (("vllm_hidden_bf16", "bfloat16", "hidden"),
                                 ("vllm_hidden_float32", "float32", "hidden"),
@@ -404,6 +442,7 @@ def main(argv=None) -> int:
                                  f"(e.g. {out[bad[0]].topk_ids.shape} for {len(seqs[bad[0]])} tokens)")
         else:
             compare(key, stack(out, "topk_ids"), stack(out, "topk_logprobs"), stack(out, "target_logprobs"))
+            head_errors(key, dtype, out, diag)
         if diag.get("encode"):
             R["diag"][f"encode_{dtype}"] = diag["encode"]
             log(f"  encode only: {diag['encode']['best']:,.0f} tok/s best")

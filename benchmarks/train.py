@@ -59,8 +59,10 @@ def _setup(seed: int = 0):
     t_lp = torch.log_softmax(teacher_logits, -1)
     top_lp, top_ids = t_lp.topk(K, dim=-1)
     targets = torch.cat([ids[:, 1:], torch.full((BATCH, 1), -100)], 1).reshape(-1)
+    tail = (1 - top_lp.double().exp().sum(-1, keepdim=True)).float()  # the stored r_1
     batch = {"ids": ids, "targets": targets, "topk_ids": top_ids, "topk_logprobs": top_lp,
-             "kd_mask": targets >= 0, "dense": t_lp}
+             "kd_mask": targets >= 0, "dense": t_lp, "tail_mass": tail,
+             "tail_temperatures": torch.ones(1)}
     return model, opt, batch
 
 
@@ -85,7 +87,9 @@ def _step(variant: str, model, opt, batch) -> None:
                             topk_logprobs=batch["topk_logprobs"], targets=batch["targets"],
                             kd_mask=batch["kd_mask"], kind=kind, alpha=0.5,
                             temperature=2.0 if variant.endswith("t2") else 1.0,
-                            tail="bucket" if variant.endswith("tail") else "renormalize").total
+                            tail="bucket" if variant.endswith("tail") else "renormalize",
+                            tail_mass=batch["tail_mass"],
+                            tail_temperatures=batch["tail_temperatures"]).total
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)

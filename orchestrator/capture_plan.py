@@ -125,7 +125,8 @@ class CapturePlan:
             dtype=t.dtype, scoring=t.scoring, memory_fraction=t.memory_fraction,
             kv_cache_gib=t.kv_cache_gib, max_model_len=t.max_model_len,
             tensor_parallel_size=t.tensor_parallel_size, chunk_rows=t.chunk_rows,
-            batch_tokens=t.batch_tokens, seed=t.seed)
+            batch_tokens=t.batch_tokens, seed=t.seed,
+            tail_temperatures=tuple(float(x) for x in t.tail_temperatures))
 
 
 @dataclass

@@ -62,13 +62,19 @@ class TeacherConfig:
     max_model_len: int | None = None
     """Context length of the engine; defaults to the model's max_position_embeddings."""
     scoring: Literal["hidden", "prompt_logprobs"] = "hidden"
-    """vLLM scoring path: `hidden` returns hidden states and computes top-k on tensors (fast);
-    `prompt_logprobs` uses vLLM's own per-position logprob objects (slow, for models whose head is
-    not a plain linear layer)."""
+    """vLLM scoring path: `hidden` returns hidden states and applies the model's head (weight, bias,
+    soft cap, logit scale) and top-k on tensors (fast; checked against vLLM's own head at start);
+    `prompt_logprobs` uses vLLM's own per-position logprob objects (slow, for heads the fast path
+    refuses)."""
     chunk_rows: int = 512
     """Positions whose full-vocabulary logits exist at once (bounds the actor's peak memory)."""
     batch_tokens: int = 8192
     """Tokens per forward pass in the transformers backend."""
+    tail_temperatures: list[float] = field(default_factory=list)
+    """Extra temperatures (besides 1) at which each position's exact tail mass outside the top-k is
+    stored, e.g. [2.0]: `train.tail=bucket` at a `train.temperature` other than 1 needs it. Each
+    costs one more pass over the vocabulary per position while capturing (score mode with
+    `scoring: hidden`, or the hf backend)."""
 
 
 @dataclass
@@ -286,6 +292,8 @@ class Config:
                 "k": t.k, "mode": t.mode, "max_model_len": t.max_model_len,
                 "data": data | {"content_sha256": data_sha256, "selection": selection},
                 "samples_per_shard": self.capture.samples_per_shard}
+        if t.tail_temperatures:
+            keys["tail_temperatures"] = sorted(float(x) for x in t.tail_temperatures)
         if t.mode == "sample":  # sampling settings change nothing a scoring capture holds
             keys |= {"temperature": t.temperature, "top_p": t.top_p, "seed": t.seed,
                      "num_samples": t.num_samples, "max_new_tokens": t.max_new_tokens}
@@ -431,6 +439,11 @@ def _coerce(name: str, tp, value):
             return value
         raise ConfigError(f"{name} must be a space name or a mapping of config keys to "
                           f"distributions, got {value!r}")
+    if origin is list and args == (float,):  # e.g. teacher.tail_temperatures: [2, 4]
+        items = value if isinstance(value, list) else [value] if value is not None else None
+        if items is None:
+            raise ConfigError(f"{name} must be a list of numbers, got {value!r}")
+        return [_coerce(f"{name}[{i}]", float, v) for i, v in enumerate(items)]
     if args and type(None) in args:  # X | None
         if value is None:
             return None

@@ -80,6 +80,7 @@ def validate(cfg: Config) -> None:
            f"teacher.memory_fraction must be in (0, 1), got {t.memory_fraction}")
     _check(t.chunk_rows >= 1, f"teacher.chunk_rows must be at least 1, got {t.chunk_rows}")
     _check(t.batch_tokens >= 1, f"teacher.batch_tokens must be at least 1, got {t.batch_tokens}")
+    _check_tail_temperatures(cfg)
     if t.kv_cache_gib is not None:
         _check(t.kv_cache_gib > 0, f"teacher.kv_cache_gib must be > 0, got {t.kv_cache_gib}")
     if t.max_model_len is not None:
@@ -97,6 +98,25 @@ def validate(cfg: Config) -> None:
     _validate_training(cfg)
     _validate_tune(cfg.tune)
     validate_serve(cfg.serve)
+
+
+def _check_tail_temperatures(cfg: Config) -> None:
+    t, tr = cfg.teacher, cfg.train
+    temps = t.tail_temperatures
+    _check(all(isinstance(x, (int, float)) and x > 0 for x in temps),
+           f"teacher.tail_temperatures must be a list of temperatures > 0, got {temps}")
+    if temps and t.backend == "vllm":
+        _check(t.mode == "score" and t.scoring == "hidden",
+               f"teacher.tail_temperatures {temps} needs the full distribution, which vLLM's "
+               f"{'sampler' if t.mode == 'sample' else 'prompt_logprobs'} does not return: use "
+               "teacher.mode=score with teacher.scoring=hidden, teacher.backend=hf, or "
+               "teacher.tail_temperatures=[]")
+    if tr.tail == "bucket" and tr.temperature != 1.0:
+        _check(any(abs(float(x) - tr.temperature) <= 1e-6 * tr.temperature for x in temps),
+               f"train.tail=bucket at train.temperature={tr.temperature:g} needs the teacher's "
+               f"tail mass at that temperature; add {tr.temperature:g} to "
+               f"teacher.tail_temperatures (now {temps}) and recapture, or use "
+               "train.tail=renormalize")
 
 
 def _validate_training(cfg: Config) -> None:

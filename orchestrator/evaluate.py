@@ -3,8 +3,9 @@
 On every held-out position that has a teacher label and a next token:
 - student NLL of the actual next token (→ student perplexity),
 - teacher NLL of the same token, from the capture's stored target log-prob (→ teacher perplexity),
-- KL(teacher ‖ student) over the teacher's top-k plus one tail bucket (T = 1): the divergence the
-  stored labels can measure, a lower bound on the full-vocabulary KL,
+- KL(teacher ‖ student) over the teacher's top-k plus one tail bucket (T = 1, the tail mass the
+  capture stored): the divergence the stored labels can measure, a lower bound on the
+  full-vocabulary KL,
 - top-1 agreement: the student's argmax is the teacher's most likely token.
 
 `evaluate` returns sums, so data-parallel workers can add theirs before `finish` divides.
@@ -17,7 +18,7 @@ import math
 import torch
 
 from orchestrator.batches import collate
-from orchestrator.losses import divergence
+from orchestrator.losses import divergence, tail_at
 
 SUM_KEYS = ("positions", "student_nll", "teacher_nll", "teacher_positions", "kl", "top1")
 
@@ -42,6 +43,7 @@ def evaluate(model, samples: list[dict], *, batch_size: int = 16, device: str = 
         targets = flat["targets"].to(device)[rows]
         ids = flat["topk_ids"].to(device)[rows].long()
         lps = flat["topk_logprobs"].to(device)[rows]
+        tail = tail_at(flat["tail_mass"], flat["tail_temperatures"], 1.0).to(device)[rows]
         teacher_t = _teacher_target_lp(samples[i:i + batch_size], batch.input_ids.shape[1])
         teacher_t = teacher_t.to(device)[rows]
         known = ~torch.isnan(teacher_t)
@@ -49,8 +51,8 @@ def evaluate(model, samples: list[dict], *, batch_size: int = 16, device: str = 
         sums["student_nll"] += torch.nn.functional.cross_entropy(lg, targets, reduction="sum").item()
         sums["teacher_nll"] += (-teacher_t[known]).sum().item()
         sums["teacher_positions"] += known.sum().item()
-        sums["kl"] += divergence(lg, ids, lps, kind="fkl", temperature=1.0,
-                                 tail="bucket").sum().item()
+        sums["kl"] += divergence(lg, ids, lps, kind="fkl", temperature=1.0, tail="bucket",
+                                 teacher_tail=tail).sum().item()
         sums["top1"] += (lg.argmax(-1) == ids[:, 0]).sum().item()
     model.train(was_training)
     return sums

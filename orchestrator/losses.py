@@ -8,9 +8,10 @@ the k tokens, and one "tail" bucket holding everything else. The student's tail 
   divergences between that distribution and the student's full softmax (tail tokens all have the
   same ratio, so one bucket loses nothing). Reverse KL would be infinite on a zero tail, so rKL
   compares both distributions restricted to the top-k and renormalised.
-- `bucket`: the teacher keeps its tail mass r = 1 − Σ top-k probabilities. At T ≠ 1 the tail is
-  tempered as if spread evenly over the other V − k tokens (the only assumption possible without
-  the tail's shape); at T = 1 this is exact.
+- `bucket`: the teacher keeps its tail mass at temperature T, r_T = Σ_tail p^(1/T) / Σ_all p^(1/T),
+  which the capture stored exactly (fp32, before quantisation; T = 1 always, other T when listed in
+  `teacher.tail_temperatures`). The top-k get softmax(lp / T over the k) · (1 − r_T), so the
+  teacher's k + 1 probabilities sum to exactly 1 whatever the log-prob quantisation.
 
 Temperature T divides the stored (T = 1) teacher log-probs and the student logits; the divergence is
 multiplied by T² so its gradients keep their scale (Hinton et al.). With k = V every kind equals
@@ -25,11 +26,13 @@ from typing import Literal
 
 import torch
 
+from orchestrator.errors import ShardError
+
 LossKind = Literal["fkl", "rkl", "jsd", "tvd"]
 TailMode = Literal["renormalize", "bucket"]
 LOSS_KINDS: tuple[str, ...] = ("fkl", "rkl", "jsd", "tvd")
 TAIL_MODES: tuple[str, ...] = ("renormalize", "bucket")
-_TINY = 1e-30
+_MIN_TAIL = 1e-12
 
 
 @dataclass
@@ -54,12 +57,15 @@ def distill_loss(
     alpha: float = 0.5,
     beta: float = 0.5,
     tail: TailMode = "renormalize",
+    tail_mass: torch.Tensor | None = None,
+    tail_temperatures: torch.Tensor | None = None,
 ) -> LossParts:
     """Blend a KD divergence with hard-label cross-entropy.
 
     student_logits: [N, V]; topk_ids, topk_logprobs: [N, k] (teacher, T = 1, full-vocab
     normalised); targets: [N] next-token ids, -100 where there is none; kd_mask: [N] bool, the
-    positions that have teacher labels (prompt positions are False in sample mode).
+    positions that have teacher labels (prompt positions are False in sample mode);
+    tail_mass: [N, m] the stored tail masses at tail_temperatures [m] (needed by tail=bucket).
     """
     logits = student_logits.float()
     lp = torch.log_softmax(logits, dim=-1)     # [N, V]: the only full-vocab tensor of the step
@@ -75,17 +81,22 @@ def distill_loss(
     labelled = kd_mask.unsqueeze(1)
     ids = torch.where(labelled, topk_ids, torch.zeros_like(topk_ids)).long()
     t_lp = torch.where(labelled, topk_logprobs.float(), torch.zeros_like(topk_logprobs, dtype=torch.float32))
+    r = None
+    if tail == "bucket":
+        r = tail_at(tail_mass, tail_temperatures, temperature)
+        r = torch.where(kd_mask, r.float(), torch.zeros_like(r, dtype=torch.float32))
     d = divergence(logits, ids, t_lp, kind=kind, temperature=temperature, beta=beta, tail=tail,
-                   student_logprobs=s_lp)
+                   teacher_tail=r, student_logprobs=s_lp)
     kd = _masked_mean(d, kd_mask)
     return LossParts(total=alpha * kd + (1.0 - alpha) * ce, kd=kd, ce=ce)
 
 
 def divergence(logits: torch.Tensor, ids: torch.Tensor, teacher_lp: torch.Tensor, *,
                kind: LossKind, temperature: float, beta: float = 0.5,
-               tail: TailMode = "renormalize",
+               tail: TailMode = "renormalize", teacher_tail: torch.Tensor | None = None,
                student_logprobs: torch.Tensor | None = None) -> torch.Tensor:
     """Per-row divergence × T² between teacher (top-k) and student (full logits [n, V]).
+    teacher_tail: [n] the teacher's stored tail mass r_T at this temperature (tail=bucket);
     `student_logprobs` = log_softmax(logits / T) when the caller already has it."""
     if kind not in LOSS_KINDS:
         raise ValueError(f"loss kind must be one of {', '.join(LOSS_KINDS)}, got {kind!r}")
@@ -97,7 +108,7 @@ def divergence(logits: torch.Tensor, ids: torch.Tensor, teacher_lp: torch.Tensor
         torch.log_softmax(logits / T, dim=-1)
     s_top = s_lp_all.gather(-1, ids)                                 # [n, k]
     s_tail = _log1mexp(torch.logsumexp(s_top, -1, keepdim=True))     # [n, 1]
-    t_top, t_tail = _teacher(teacher_lp, T=T, vocab=vocab, k=k, tail=tail)
+    t_top, t_tail = _teacher(teacher_lp, T=T, vocab=vocab, k=k, tail=tail, r=teacher_tail)
     if (kind == "rkl" and tail == "renormalize") or k >= vocab:
         s_top = s_top - torch.logsumexp(s_top, -1, keepdim=True)
         s_tail = torch.full_like(s_tail, -math.inf)
@@ -118,17 +129,34 @@ def divergence(logits: torch.Tensor, ids: torch.Tensor, teacher_lp: torch.Tensor
     return d * T * T
 
 
-def _teacher(lp: torch.Tensor, *, T: float, vocab: int, k: int, tail: TailMode):
+def _teacher(lp: torch.Tensor, *, T: float, vocab: int, k: int, tail: TailMode,
+             r: torch.Tensor | None):
     """Teacher log-probs at temperature T over (top-k, tail): [n, k], [n, 1]."""
     a = lp / T
+    top = a - torch.logsumexp(a, -1, keepdim=True)
     if tail == "renormalize" or k >= vocab:
-        top = a - torch.logsumexp(a, -1, keepdim=True)
         return top, torch.full_like(top[:, :1], -math.inf)
-    log_r = _log1mexp(torch.logsumexp(lp, -1, keepdim=True)).clamp(min=math.log(_TINY))
-    n_tail = vocab - k
-    tail_w = math.log(n_tail) + (log_r - math.log(n_tail)) / T      # (V-k)·(r/(V-k))^(1/T)
-    z = torch.logaddexp(torch.logsumexp(a, -1, keepdim=True), tail_w)
-    return a - z, tail_w - z
+    if r is None:
+        raise ValueError("tail='bucket' needs the teacher's stored tail mass (teacher_tail)")
+    # kept in [1e-12, 1 - 1e-12]: a zero tail would make reverse KL infinite (and its gradient NaN)
+    r = r.float().reshape(-1, 1).clamp(_MIN_TAIL, 1.0 - _MIN_TAIL)
+    return top + torch.log1p(-r), torch.log(r)
+
+
+def tail_at(tail_mass: torch.Tensor | None, tail_temperatures: torch.Tensor | None,
+            temperature: float) -> torch.Tensor:
+    """The [N] column of the stored tail masses [N, m] that was captured at `temperature`."""
+    if tail_mass is None or tail_temperatures is None:
+        raise ValueError("tail='bucket' needs the shards' tail_mass and tail_temperatures")
+    temps = [float(t) for t in tail_temperatures.reshape(-1).tolist()]
+    match = [j for j, t in enumerate(temps) if abs(t - temperature) <= 1e-6 * max(1.0, t)]
+    if not match:
+        raise ShardError(
+            f"train.tail=bucket at train.temperature={temperature:g} needs the teacher's tail mass "
+            f"at that temperature, but the capture stored it only at {temps}: add "
+            f"{temperature:g} to teacher.tail_temperatures and recapture, or use "
+            "train.tail=renormalize")
+    return tail_mass[..., match[0]]
 
 
 def _xlogy_diff(x: torch.Tensor, logx: torch.Tensor, logy: torch.Tensor) -> torch.Tensor:

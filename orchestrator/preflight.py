@@ -25,6 +25,8 @@ def check_shards(plan: CapturePlan, *, verify_all: bool) -> None:
     from orchestrator.train_data import check_shard_origin
 
     expect = plan.expect()  # the teacher's tokenizer and how the capture was made
+    if plan.cfg.train.tail == "bucket":
+        expect["tail_temperature"] = plan.cfg.train.temperature
     for n, (unit, shard) in enumerate(sorted(plan.manifest.shards.items())):
         path = f"{plan.root}/{SHARDS_DIR}/{shard.file}"
         if n == 0 or verify_all:

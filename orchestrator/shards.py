@@ -1,8 +1,9 @@
 """The soft-label shard format: Parquet files with a documented schema (docs/shards.md).
 
 One shard = one work unit = the soft labels of `samples_per_shard` records, written by one teacher
-actor. Top-k ids (exact) and log-probs (quantised to 1/51 nat, error ≤ 0.0098 nat, delta-coded in
-rank order) are stored as one-byte codes with escapes, which zstd packs close to their entropy.
+actor. Top-k ids (exact) and log-probs (quantised to 1/51 nat toward lower probability, delta-coded
+in rank order) are stored as one-byte codes with escapes, which zstd packs close to their entropy;
+each position's exact tail mass (fp32, computed before quantisation) is stored beside them.
 `read_shards` decodes back to plain numpy arrays, whatever the on-disk encoding.
 
 Writes are atomic: a local shard is written as `<name>.<pid>-<random>.tmp` and renamed; on S3 a
@@ -26,9 +27,11 @@ from orchestrator.manifest import (MANIFEST, SHARDS_DIR, ShardInfo, exists, file
                                    load_manifest, write_atomic)
 from orchestrator.softlabels import SoftLabels
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 LOGPROB_SCALE = 51
-"""Stored log-probs are round(-logprob × 51): steps of 1/51 nat, at most 1/102 ≈ 0.0098 nat off."""
+"""Stored top-k log-probs are ceil(-logprob × 51): steps of 1/51 nat, each at most 1/51 nat below
+the true value and never above (so Σ exp(stored) < 1 always). Target log-probs are rounded to
+nearest (at most 1/102 ≈ 0.0098 nat off)."""
 _ESC = 255
 """Byte code meaning "the value is in the row's *_ext column" (ids and log-prob deltas)."""
 _UNKNOWN = np.iinfo(np.uint16).max
@@ -50,6 +53,7 @@ SCHEMA = pa.schema([
     ("topk_logprob_codes", pa.binary()),
     ("topk_logprob_ext", pa.binary()),
     ("target_logprob", pa.list_(pa.uint16())),
+    ("tail_mass", pa.list_(pa.float32())),
 ])
 
 
@@ -58,14 +62,32 @@ def shard_name(unit: int) -> str:
 
 
 def quantise_logprobs(lps: np.ndarray) -> np.ndarray:
-    """[n, k] descending log-probs → [n, k] int64 deltas of round(-lp × 51) along each row."""
-    q = np.clip(np.rint(-lps.astype(np.float64) * LOGPROB_SCALE), 0, 1 << 30).astype(np.int64)
+    """[n, k] descending log-probs → [n, k] int64 deltas of ceil(-lp × 51) along each row.
+
+    Rounding toward lower probability keeps every dequantised row's Σ p below the true top-k
+    mass, so below 1 (round-to-nearest could lift a row with a tiny tail to Σ p ≥ 1). Differences
+    within a row — all a softmax over the top-k sees — err by < 1/51 nat, as with rounding to
+    nearest. A row whose fp32 log-probs themselves sum to ≥ 1 (tail below fp32 resolution) is
+    lowered by one more step."""
+    q = np.clip(np.ceil(-lps.astype(np.float64) * LOGPROB_SCALE), 0, 1 << 30).astype(np.int64)
     q = np.maximum.accumulate(q, axis=1)  # exact ties and rounding keep rows non-decreasing
+    over = np.exp(-q / LOGPROB_SCALE).sum(axis=1) >= 1.0
+    q[over] += 1
     return np.diff(q, axis=1, prepend=0)
 
 
 def dequantise_logprobs(deltas: np.ndarray) -> np.ndarray:
     return -(np.cumsum(deltas.astype(np.int64), axis=-1) / LOGPROB_SCALE).astype(np.float32)
+
+
+def _tail_values(sl: SoftLabels, temps: tuple[float, ...]) -> np.ndarray:
+    """One row's tail masses, [n · m] float32 row-major; every row of a shard has the same
+    temperatures (they are the capture's setting)."""
+    if tuple(sl.tail_temperatures) != temps:
+        raise ValueError(f"rows of one shard carry different tail temperatures "
+                         f"({sl.tail_temperatures} vs {temps})")
+    tail = np.asarray(sl.tail_mass, dtype=np.float32).reshape(len(sl.topk_ids), len(temps))
+    return tail.reshape(-1)
 
 
 def _split_codes(values: np.ndarray, ext_dtype) -> tuple[bytes, bytes]:
@@ -109,6 +131,7 @@ def build_table(rows: list[tuple[str, SoftLabels]], meta: dict) -> pa.Table:
     code_of[dictionary] = np.arange(len(dictionary))
     ext_dtype = "<u2" if len(dictionary) <= 1 << 16 else "<u4"
     cols: dict[str, list] = {name: [] for name in SCHEMA.names}
+    temps = tuple(rows[0][1].tail_temperatures) if rows else (1.0,)
     for sample_id, sl in rows:
         ids = sl.topk_ids.astype(np.int64).reshape(-1)
         id_codes, id_ext = _split_codes(code_of[ids], ext_dtype)
@@ -123,7 +146,9 @@ def build_table(rows: list[tuple[str, SoftLabels]], meta: dict) -> pa.Table:
         cols["topk_logprob_codes"].append(lp_codes)
         cols["topk_logprob_ext"].append(lp_ext)
         cols["target_logprob"].append(_encode_targets(sl.target_logprobs))
+        cols["tail_mass"].append(_tail_values(sl, temps))
     full_meta = {"format_version": FORMAT_VERSION, "logprob_scale": LOGPROB_SCALE,
+                 "tail_temperatures": list(temps),
                  "logprob_semantics": LOGPROB_SEMANTICS, "id_dictionary": dictionary.tolist(),
                  "id_ext_bytes": int(ext_dtype[-1]), **meta}
     schema = SCHEMA.with_metadata({META_KEY: json.dumps(full_meta, sort_keys=True).encode()})
@@ -190,8 +215,9 @@ def _binary_values(table: pa.Table, name: str, dtype) -> np.ndarray:
 def decode_table(table: pa.Table) -> dict[str, np.ndarray]:
     """Decode a whole shard at once (vectorised): flat label arrays over all rows' labels.
 
-    Returns `topk_ids [N, k]`, `topk_logprobs [N, k]`, `target_logprobs [N]` (N = Σ num_labels, in
-    row order) and `num_labels [rows]`.
+    Returns `topk_ids [N, k]`, `topk_logprobs [N, k]`, `target_logprobs [N]`, `tail_mass [N, m]`
+    (N = Σ num_labels, in row order; column j is the tail mass at `tail_temperatures[j]`, m of
+    them, 1.0 first), `tail_temperatures [m]` and `num_labels [rows]`.
     """
     meta = shard_metadata(table)
     k = int(meta["k"])
@@ -202,7 +228,10 @@ def decode_table(table: pa.Table) -> dict[str, np.ndarray]:
     lp_codes = _binary_values(table, "topk_logprob_codes", np.uint8)
     deltas = _join_codes(lp_codes, _binary_values(table, "topk_logprob_ext", "<u2"))
     targets = table.column("target_logprob").combine_chunks().values.to_numpy(zero_copy_only=False)
-    return {"topk_ids": ids.reshape(-1, k).astype(np.int32),
+    temps = np.asarray(meta["tail_temperatures"], dtype=np.float32)
+    tails = table.column("tail_mass").combine_chunks().values.to_numpy(zero_copy_only=False)
+    return {"tail_mass": tails.reshape(-1, len(temps)).astype(np.float32), "tail_temperatures": temps,
+            "topk_ids": ids.reshape(-1, k).astype(np.int32),
             "topk_logprobs": dequantise_logprobs(deltas.reshape(-1, k)),
             "target_logprobs": _decode_targets(targets),
             "num_labels": table.column("num_labels").to_numpy()}
@@ -210,7 +239,9 @@ def decode_table(table: pa.Table) -> dict[str, np.ndarray]:
 
 def decode_rows(table: pa.Table) -> Iterator[dict]:
     """Per-sample dicts: sample_id, input_ids [T], prompt_len, label_start, topk_ids [T, k] (-1 where
-    a position has no label), topk_logprobs [T, k] (-inf there), target_logprobs [T] (NaN there)."""
+    a position has no label), topk_logprobs [T, k] (-inf there), target_logprobs [T] (NaN there),
+    tail_mass [T, m] (NaN there; column j at temperature tail_temperatures[j]) and
+    tail_temperatures [m] float32 (the shard's, 1.0 first)."""
     flat = decode_table(table)
     k = flat["topk_ids"].shape[1]
     ends = np.cumsum(flat["num_labels"])
@@ -229,7 +260,10 @@ def decode_rows(table: pa.Table) -> Iterator[dict]:
         topk_ids[start:start + n] = flat["topk_ids"][a:b]
         topk_lps[start:start + n] = flat["topk_logprobs"][a:b]
         target[start:start + n] = flat["target_logprobs"][a:b]
-        yield {"sample_id": sample_ids[i], "input_ids": ids, "prompt_len": prompt_lens[i],
+        tail = np.full((T, flat["tail_mass"].shape[1]), np.nan, dtype=np.float32)
+        tail[start:start + n] = flat["tail_mass"][a:b]
+        yield {"tail_mass": tail, "tail_temperatures": flat["tail_temperatures"],
+               "sample_id": sample_ids[i], "input_ids": ids, "prompt_len": prompt_lens[i],
                "label_start": start, "topk_ids": topk_ids, "topk_logprobs": topk_lps,
                "target_logprobs": target}
 

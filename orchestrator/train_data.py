@@ -30,7 +30,8 @@ from orchestrator.errors import ShardError
 from orchestrator.manifest import MANIFEST, SHARDS_DIR, ShardInfo, exists, filesystem, load_manifest
 from orchestrator.shards import decode_rows, load_shard, read_bytes, shard_metadata
 
-_FIELDS = ("sample_id", "input_ids", "prompt_len", "topk_ids", "topk_logprobs")
+_FIELDS = ("sample_id", "input_ids", "prompt_len", "topk_ids", "topk_logprobs", "tail_mass",
+           "tail_temperatures")
 _EPOCHS_PER_PIPELINE = 8
 
 
@@ -96,12 +97,21 @@ def check_shard_origin(meta: dict, expect: dict, *, name: str) -> None:
                 f"shard {name} was captured with another {what} ({meta.get(key)!r}) than the "
                 f"config's teacher ({expect[key]!r}); the student would learn another model's "
                 "labels. Point output_dir at a capture of this teacher, or recapture with --fresh")
+    checked_above = ("tokenizer_fingerprint", "teacher_model", "tail_temperature")
     other = [f"{key} {meta.get(key)!r} (the config's: {want!r})" for key, want in expect.items()
-             if key not in ("tokenizer_fingerprint", "teacher_model") and meta.get(key) != want]
+             if key not in checked_above and meta.get(key) != want]
     if other:
         raise ShardError(
             f"shard {name} was captured otherwise than the config says: {', '.join(other)}; the "
             "student would learn from other labels than it asks for. Recapture with --fresh")
+    if "tail_temperature" in expect:  # train.tail=bucket at this temperature
+        T, stored = expect["tail_temperature"], meta.get("tail_temperatures", [])
+        if not any(abs(float(x) - T) <= 1e-6 * max(1.0, T) for x in stored):
+            raise ShardError(
+                f"shard {name} holds the teacher's tail mass at temperatures {stored}, not at "
+                f"train.temperature={T:g} that train.tail=bucket needs: add {T:g} to "
+                "teacher.tail_temperatures and recapture with --fresh, or use "
+                "train.tail=renormalize")
 
 
 class _ReadShard:

@@ -76,6 +76,8 @@ def test_vllm_score_agrees_with_hf(tiny_teacher, hf, seqs, scoring):
         for a, b in zip(got, ref):
             agree(a, b, atol=2e-3)
             np.testing.assert_allclose(a.target_logprobs, b.target_logprobs, atol=2e-3)
+            # the stored tail: from the full distribution (hidden) or 1 − Σ top-k in float64
+            np.testing.assert_allclose(a.tail_mass, b.tail_mass, atol=2e-3)
     finally:
         v.close()
 
@@ -95,8 +97,9 @@ def test_vllm_sample_seeded_and_agrees_with_hf_scoring(tiny_teacher, hf, seqs):
         assert (s.prompt_len, s.label_start, s.topk_ids.shape) == (20, 19, (10, K))
         scored = hf.score([list(s.input_ids)], k=K)[0]
         ref = type(s)(s.input_ids, 20, 19, scored.topk_ids[19:29], scored.topk_logprobs[19:29],
-                      scored.target_logprobs[19:29])
+                      scored.target_logprobs[19:29], scored.tail_mass[19:29])
         agree(s, ref, atol=2e-3)
         np.testing.assert_allclose(s.target_logprobs, ref.target_logprobs, atol=2e-3)
+        np.testing.assert_allclose(s.tail_mass, ref.tail_mass, atol=2e-3)
     finally:
         v.close()

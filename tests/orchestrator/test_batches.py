@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from orchestrator.batches import collate
@@ -12,8 +13,11 @@ def sample(T, k, prompt_len=0, start=0, n=None):
     lps = np.full((T, k), -np.inf, dtype=np.float32)
     top[start:start + n] = np.arange(k)
     lps[start:start + n] = np.log(np.full(k, 0.9 / k))
+    tail = np.full((T, 2), np.nan, dtype=np.float32)
+    tail[start:start + n] = [0.1, 0.3]
     return {"input_ids": ids, "prompt_len": prompt_len, "label_start": start, "topk_ids": top,
-            "topk_logprobs": lps}
+            "topk_logprobs": lps, "tail_mass": tail,
+            "tail_temperatures": np.asarray([1.0, 2.0], dtype=np.float32)}
 
 
 def test_collate_pads_masks_and_aligns_targets():
@@ -25,12 +29,15 @@ def test_collate_pads_masks_and_aligns_targets():
     assert b.targets[1].tolist() == [-100, -100, 13, 14, 15, 16, -100]
     assert b.kd_mask[1].tolist() == [False, False, True, True, True, True, False]
     assert b.kd_mask[0].tolist() == [True] * 5 + [False] * 2
+    # the stored tail masses travel with the labels: [B, L, m], 0 where there is no label
+    assert b.tail_mass.shape == (2, 7, 2) and b.tail_temperatures.tolist() == [1.0, 2.0]
+    assert b.tail_mass[1, 2].tolist() == pytest.approx([0.1, 0.3]) and b.tail_mass[1, 1].sum() == 0
 
 
 def test_batch_feeds_the_loss():
     b = collate([sample(5, 3), sample(7, 3, prompt_len=3, start=2, n=4)])
     logits = torch.randn(2 * 7, 20, requires_grad=True)
-    parts = distill_loss(logits, **b.flat(), kind="fkl", temperature=2.0, alpha=0.5)
+    parts = distill_loss(logits, **b.flat(), kind="fkl", temperature=2.0, alpha=0.5, tail="bucket")
     parts.total.backward()
     assert torch.isfinite(parts.total) and torch.isfinite(logits.grad).all()
     # rows without labels get no gradient from either term

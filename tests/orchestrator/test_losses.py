@@ -32,6 +32,11 @@ def teacher_topk(t_logits, k):
     return ids, vals
 
 
+def tail_of(t_logits, ids, T=1.0):
+    """The teacher's tail mass at T, as a capture stores it."""
+    return 1 - torch.softmax(t_logits.double() / T, -1).gather(1, ids).sum(-1).float()
+
+
 @pytest.fixture
 def logits():
     g = torch.Generator().manual_seed(0)
@@ -60,14 +65,17 @@ def test_equals_dense_reference_when_k_is_vocab(kind, tail, T, logits):
 def test_sparse_targets_are_sensible(kind, tail, logits):
     t_logits, s_logits = logits
     ids, lps = teacher_topk(t_logits, 8)
-    d = divergence(s_logits, ids, lps, kind=kind, temperature=2.0, tail=tail)
+    r1, r2 = tail_of(t_logits, ids), tail_of(t_logits, ids, 2.0)
+    d = divergence(s_logits, ids, lps, kind=kind, temperature=2.0, tail=tail, teacher_tail=r2)
     assert (d >= -1e-6).all() and torch.isfinite(d).all()
-    # a student equal to the teacher scores (near) zero at T = 1 in bucket mode
-    same = divergence(t_logits, ids, lps, kind=kind, temperature=1.0, tail="bucket")
-    assert same.abs().max() < 1e-5
+    # a student equal to the teacher scores (near) zero in bucket mode, at T = 1 and T = 2
+    for T, r in ((1.0, r1), (2.0, r2)):
+        same = divergence(t_logits, ids, lps, kind=kind, temperature=T, tail="bucket", teacher_tail=r)
+        assert same.abs().max() < 1e-5
     # and strictly better than a different student
-    assert (divergence(t_logits, ids, lps, kind=kind, temperature=1.0, tail=tail)
-            <= divergence(s_logits, ids, lps, kind=kind, temperature=1.0, tail=tail) + 1e-6).all()
+    assert (divergence(t_logits, ids, lps, kind=kind, temperature=1.0, tail=tail, teacher_tail=r1)
+            <= divergence(s_logits, ids, lps, kind=kind, temperature=1.0, tail=tail,
+                          teacher_tail=r1) + 1e-6).all()
 
 
 def test_sparse_fkl_bucket_close_to_dense_when_tail_small():
@@ -76,7 +84,8 @@ def test_sparse_fkl_bucket_close_to_dense_when_tail_small():
     s_logits = torch.randn(4, V, generator=g)
     ids, lps = teacher_topk(t_logits, 16)
     assert (lps.exp().sum(-1) > 0.98).all()
-    got = divergence(s_logits, ids, lps, kind="fkl", temperature=1.0, tail="bucket")
+    got = divergence(s_logits, ids, lps, kind="fkl", temperature=1.0, tail="bucket",
+                     teacher_tail=tail_of(t_logits, ids))
     torch.testing.assert_close(got, dense("fkl", t_logits, s_logits, 1.0), atol=0.05, rtol=0.02)
 
 

@@ -14,19 +14,45 @@ from orchestrator.softlabels import SoftLabels
 def fake_labels(rng, T, k, vocab=5000, label_start=0, n=None):
     n = T - label_start if n is None else n
     lps = np.sort(rng.normal(-6, 3, size=(n, k)).astype(np.float32), axis=1)[:, ::-1]
-    lps = np.minimum(lps, -1e-3)
+    lps = lps - np.log(np.exp(lps.astype(np.float64)).sum(axis=1, keepdims=True) / 0.9)  # Σp = 0.9
     ids = np.stack([rng.choice(vocab, k, replace=False) for _ in range(n)]).astype(np.int32)
     tlp = np.minimum(rng.normal(-4, 2, size=n), 0).astype(np.float32)
     tlp[-1] = np.nan
+    tail = rng.uniform(0, 0.5, size=(n, 2)).astype(np.float32)
     return SoftLabels(rng.integers(0, vocab, T).astype(np.int32), label_start + 1 if label_start else 0,
-                      label_start, ids, np.ascontiguousarray(lps), tlp)
+                      label_start, ids, np.ascontiguousarray(lps), tlp, tail, (1.0, 2.0))
 
 
 def test_logprob_quantisation_error_bound():
     rng = np.random.default_rng(0)
-    lps = np.sort(rng.uniform(-40, 0, size=(1000, 64)), axis=1)[:, ::-1].astype(np.float32)
+    logits = rng.normal(0, 1, size=(1000, 200)) * rng.uniform(0.1, 8, size=(1000, 1))
+    lp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    lps = np.sort(lp, axis=1)[:, ::-1][:, :64].astype(np.float32)   # real rows: Σ p < 1
     back = shards.dequantise_logprobs(shards.quantise_logprobs(lps))
-    assert np.abs(back - lps).max() <= 0.5 / shards.LOGPROB_SCALE + 1e-6 < 0.01
+    err = back - lps  # toward lower probability: never above the true value, < 1/51 nat below
+    assert err.max() <= 1e-6 and err.min() >= -1.0 / shards.LOGPROB_SCALE - 1e-6
+    # what a softmax over the top-k sees, the differences within a row, err by < 1/51 nat
+    spread = err.max(axis=1) - err.min(axis=1)
+    assert spread.max() < 1.0 / shards.LOGPROB_SCALE
+
+
+def test_quantised_rows_never_sum_to_one_or_more():
+    """Peaked rows whose tail is tiny: rounding to nearest would lift Σp to ≥ 1 (the old format's
+    bug, which made the recomputed tail clamp to 1e-12); rounding toward lower probability never
+    does — also for rows whose fp32 log-probs themselves sum to 1."""
+    import torch
+
+    rng = np.random.default_rng(5)
+    logits = torch.from_numpy(rng.normal(0, 1, size=(2000, 300))).float()
+    logits[:, 0] += torch.from_numpy(rng.uniform(0, 25, size=2000)).float()  # from flat to peaked
+    lps = torch.log_softmax(logits, -1).topk(16, -1).values.numpy()
+    lps[0] = np.log(np.full(16, 1 / 16, dtype=np.float32))   # the whole mass in the top-k
+    lps[1, 0], lps[1, 1:] = 0.0, -104.0                       # p = 1 in fp32
+    back = shards.dequantise_logprobs(shards.quantise_logprobs(lps)).astype(np.float64)
+    sums = np.exp(back).sum(axis=1)
+    assert sums.max() < 1.0
+    nearest = -np.rint(-lps.astype(np.float64) * shards.LOGPROB_SCALE) / shards.LOGPROB_SCALE
+    assert (np.exp(nearest).sum(axis=1) >= 1.0).sum() > 10  # the case is real
 
 
 def write_capture(fs, root, rows, k):
@@ -51,13 +77,18 @@ def test_round_trip_and_plain_pyarrow(tmp_path):
         assert g["topk_ids"].shape == (T, 8) and g["topk_logprobs"].shape == (T, 8)
         np.testing.assert_array_equal(g["input_ids"], sl.input_ids)
         np.testing.assert_array_equal(g["topk_ids"][s:s + n], sl.topk_ids)
-        assert np.abs(g["topk_logprobs"][s:s + n] - sl.topk_logprobs).max() <= 0.01
+        assert np.abs(g["topk_logprobs"][s:s + n] - sl.topk_logprobs).max() <= 1 / 51
         assert (g["topk_ids"][:s] == -1).all() and np.isneginf(g["topk_logprobs"][:s]).all()
         np.testing.assert_allclose(g["target_logprobs"][s:s + n], sl.target_logprobs, atol=0.01)
+        # tail masses come back exactly (fp32), one column per stored temperature
+        np.testing.assert_array_equal(g["tail_mass"][s:s + n], sl.tail_mass)
+        assert np.isnan(g["tail_mass"][:s]).all() and g["tail_mass"].shape == (T, 2)
+        np.testing.assert_array_equal(g["tail_temperatures"], [1.0, 2.0])
     # the same file is plain Parquet with self-describing metadata
     table = pq.read_table(f"{root}/shards/{info.file}")
     meta = shards.shard_metadata(table)
-    assert meta["k"] == 8 and meta["format_version"] == shards.FORMAT_VERSION
+    assert meta["k"] == 8 and meta["format_version"] == shards.FORMAT_VERSION == 3
+    assert meta["tail_temperatures"] == [1.0, 2.0]
     assert "temperature 1" in meta["logprob_semantics"]
     assert not list(tmp_path.glob("shards/*.tmp"))
 
@@ -139,5 +170,5 @@ def test_other_format_refused_clearly(tmp_path):
         {shards.META_KEY: b'{"format_version": 0, "k": 2}'})
     buf = io.BytesIO()
     pq.write_table(old, buf)
-    with pytest.raises(ShardError, match="format 0 .* reads format 2.*--fresh"):
+    with pytest.raises(ShardError, match="format 0 .* reads format 3.*--fresh"):
         shards.load_shard(buf.getvalue(), name="old.parquet")
