@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from actors.hf_backend import HFBackend
+from tests.conftest import agree
 
 K = 8
 
@@ -49,18 +50,6 @@ def test_hf_sample_seeded_and_consistent_with_scoring(hf, seqs):
     scored = hf.score([list(s.input_ids)], k=K)[0]
     np.testing.assert_allclose(scored.topk_logprobs[19:31], s.topk_logprobs, atol=1e-4)
     np.testing.assert_allclose(scored.target_logprobs[19:31], s.target_logprobs, atol=1e-4)
-
-
-def agree(a, b, *, atol):
-    """Same top-k ids except where the teacher's log-probs tie (within atol)."""
-    assert a.topk_ids.shape == b.topk_ids.shape
-    diff = a.topk_ids != b.topk_ids
-    near_tie = np.zeros_like(diff)
-    lp = b.topk_logprobs
-    near_tie[:, 1:] |= np.abs(lp[:, 1:] - lp[:, :-1]) < atol
-    near_tie[:, :-1] |= np.abs(lp[:, :-1] - lp[:, 1:]) < atol
-    assert not (diff & ~near_tie).any(), f"{(diff & ~near_tie).sum()} ids differ beyond ties"
-    np.testing.assert_allclose(a.topk_logprobs, b.topk_logprobs, atol=atol)
 
 
 @pytest.mark.slow
