@@ -1,7 +1,8 @@
 """Transformers teacher backend: the reference implementation and the fallback when vLLM is absent.
 
 Runs the decoder body once per batch, then the LM head chunk by chunk (`softlabels.topk_from_hidden`),
-so no [tokens × vocab] tensor larger than one chunk ever exists. Sampling is a plain KV-cached loop
+so no [tokens × vocab] tensor larger than one chunk ever exists — for a plain linear head; a head
+that transforms its logits (softcapping, logit scaling) is run as the model's own forward instead. Sampling is a plain KV-cached loop
 with a seeded `torch.Generator` per prompt, which makes it reproducible and lets the raw (T=1)
 top-k be recorded at each step without keeping every step's logits.
 """
@@ -12,6 +13,10 @@ import numpy as np
 import torch
 
 from orchestrator.softlabels import SoftLabels, topk_from_hidden, topk_from_logits
+
+
+# config fields by which a model's head is more than `hidden @ W.T (+ b)`
+_HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
 class HFBackend:
@@ -28,8 +33,7 @@ class HFBackend:
             model_path, dtype=torch_dtype, revision=revision, local_files_only=True
         ).to(self.device).eval()
         cfg = self.model.config
-        if getattr(cfg, "final_logit_softcapping", None):
-            raise NotImplementedError("teacher models with final_logit_softcapping are not supported yet")
+        self.plain_head = not any(getattr(cfg, name, None) for name in _HEAD_TRANSFORMS)
         self.head = self.model.get_output_embeddings()
         self.body = getattr(self.model, self.model.base_model_prefix)
         self.vocab_size = int(self.head.weight.shape[0])
@@ -48,16 +52,10 @@ class HFBackend:
             for row, i in enumerate(batch):
                 ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
                 mask[row, : len(sequences[i])] = 1
-            hidden = self.body(input_ids=ids.to(self.device),
-                               attention_mask=mask.to(self.device)).last_hidden_state
-            # every real position of the batch in one [N, H] block: one head pass, one host copy
             valid = mask.bool()
             targets = torch.full_like(ids, -1)
             targets[:, :-1] = torch.where(valid[:, 1:], ids[:, 1:], -1)
-            top_ids, top_lps, tlp = topk_from_hidden(
-                hidden[valid.to(self.device)], self.head.weight, k=k,
-                targets=targets[valid].to(self.device), chunk_rows=self.chunk_rows,
-                bias=self.head.bias)
+            top_ids, top_lps, tlp = self._topk(ids, mask, k=k, targets=targets[valid])
             offset = 0
             for i in batch:
                 seq, n = sequences[i], len(sequences[i])
@@ -66,6 +64,23 @@ class HFBackend:
                                     top_lps[offset:offset + n].numpy(), tlp[offset:offset + n].numpy())
                 offset += n
         return out  # type: ignore[return-value]
+
+    def _topk(self, ids, mask, *, k: int, targets: torch.Tensor):
+        """Top-k of every real position of a padded batch (ids, mask: [B, T]) as one [N, ·] block:
+        one head pass, one host copy. A plain linear head runs chunk by chunk on the final hidden
+        states; a head that transforms its logits (Gemma 2's softcapping, logit scaling) runs as the
+        model's own forward, which materialises [B, T, V] logits (slower, never wrong)."""
+        ids, mask, valid = ids.to(self.device), mask.to(self.device), mask.bool().to(self.device)
+        targets = targets.to(self.device)
+        if self.plain_head:
+            hidden = self.body(input_ids=ids, attention_mask=mask).last_hidden_state
+            return topk_from_hidden(hidden[valid], self.head.weight, k=k, targets=targets,
+                                    chunk_rows=self.chunk_rows, bias=self.head.bias)
+        logits = self.model(input_ids=ids, attention_mask=mask).logits[valid]
+        parts = [topk_from_logits(logits[i:i + self.chunk_rows], k=k,
+                                  targets=targets[i:i + self.chunk_rows])
+                 for i in range(0, logits.shape[0], self.chunk_rows)]
+        return tuple(torch.cat(p) for p in zip(*parts))
 
     @torch.inference_mode()
     def sample(self, prompts: list[list[int]], *, k: int, n: int, temperature: float, top_p: float,

@@ -60,7 +60,7 @@ class Matrix:
             from orchestrator.pipeline import capture
 
             root = self.root / family / "capture"
-            root.mkdir(parents=True)
+            root.mkdir(parents=True, exist_ok=True)
             data = write_jsonl(root / "data.jsonl",
                                [{"id": i, "text": t} for i, t in enumerate(self.texts[:24])])
             cfg = capture_config(root, self.teacher(family), data)
