@@ -3,7 +3,7 @@ tokenizer is captured by the hf and the vLLM backends (which must agree), studen
 scratch and from the teacher train a few real Ray Train steps on a real capture, the saved students
 load in transformers and in vLLM, and one Ray Serve application serves a student of every family.
 
-    PYTHONPATH=$PWD python -m pytest -q tests/test_families.py        # ~N min on 2 CPUs
+    PYTHONPATH=$PWD python -m pytest -q tests/test_families.py        # 10 min on 2 CPUs
 
 Everything per family is built once (`Matrix` memoises it), whatever order the tests run in.
 """
