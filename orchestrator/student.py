@@ -6,7 +6,6 @@ the shapes allow.
 
 from __future__ import annotations
 
-import copy
 import warnings
 from dataclasses import dataclass
 
@@ -77,16 +76,9 @@ def build_student(teacher_config, shape: StudentShape, *, init_from_teacher=None
     import torch
     from transformers import AutoModelForCausalLM
 
-    cfg = copy.deepcopy(teacher_config)
-    cfg.num_hidden_layers = shape.layers
-    cfg.hidden_size = shape.hidden
-    cfg.num_attention_heads = shape.heads
-    cfg.num_key_value_heads = shape.heads
-    cfg.intermediate_size = shape.intermediate
-    if hasattr(cfg, "head_dim"):
-        cfg.head_dim = shape.hidden // shape.heads
+    cfg = student_config(teacher_config, shape)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     copied: list[int] = []
     if init_from_teacher is not None:
         copied = _copy_from_teacher(model, init_from_teacher)
@@ -99,6 +91,62 @@ def build_student(teacher_config, shape: StudentShape, *, init_from_teacher=None
     return model, StudentInfo(params, 2 * params, copied)
 
 
+def layer_mapping(teacher_layers: int, student_layers: int) -> list[int]:
+    """The teacher layer behind each student layer: round(i · L_t / L_s) (weights and per-layer
+    config fields use the same mapping)."""
+    return [min(teacher_layers - 1, round(i * teacher_layers / student_layers))
+            for i in range(student_layers)]
+
+
+# top-level list fields that are not per layer even when their length happens to equal the depth
+_NOT_PER_LAYER = {"architectures"}
+
+
+def student_config(teacher_config, shape: StudentShape):
+    """The teacher's config at the student's shape, every per-layer field made consistent.
+
+    Generic, not per family: each top-level field that is a list of length L_t (layer_types,
+    per-layer sliding windows or rope/attention settings) is remapped with `layer_mapping`;
+    an int field named `*_layers` (Qwen2's max_window_layers) is clamped to L_s; kv heads keep the
+    teacher's query grouping when the student's heads allow it (else kv = heads); head_dim is the
+    student's hidden // heads. Raises ConfigError when transformers' own validation still refuses
+    the result (a family this builder does not know how to shrink).
+    """
+    t_layers = int(teacher_config.num_hidden_layers)
+    mapping = layer_mapping(t_layers, shape.layers)
+    values = teacher_config.to_dict()
+    for key, value in values.items():
+        if key in _NOT_PER_LAYER or key.endswith(("token_id", "token_ids")):
+            continue
+        if isinstance(value, (list, tuple)) and len(value) == t_layers:
+            values[key] = [value[j] for j in mapping]
+        elif (key.endswith("_layers") and isinstance(value, int) and not isinstance(value, bool)
+              and key != "num_hidden_layers"):
+            values[key] = min(value, shape.layers)
+    t_heads = int(teacher_config.num_attention_heads)
+    t_kv = int(getattr(teacher_config, "num_key_value_heads", None) or t_heads)
+    group = t_heads // t_kv if t_heads % t_kv == 0 else 1
+    head_dim = shape.hidden // shape.heads
+    values.update(num_hidden_layers=shape.layers, hidden_size=shape.hidden,
+                  num_attention_heads=shape.heads, intermediate_size=shape.intermediate,
+                  num_key_value_heads=shape.heads // group if shape.heads % group == 0
+                  else shape.heads)
+    if "head_dim" in values:
+        t_head_dim = values["head_dim"]
+        values["head_dim"] = head_dim
+        if values.get("query_pre_attn_scalar") == t_head_dim:  # Gemma scales q by head_dim
+            values["query_pre_attn_scalar"] = head_dim
+    cfg = type(teacher_config).from_dict(values)
+    try:
+        cfg.validate()
+    except Exception as e:  # noqa: BLE001 — transformers' validation error types vary by version
+        raise ConfigError(f"the student config derived from the teacher's "
+                          f"({teacher_config.model_type}) is invalid: {e}; this family's per-layer "
+                          "fields are not handled by the student builder — report it, with the "
+                          "teacher's config.json") from None
+    return cfg
+
+
 def _copy_from_teacher(student, teacher) -> list[int]:
     """Copy what fits: embeddings, LM head, final norm (same hidden size), and teacher layer
     round(i · L_t / L_s) into student layer i when the layer shapes match. Returns the copied
@@ -106,35 +154,36 @@ def _copy_from_teacher(student, teacher) -> list[int]:
     import torch
 
     s_sd, t_sd = student.state_dict(), teacher.state_dict()
-    s_layers = student.config.num_hidden_layers
-    t_layers = teacher.config.num_hidden_layers
-    mapping = {i: min(t_layers - 1, round(i * t_layers / s_layers)) for i in range(s_layers)}
+    mapping = layer_mapping(teacher.config.num_hidden_layers, student.config.num_hidden_layers)
     copied = set()
     with torch.no_grad():
         for name, tensor in s_sd.items():
-            source = name
+            source, layer = name, None
             if ".layers." in name:
                 head, rest = name.split(".layers.", 1)
                 idx, tail = rest.split(".", 1)
-                source = f"{head}.layers.{mapping[int(idx)]}.{tail}"
+                layer = mapping[int(idx)]
+                source = f"{head}.layers.{layer}.{tail}"
             if source in t_sd and t_sd[source].shape == tensor.shape:
                 tensor.copy_(t_sd[source])
-                if ".layers." in name:
-                    copied.add(mapping[int(name.split(".layers.", 1)[1].split(".", 1)[0])])
+                if layer is not None:
+                    copied.add(layer)
     return sorted(copied)
 
 
 def size_ratio(teacher_config, shape: StudentShape) -> float:
     """Estimated student parameters / teacher parameters (checked before training starts)."""
-    cfg = copy.deepcopy(teacher_config)
-    cfg.num_hidden_layers, cfg.hidden_size = shape.layers, shape.hidden
-    cfg.intermediate_size = shape.intermediate
-    return _param_estimate(cfg) / max(1, _param_estimate(teacher_config))
+    student = _param_estimate(teacher_config, layers=shape.layers, hidden=shape.hidden,
+                              intermediate=shape.intermediate)
+    return student / max(1, _param_estimate(teacher_config))
 
 
-def _param_estimate(config) -> int:
-    h, layers = config.hidden_size, config.num_hidden_layers
-    inter = getattr(config, "intermediate_size", 4 * h)
-    vocab = config.vocab_size
+def _param_estimate(config, *, layers: int | None = None, hidden: int | None = None,
+                    intermediate: int | None = None) -> int:
+    """Rough parameter count (attention 4·h², MLP 3·h·inter, embeddings) of `config`, or of its
+    family at another depth/width; reads the config only (no copy, no validation)."""
+    h = hidden or config.hidden_size
+    layers = layers or config.num_hidden_layers
+    inter = intermediate or getattr(config, "intermediate_size", None) or 4 * h
     tied = getattr(config, "tie_word_embeddings", False)
-    return layers * (4 * h * h + 3 * h * inter) + vocab * h * (1 if tied else 2)
+    return layers * (4 * h * h + 3 * h * inter) + config.vocab_size * h * (1 if tied else 2)

@@ -1,4 +1,4 @@
-"""Build small, real Llama-style causal LMs and BPE tokenizers from local text.
+"""Build small, real causal LMs (Llama and the other FAMILIES) and BPE tokenizers from local text.
 
 Used by `raydistill demo` (the demo teacher) and by the tests: nothing here downloads anything.
 vLLM's CPU attention kernels reject small head sizes (head_dim=16 fails), so every model built here
@@ -94,13 +94,61 @@ def llama_config(
     )
 
 
+# Each family's tiny shape keeps its real per-layer features: a mix of sliding-window and full
+# attention layers where the family has `layer_types`, grouped-query attention (kv_heads < heads),
+# q/k norms (Qwen3, OLMo 2, Gemma 3 have them by design), fused qkv (Phi-3), logit softcapping and
+# tied embeddings (Gemma); docs/models.md lists them. The sliding window is short (SLIDING_WINDOW tokens) so that test
+# sequences longer than it exercise it.
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "phi3", "olmo2")
+SLIDING_WINDOW = 32
+
+
+def family_config(family: str, vocab_size: int, *, layers: int = 3, hidden: int = 128,
+                  heads: int = 2, kv_heads: int | None = None, intermediate: int | None = None,
+                  max_positions: int = 512):
+    """A tiny config of `family` (a transformers model_type, one of FAMILIES), head_dim 64.
+
+    kv_heads defaults to 1 (grouped-query attention) for families that use GQA, heads otherwise.
+    Token ids follow train_tokenizer: bos 1, eos 2, pad 3.
+    """
+    from transformers import AutoConfig
+
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+    if hidden // heads != 64 or hidden % heads:
+        raise ValueError(f"hidden // heads must be 64 (vLLM's CPU kernels), got {hidden}/{heads}")
+    mixed = [("sliding_attention" if i % 2 == 0 else "full_attention") for i in range(layers)]
+    common = dict(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                  num_attention_heads=heads, intermediate_size=intermediate or 4 * hidden,
+                  max_position_embeddings=max_positions, bos_token_id=1, eos_token_id=2,
+                  pad_token_id=3)
+    gqa = dict(num_key_value_heads=kv_heads or 1)
+    extra: dict = {
+        "llama": dict(num_key_value_heads=kv_heads or heads, rms_norm_eps=1e-5),
+        # released Qwen2/3 checkpoints do not slide (use_sliding_window=False) but still carry
+        # a per-layer `layer_types` list; vLLM refuses a Qwen2 mixing sliding and full layers
+        "qwen2": dict(gqa, use_sliding_window=False),
+        "qwen3": dict(gqa, head_dim=64, use_sliding_window=False),
+        "mistral": dict(gqa, head_dim=64, sliding_window=SLIDING_WINDOW),
+        "gemma2": dict(gqa, head_dim=64, query_pre_attn_scalar=64, sliding_window=SLIDING_WINDOW,
+                       layer_types=mixed, tie_word_embeddings=True),
+        "gemma3_text": dict(gqa, head_dim=64, query_pre_attn_scalar=64,
+                            sliding_window=SLIDING_WINDOW, layer_types=mixed,
+                            tie_word_embeddings=True),
+        "phi3": dict(gqa, original_max_position_embeddings=max_positions),
+        "olmo2": dict(gqa),
+    }[family]
+    return AutoConfig.for_model(family, **common, **extra)
+
+
 def build_model(config, out_dir: str | Path | None = None, *, seed: int = 0):
-    """A randomly initialised LlamaForCausalLM (fp32), saved as safetensors when `out_dir` is given."""
+    """A randomly initialised causal LM of `config`'s family (fp32), saved as safetensors when
+    `out_dir` is given."""
     import torch
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if out_dir is not None:
         model.save_pretrained(str(out_dir), safe_serialization=True)
     return model
@@ -112,7 +160,7 @@ def sharpen(model, *, scale: float = 4.0) -> None:
     import torch
 
     with torch.no_grad():
-        model.lm_head.weight.mul_(scale)
+        model.get_output_embeddings().weight.mul_(scale)  # tied: the input embedding too
 
 
 def chunks_of_text(files: Iterable[Path], *, max_chars: int = 4000) -> Iterator[str]:

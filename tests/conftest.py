@@ -32,6 +32,21 @@ def tiny_teacher(tmp_path_factory):
     return str(out)
 
 
+def agree(a, b, *, atol):
+    """Two SoftLabels hold the same top-k: equal ids except where the reference `b`'s log-probs
+    tie (within atol), and log-probs within atol."""
+    import numpy as np
+
+    assert a.topk_ids.shape == b.topk_ids.shape
+    diff = a.topk_ids != b.topk_ids
+    near_tie = np.zeros_like(diff)
+    lp = b.topk_logprobs
+    near_tie[:, 1:] |= np.abs(lp[:, 1:] - lp[:, :-1]) < atol
+    near_tie[:, :-1] |= np.abs(lp[:, :-1] - lp[:, 1:]) < atol
+    assert not (diff & ~near_tie).any(), f"{(diff & ~near_tie).sum()} ids differ beyond ties"
+    np.testing.assert_allclose(a.topk_logprobs, b.topk_logprobs, atol=atol)
+
+
 def write_jsonl(path, rows) -> str:
     with open(path, "w") as fh:
         for row in rows:

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from actors.hf_backend import HFBackend
+from tests.conftest import agree
 
 K = 8
 
@@ -51,18 +52,6 @@ def test_hf_sample_seeded_and_consistent_with_scoring(hf, seqs):
     np.testing.assert_allclose(scored.target_logprobs[19:31], s.target_logprobs, atol=1e-4)
 
 
-def agree(a, b, *, atol):
-    """Same top-k ids except where the teacher's log-probs tie (within atol)."""
-    assert a.topk_ids.shape == b.topk_ids.shape
-    diff = a.topk_ids != b.topk_ids
-    near_tie = np.zeros_like(diff)
-    lp = b.topk_logprobs
-    near_tie[:, 1:] |= np.abs(lp[:, 1:] - lp[:, :-1]) < atol
-    near_tie[:, :-1] |= np.abs(lp[:, :-1] - lp[:, 1:]) < atol
-    assert not (diff & ~near_tie).any(), f"{(diff & ~near_tie).sum()} ids differ beyond ties"
-    np.testing.assert_allclose(a.topk_logprobs, b.topk_logprobs, atol=atol)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("scoring", ["hidden", "prompt_logprobs"])
 def test_vllm_score_agrees_with_hf(tiny_teacher, hf, seqs, scoring):
@@ -103,3 +92,25 @@ def test_vllm_sample_seeded_and_agrees_with_hf_scoring(tiny_teacher, hf, seqs):
         np.testing.assert_allclose(s.tail_mass, ref.tail_mass, atol=2e-3)
     finally:
         v.close()
+
+
+def test_hf_scores_a_softcapped_head_as_the_model_does(tmp_path):
+    """Gemma 2 caps its logits (cap · tanh(logits / cap)): the hf backend scores through the
+    model's own head, so its top-k equals the dense forward's (it refused such teachers before)."""
+    from orchestrator import tiny
+
+    cfg = tiny.family_config("gemma2", 256, layers=2)
+    cfg.final_logit_softcapping = 2.0  # small enough to change every log-prob visibly
+    model = tiny.build_model(cfg, tmp_path, seed=0)
+    tiny.sharpen(model, scale=6.0)
+    model.save_pretrained(tmp_path)
+    seq = torch.randint(4, 256, (50,)).tolist()
+    got = HFBackend(str(tmp_path), dtype="float32", chunk_rows=16).score([seq], k=K)[0]
+    with torch.no_grad():
+        capped = torch.log_softmax(model(torch.tensor([seq])).logits[0], -1)
+        raw = torch.log_softmax(model.model(torch.tensor([seq])).last_hidden_state[0]
+                                @ model.lm_head.weight.T, -1)
+    assert (capped.topk(K, -1).values - raw.topk(K, -1).values).abs().max() > 0.1
+    np.testing.assert_allclose(got.topk_logprobs, capped.topk(K, -1).values.numpy(), atol=1e-4)
+    np.testing.assert_allclose(got.target_logprobs[:-1],
+                               capped[torch.arange(49), seq[1:]].numpy(), atol=1e-4)

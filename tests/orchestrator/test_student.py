@@ -53,3 +53,63 @@ def test_student_from_teacher_config_and_init(teacher, tmp_path):
 def test_larger_student_warns(teacher):
     with pytest.warns(UserWarning, match="not smaller than the teacher"):
         build_student(teacher.config, resolve_shape(layers=3, hidden=256, heads=4))
+
+
+@pytest.fixture(scope="module", params=["qwen2", "qwen3", "mistral", "gemma2", "gemma3_text",
+                                        "phi3", "olmo2"])
+def family_teacher(request):
+    """A random 3-layer teacher of each family (no tokenizer needed: config + weights only)."""
+    from orchestrator import tiny
+
+    return tiny.build_model(tiny.family_config(request.param, 256, layers=3), seed=1)
+
+
+@pytest.mark.parametrize("init", [False, True], ids=["scratch", "init"])
+@pytest.mark.parametrize("layers, hidden, heads", [(1, 128, 2), (2, 192, 3)])
+def test_every_family_student_round_trips(family_teacher, init, layers, hidden, heads, tmp_path):
+    """Per-layer config fields follow the student's depth (layer_types, max_window_layers …), kv
+    heads keep the teacher's grouping where they can, and the student saves and loads back —
+    config and model — giving the same logits (Qwen2's config refused to save before)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from orchestrator.student import layer_mapping
+
+    t_cfg = family_teacher.config
+    shape = resolve_shape(layers=layers, hidden=hidden, heads=heads)
+    student, info = build_student(t_cfg, shape,
+                                  init_from_teacher=family_teacher if init else None)
+    cfg = student.config
+    mapping = layer_mapping(3, layers)
+    if hasattr(t_cfg, "layer_types"):
+        assert cfg.layer_types == [t_cfg.layer_types[j] for j in mapping]
+    if hasattr(t_cfg, "max_window_layers"):
+        assert cfg.max_window_layers <= layers
+    group = t_cfg.num_attention_heads // t_cfg.num_key_value_heads
+    assert cfg.num_key_value_heads == (heads // group if heads % group == 0 else heads)
+    assert cfg.hidden_size // cfg.num_attention_heads == 64 and getattr(cfg, "head_dim", 64) == 64
+    cfg.save_pretrained(tmp_path / "cfg")
+    loaded = AutoConfig.from_pretrained(tmp_path / "cfg").to_dict()
+    assert {**loaded, "_name_or_path": ""} == {**cfg.to_dict(), "_name_or_path": ""}
+    student.save_pretrained(tmp_path / "model")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    x = torch.randint(4, 256, (2, 70))  # longer than the sliding window (32)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x).logits, student(x).logits)
+    if init and hidden == t_cfg.hidden_size:
+        assert info.initialised_layers == mapping
+        s_sd, t_sd = student.state_dict(), family_teacher.state_dict()
+        for name, tensor in s_sd.items():  # fused qkv / gate_up (Phi-3) included
+            src = name.replace(".layers.0.", f".layers.{mapping[0]}.")
+            assert torch.equal(tensor, t_sd[src]), name
+    elif not init:
+        assert info.initialised_layers == []
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2", "phi3"])
+def test_size_ratio_on_family_configs(family):
+    from orchestrator import tiny
+    from orchestrator.student import size_ratio
+
+    cfg = tiny.family_config(family, 256, layers=4)
+    assert 0 < size_ratio(cfg, resolve_shape(layers=1, hidden=128, heads=2)) < 0.5
+    assert cfg.num_hidden_layers == 4  # the teacher's config is not touched
