@@ -20,14 +20,46 @@ class TeacherInfo:
     eos_id: int | None
 
 
-def load_tokenizer(model: str, *, revision: str | None = None):
-    from transformers import AutoTokenizer
+_GENERIC_TOKENIZERS = ("PreTrainedTokenizerFast", "TokenizersBackend")
+
+
+def load_tokenizer(model: str, *, revision: str | None = None, what: str = "teacher.model"):
+    """The model's tokenizer, exactly as its files declare it.
+
+    HACK (transformers 5.x): `AutoTokenizer` picks a tokenizer class by the model's `model_type`
+    for some families even when tokenizer_config.json declares the generic fast tokenizer — a Qwen2
+    model directory with its own tokenizer.json comes back as `Qwen2Tokenizer`, rebuilt from the
+    vocabulary with Qwen's pre-tokenizer, and encodes text into other ids than its tokenizer.json
+    does, silently. A declared generic class is therefore loaded as that class (tokenizer.json
+    as saved); a family's own declared class still goes through AutoTokenizer.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     try:
-        return AutoTokenizer.from_pretrained(model, revision=revision, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, local_files_only=True)
+        if (_declared_class(model, revision) in _GENERIC_TOKENIZERS
+                and type(tokenizer).__name__ not in _GENERIC_TOKENIZERS):
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(model, revision=revision,
+                                                                local_files_only=True)
+        return tokenizer
     except (OSError, ValueError) as e:
-        raise ConfigError(f"teacher.model {model}: its tokenizer cannot be loaded ({_first_line(e)}); "
+        raise ConfigError(f"{what} {model}: its tokenizer cannot be loaded ({_first_line(e)}); "
                           "the model directory needs tokenizer.json / tokenizer_config.json") from None
+
+
+def _declared_class(model: str, revision: str | None) -> str | None:
+    """`tokenizer_class` of the model's tokenizer_config.json (local directory or HF cache)."""
+    from transformers.utils import cached_file
+
+    path = cached_file(model, "tokenizer_config.json", revision=revision, local_files_only=True,
+                       _raise_exceptions_for_missing_entries=False,
+                       _raise_exceptions_for_connection_errors=False)
+    if not path:
+        return None
+    try:
+        return json.loads(Path(path).read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -75,12 +75,14 @@ class Student:
 
 def load_student(path: str, *, threads: int | None = None) -> Student:
     """Load a Hugging Face causal-LM directory (safetensors weights only, never pickles), fp32."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from orchestrator.teacher_info import load_tokenizer
 
     if threads:
         torch.set_num_threads(threads)
     check_weights(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path, what="student")
     model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=torch.float32)
     model.eval()
     return Student(model=model, tokenizer=tokenizer, context=_context(model.config),

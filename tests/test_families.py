@@ -20,9 +20,9 @@ from tests.conftest import agree, capture_config, serve_settings, write_jsonl
 FAMILIES = tiny.FAMILIES
 K = 8
 ATOL = 2e-3  # as tests/actors/test_backends.py: fp32 engine vs fp32 transformers
-# The hidden-state fast path applies a plain linear head; Gemma 2's final_logit_softcapping is not
-# one, and actors/vllm_backend refuses it (NotImplementedError naming teacher.scoring), so Gemma 2
-# is captured with vLLM's own prompt_logprobs (which applies the softcap).
+# Every family, Gemma 2 (final_logit_softcapping) included, is captured through the hidden-state
+# fast path, which applies the model's whole head (bias, soft cap, scale) and self-checks it
+# against vLLM's own head at engine start (actors/vllm_backend.py).
 SCORING = {family: "hidden" for family in FAMILIES}
 # Released checkpoints pad their embedding tables past the tokenizer (Qwen2, Gemma): two families
 # do here too, so nothing may compare vocab_size with the tokenizer's length.

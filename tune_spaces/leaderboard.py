@@ -29,13 +29,15 @@ def measure(model_dir: str, *, tokens: int, repeats: int = 5) -> dict:
     """Parameters and greedy-decoding latency (ms per generated token, median of `repeats` after
     two warm-up calls) of one exported student."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
+
+    from orchestrator.teacher_info import load_tokenizer
 
     hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True,
                                                  dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = load_tokenizer(model_dir, what="student")
     ids = tok(LATENCY_PROMPT, return_tensors="pt").input_ids
     times = []
     with torch.inference_mode():
