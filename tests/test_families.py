@@ -183,8 +183,10 @@ def test_student_loads_in_vllm(matrix, family):
     n = len(prompt)
     scored = HFBackend(path, dtype="float32").score([list(out.input_ids)], k=K)[0]
     ref = type(out)(out.input_ids, n, n - 1, scored.topk_ids[n - 1:n + 7],
-                    scored.topk_logprobs[n - 1:n + 7], scored.target_logprobs[n - 1:n + 7])
+                    scored.topk_logprobs[n - 1:n + 7], scored.target_logprobs[n - 1:n + 7],
+                    scored.tail_mass[n - 1:n + 7])
     agree(out, ref, atol=ATOL)
+    np.testing.assert_allclose(out.tail_mass, ref.tail_mass, atol=ATOL)
 
 
 @pytest.mark.slow
