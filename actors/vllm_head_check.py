@@ -70,14 +70,17 @@ def _materialise_head(meta_head, model_dir: Path, *, device):
 
     weight, bias = load_head_tensors(model_dir)
     head = copy.deepcopy(meta_head).to_empty(device=device)
+    # to_empty makes new Parameters, which lose the attributes vLLM's create_weights set on them
+    # (`output_dim` 0 for the weight and bias of a vocab-parallel layer): without it the loader
+    # cannot shard or pad a vocabulary that is not a multiple of its padding size (a checkpoint
+    # table of 552 rows is 576 in vLLM) and asserts equal shapes
+    for _, param in head.named_parameters(recurse=False):
+        if getattr(param, "output_dim", None) is None:
+            param.output_dim = 0
     head.weight_loader(head.weight, weight.to(head.weight.dtype))
     if getattr(head, "bias", None) is not None:
         if bias is None:
             raise KeyError(f"{model_dir}: vLLM's head has a bias but the checkpoint holds none")
-        loader = getattr(head.bias, "weight_loader", None)
-        if loader is not None:
-            loader(head.bias, bias.to(head.bias.dtype))
-        else:
-            head.bias.data.copy_(bias)
+        head.weight_loader(head.bias, bias.to(head.bias.dtype))
     head.quant_method.process_weights_after_loading(head)
     return head
