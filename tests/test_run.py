@@ -31,17 +31,19 @@ def test_students_train_while_a_slow_teacher_is_still_capturing(tmp_path, tiny_t
     monkeypatch.setenv("RAYDISTILL_TEST_TEACHER_DELAY_S", "1.0")  # a real teacher, made slow
     cfg = train_config(tmp_path / "out", tiny_teacher, _dataset(tmp_path, texts), **{
         "capture.samples_per_shard": 4, "capture.max_inflight_per_actor": 1,
-        "train.baselines": "[]", "train.max_steps": 30, "train.eval_every": 15,
+        "train.baselines": "[]", "train.max_steps": 60, "train.eval_every": 30,
         "train.log_every": 3})
     report = _report(pipeline.run(cfg))
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["complete"] and report["settings"]["streaming"]["streamed"]
+    samples = sum(s["rows"] for s in manifest["shards"])
+    assert samples < 60 * 4, "the capture must hold less than the run's 60 steps × 4 samples"
     kd = report["history"]["kd"]
     # the student reported progress before the last shard was captured …
     assert kd[0]["time"] < manifest["updated"]
     # … waited for the teacher and said so, and read later epochs from the persisted shards
     assert report["students"]["kd"]["data_wait_share"] > 0.2
-    assert kd[-1]["step"] == 30 and kd[-1]["epoch"] >= 1
+    assert kd[-1]["step"] == 60 and kd[-1]["epoch"] >= 1
 
 
 @pytest.mark.slow
