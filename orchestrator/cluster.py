@@ -53,9 +53,8 @@ def choose() -> Target:
         return Target(None)
     recorded, live, address_file = _local_cluster()
     if recorded and live:
-        return Target(recorded, f"Ray: using the cluster `ray start` runs on this machine "
-                                f"({recorded}); --local-ray or {PRIVATE_RAY_ENV}=private starts "
-                                "a private one instead")
+        return Target(recorded, f"Ray: using the `ray start` cluster on this machine "
+                                f"({recorded}); --local-ray for a private one")
     if recorded:
         return Target(None, f"Ray: {address_file} names {recorded}, where no Ray runs any more "
                             "(a stopped or killed `ray start`); starting a private Ray (delete "

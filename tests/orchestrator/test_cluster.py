@@ -204,8 +204,8 @@ def test_a_ray_start_cluster_is_used_and_said_private_mode_is_not_and_stale_afte
         # Ray's convention: the running `ray start` cluster, said in one line
         seen, err = _connect_in_subprocess(ray_tmp, RAY_AUTH_TOKEN_PATH=str(token))
         assert seen == {"gcs": address, "started": True}
-        assert f"Ray: using the cluster `ray start` runs on this machine ({address})" in \
-            " ".join(err.split())
+        assert f"Ray: using the `ray start` cluster on this machine ({address}); --local-ray " \
+            "for a private one" in " ".join(err.split())
         # private on request (what the test suite's conftest sets): a Ray of its own
         for env in ({"RAYDISTILL_RAY": "private"}, {"RAYDISTILL_RAY": " Private "}):
             seen, err = _connect_in_subprocess(ray_tmp, RAY_AUTH_TOKEN_PATH=str(token), **env)
