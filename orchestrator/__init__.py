@@ -9,4 +9,5 @@ Public modules (import them directly; this package imports nothing heavy):
 - `orchestrator.student`: `resolve_shape`, `build_student`, `PRESETS`
 - `orchestrator.pipeline`: `capture` (the driver; used by the CLI)
 - `orchestrator.cli`: the `raydistill` command
+- `orchestrator.program`: `command_name` (the program as the user can call it, for messages)
 """

@@ -4,7 +4,7 @@
     raydistill capture CONFIG [--set teacher.k=32] [--fresh] [--repair]
     raydistill train CONFIG [--resume EXP]   # KD student + baselines on Ray Train, then a report
     raydistill run CONFIG [--fresh] [--resume EXP]   # capture and train together (streaming)
-    raydistill inspect OUTPUT_DIR           # what a capture holds
+    raydistill inspect OUTPUT_DIR           # its captures, experiments and sweeps
     raydistill tune CONFIG [--space NAME] [--resume SWEEP]   # Ray Tune sweep over one capture
     raydistill serve RUN_DIR [--top N]      # Ray Serve: OpenAI-compatible routes for the winners
     raydistill query "text" [--model ID]    # ask a served student
@@ -13,7 +13,11 @@
 
 User errors print one message (no traceback unless --debug) and exit with status 2; an error raised
 inside a Ray worker (teacher actor, Train worker, Tune trial) is one of them, naming the original
-type and text (--debug adds the worker's traceback).
+type and text (--debug adds the worker's traceback). Commands that start Ray use the cluster
+RAY_ADDRESS names, else one `ray start` runs on this machine, else a private one (--local-ray:
+always private); see orchestrator/cluster.py. Help texts and hints print the program the way the
+user can call it (orchestrator/program.py: `.venv/bin/raydistill` when the venv is not
+activated).
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ import argparse
 import os
 import sys
 
+from orchestrator.cluster import PRIVATE_RAY_ENV
 from orchestrator.errors import RaydistillError
+from orchestrator.program import command_name
 
 
 def _positive_int(text: str) -> int:
@@ -36,55 +42,98 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="raydistill", description="Distil LLMs on Ray.")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = p.add_subparsers(dest="command", required=True)
+def _command(sub, name: str, *, text: str, examples: list[str]) -> argparse.ArgumentParser:
+    """A subcommand whose --help ends with its examples (`examples`: arguments after the
+    command's name, `# comment` allowed)."""
+    lines = "\n".join(f"  {command_name()} {name} {e}".rstrip() for e in examples)
+    return sub.add_parser(name, help=text, description=text[:1].upper() + text[1:] + ".",
+                          epilog=f"example{'s' if len(examples) > 1 else ''}:\n{lines}",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
 
-    cap = sub.add_parser("capture", help="teacher actors write top-k soft labels into shards")
+
+def _set_option(cmd: argparse.ArgumentParser, example: str, what: str = "a config field") -> None:
+    cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help=f"override {what}, e.g. --set {example} (repeatable)")
+
+
+def _local_ray_option(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--local-ray", action="store_true",
+                     help=f"start a private Ray for this command even where `ray start` runs a "
+                          f"cluster on this machine (the same as {PRIVATE_RAY_ENV}=private; "
+                          "RAY_ADDRESS, when set, still names the cluster to use)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    me = command_name()
+    examples = (("demo", "the whole tour (~40 min on 2 CPUs the first time)"),
+                ("run examples/quickstart.yaml", "capture and train together"),
+                ("COMMAND --help", "a command's options and examples"))
+    width = max(len(args) for args, _ in examples)
+    p = argparse.ArgumentParser(
+        prog=me, description="Distil LLMs on Ray.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n" + "\n".join(f"  {me} {args.ljust(width)}  # {what}"
+                                          for args, what in examples))
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND",
+                           help="what to do")
+
+    cap = _command(sub, "capture", text="teacher actors write top-k soft labels into shards",
+                   examples=["examples/quickstart.yaml --set teacher.k=32 "
+                             "--set teacher.num_actors=2"])
     cap.add_argument("config", help="YAML run config")
-    cap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config field, e.g. --set teacher.k=32 (repeatable)")
+    _set_option(cap, "teacher.k=32")
     cap.add_argument("--fresh", action="store_true",
                      help="delete what output_dir holds and capture from scratch")
     cap.add_argument("--repair", action="store_true",
                      help="verify every shard's checksum and recapture the bad ones")
+    _local_ray_option(cap)
 
-    for name, text in (("train", "train the KD student and baselines on a finished capture"),
-                       ("run", "capture and train together: students learn while teachers label")):
-        cmd = sub.add_parser(name, help=text)
+    for name, text, examples in (
+            ("train", "train the KD student and baselines on a finished capture",
+             ["examples/quickstart.yaml --set train.loss=jsd --set train.temperature=2"]),
+            ("run", "capture and train together: students learn while teachers label",
+             ["examples/quickstart.yaml",
+              "examples/quickstart.yaml --resume exp-20261130-101500-ab12   # after Ctrl-C"])):
+        cmd = _command(sub, name, text=text, examples=examples)
         cmd.add_argument("config", help="YAML run config")
-        cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                         help="override a config field, e.g. --set train.max_steps=200")
+        _set_option(cmd, "train.max_steps=200")
         cmd.add_argument("--resume", metavar="EXPERIMENT", default=None,
                          help="continue an interrupted experiment (its name under "
                               "output_dir/experiments) from its last checkpoints")
         if name == "run":
             cmd.add_argument("--fresh", action="store_true",
                              help="delete the previous capture in output_dir and start over")
+        _local_ray_option(cmd)
 
-    demo = sub.add_parser("demo", help="build the demo teacher (once) and run the quickstart")
-    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    demo = _command(sub, "demo", text="build the demo teacher (once) and run the quickstart",
+                    examples=["", "--set train.max_steps=100   # shorter student training"])
+    _set_option(demo, "train.max_steps=100", what="a field of examples/quickstart.yaml")
     demo.add_argument("--teacher-minutes", type=float, default=8.0,
                       help="training budget of the demo teacher when it is first built")
     demo.add_argument("--home", default=None,
-                      help="where the demo teacher and data are cached (default ~/.cache/raydistill)")
+                      help="where the demo teacher and data are cached "
+                           "(default ~/.cache/raydistill)")
     demo.add_argument("--rebuild", action="store_true", help="retrain the cached demo teacher")
     demo.add_argument("--fresh", action="store_true",
-                      help="recapture from scratch (e.g. after an upgrade changed the shard format)")
+                      help="recapture from scratch (e.g. after an upgrade changed the shard "
+                           "format)")
+    _local_ray_option(demo)
 
-    tune = sub.add_parser("tune", help="Ray Tune sweep of student sizes, temperatures and losses "
-                                       "over one capture; leaderboard, Pareto plot, winners")
+    tune = _command(sub, "tune", text="Ray Tune sweep of student sizes, temperatures and losses "
+                                      "over one capture; leaderboard, Pareto plot, winners",
+                    examples=["examples/quickstart.yaml --space sizes --set tune.num_samples=2"])
     tune.add_argument("config", help="YAML run config")
     tune.add_argument("--space", default=None,
                       help="search space: a name in tune_spaces/ (sizes, temperature, loss, "
                            "default), a YAML file, or omit for the config's tune.space")
-    tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a config field, e.g. --set tune.num_samples=2")
+    _set_option(tune, "tune.num_samples=2")
     tune.add_argument("--resume", metavar="SWEEP", default=None,
                       help="continue an interrupted sweep (its name under output_dir/sweeps)")
+    _local_ray_option(tune)
 
-    srv = sub.add_parser("serve", help="host a run's winners behind OpenAI-compatible HTTP routes")
+    srv = _command(sub, "serve", text="host a run's winners behind OpenAI-compatible HTTP routes",
+                   examples=["runs/quickstart --top 2 --set serve.port=8001"])
     srv.add_argument("run_dir", help="a sweep directory (winners.json), an experiment directory, "
                                      "a model directory, or an output_dir (its newest sweep)")
     srv.add_argument("--top", type=_positive_int, default=None,
@@ -92,43 +141,59 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--config", default=None,
                      help="YAML config whose serve: section to use (default: RUN_DIR/config.yaml, "
                           "which a sweep writes)")
-    srv.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a serve setting, e.g. --set serve.port=8001")
+    _set_option(srv, "serve.port=8001", what="a serve setting")
+    _local_ray_option(srv)
 
-    qry = sub.add_parser("query", help="send one completion request to a served student")
+    qry = _command(sub, "query", text="send one completion request to a served student",
+                   examples=['"def read_config(path):" --max-tokens 32 --stream'])
     qry.add_argument("prompt", help="the prompt text")
     qry.add_argument("--model", default=None, help="model id (default: the first one served)")
     qry.add_argument("--url", default="http://127.0.0.1:8000",
                      help="the server (default http://127.0.0.1:8000)")
-    qry.add_argument("--max-tokens", type=_positive_int, default=64)
-    qry.add_argument("--temperature", type=float, default=0.0)
+    qry.add_argument("--max-tokens", type=_positive_int, default=64,
+                     help="most tokens to generate (default 64; the server caps it at "
+                          "serve.max_tokens)")
+    qry.add_argument("--temperature", type=float, default=0.0,
+                     help="sampling temperature (default 0: greedy, the same text every time)")
     qry.add_argument("--stream", action="store_true", help="print tokens as they arrive")
     qry.add_argument("--api-key", default=None,
                      help="API key (default: the RAYDISTILL_API_KEY environment variable)")
 
-    sbm = sub.add_parser("submit", help="run `run`, `tune` or `capture` on a Ray cluster as a "
-                                        "Ray Job (the project is the working_dir)")
+    sbm = _command(sub, "submit", text="run `run`, `tune` or `capture` on a Ray cluster as a "
+                                       "Ray Job (the project is the working_dir)",
+                   examples=["examples/quickstart.yaml --address http://HEAD:8265 "
+                             "-- tune --space sizes"])
     sbm.add_argument("config", help="YAML run config (inside the project directory)")
     sbm.add_argument("--address", default=None,
                      help="the cluster's dashboard, e.g. http://HEAD:8265 (default "
                           "RAY_JOB_ADDRESS / RAY_ADDRESS)")
-    sbm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    _set_option(sbm, "train.max_steps=200", what="a config field (checked here, applied in "
+                                                   "the job)")
     sbm.add_argument("--no-wait", action="store_true",
                      help="print the job id and return instead of following the logs")
     sbm.add_argument("--pip", action="store_true",
                      help="install the project's dependencies in the job's runtime_env (on a "
                           "venv-based cluster Ray first copies the venv: ~40 s, GBs of disk); "
                           "default: the cluster's Python environment")
-    sbm.epilog = ("Put the raydistill command to run after --, e.g. `raydistill submit cfg.yaml "
-                  "--address http://HEAD:8265 -- tune --space sizes` (default: run).")
+    sbm.epilog = ("Put the command the job runs after --, e.g. `-- tune --space sizes` (default: "
+                  "`-- run`).\n\n" + sbm.epilog)
 
-    jobs = sub.add_parser("jobs", help="list, follow or stop Ray Jobs on a cluster")
-    jobs.add_argument("action", nargs="?", default="list", choices=["list", "logs", "stop"])
-    jobs.add_argument("job_id", nargs="?", default=None)
+    jobs = _command(sub, "jobs", text="list, follow or stop Ray Jobs on a cluster",
+                    examples=["list --address http://HEAD:8265",
+                              "logs raydistill-tune-20261130-101500-ab12 "
+                              "--address http://HEAD:8265"])
+    jobs.add_argument("action", nargs="?", default="list", choices=["list", "logs", "stop"],
+                      help="list the jobs (default), follow one job's logs, or stop it")
+    jobs.add_argument("job_id", nargs="?", default=None,
+                      help="the job (for logs and stop), as `submit` and `jobs list` print it")
     jobs.add_argument("--address", default=None, help="http://HEAD:8265 (default RAY_JOB_ADDRESS)")
 
-    ins = sub.add_parser("inspect", help="summarise a capture's manifest and shard metadata")
-    ins.add_argument("output_dir")
+    ins = _command(sub, "inspect", text="what an output_dir holds: its captures (main, "
+                                        "held-out, behaviour-cloning samples), experiments "
+                                        "and sweeps",
+                   examples=["runs/quickstart"])
+    ins.add_argument("output_dir", help="a run's output_dir (the config's output_dir: a local "
+                                        "path or s3://…)")
     return p
 
 
@@ -140,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         argv, job_command = argv[:cut], argv[cut + 1:]
     args = _parser().parse_args(argv)
     if job_command and args.command != "submit":
-        _parser().error("only `raydistill submit` takes a command after --")
+        _parser().error(f"only `{command_name()} submit` takes a command after --")
+    if getattr(args, "local_ray", False):
+        os.environ[PRIVATE_RAY_ENV] = "private"  # read by orchestrator.cluster.connect()
     try:
         if args.command == "capture":
             from orchestrator.config import load_config

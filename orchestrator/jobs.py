@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from orchestrator.errors import RaydistillError
+from orchestrator.program import command_name
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -82,8 +83,9 @@ def submit(config: str, *, address: str | None, command: list[str], overrides: l
 
     command = list(command) or ["run"]
     if command[0] not in COMMANDS:
-        raise RaydistillError(f"`raydistill submit ... -- {command[0]}` is not a job command; "
-                              f"use one of {', '.join(COMMANDS)} (e.g. `-- tune --space sizes`)")
+        raise RaydistillError(f"`{command_name()} submit ... -- {command[0]}` is not a job "
+                              f"command; use one of {', '.join(COMMANDS)} "
+                              "(e.g. `-- tune --space sizes`)")
     cfg = load_config(config, overrides)  # ConfigError propagates: nothing reaches the cluster
     project = project_root()
     rel = _config_in_project(Path(config), project=project)
@@ -100,8 +102,9 @@ def submit(config: str, *, address: str | None, command: list[str], overrides: l
         raise RaydistillError(f"the cluster at {address} refused the job: {e}; if the upload is "
                               "too large, list big files of the project in .rayignore") from None
     print(f"submitted {job_id} to {address}\n  {entrypoint}")
-    print(f"  follow: raydistill jobs logs {job_id} --address {address}\n"
-          f"  stop:   raydistill jobs stop {job_id} --address {address}", flush=True)
+    me = command_name()
+    print(f"  follow: {me} jobs logs {job_id} --address {address}\n"
+          f"  stop:   {me} jobs stop {job_id} --address {address}", flush=True)
     if not follow:
         return 0
     return _follow(client, job_id, address=address)
@@ -285,8 +288,8 @@ def jobs(action: str, *, job_id: str | None, address: str | None) -> int:
     if action not in ("list", "logs", "stop"):
         raise RaydistillError(f"unknown jobs action {action!r}; use list, logs ID or stop ID")
     if action != "list" and not job_id:
-        raise RaydistillError(f"`raydistill jobs {action}` needs a job id; "
-                              "`raydistill jobs list` shows them")
+        raise RaydistillError(f"`{command_name()} jobs {action}` needs a job id; "
+                              f"`{command_name()} jobs list` shows them")
     client, address = _connect(address)
     if action == "list":
         print(_table(client))
@@ -312,7 +315,8 @@ def _table(client: JobSubmissionClient) -> str:
                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(start)) if start else "-",
                      _duration(end - start) if start else "-"))
     if len(rows) == 1:
-        return "no jobs on this cluster yet; `raydistill submit CONFIG --address ...` starts one"
+        return (f"no jobs on this cluster yet; `{command_name()} submit CONFIG --address ...` "
+                "starts one")
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
@@ -336,7 +340,7 @@ def _status(client: JobSubmissionClient, job_id: str) -> str:
         recent = [j.submission_id for j in _submitted(client)][-5:]
         known = ", ".join(recent) if recent else "none yet"
         raise RaydistillError(f"no job {job_id!r} on this cluster; recent jobs: {known} "
-                              "(`raydistill jobs list` shows all)") from None
+                              f"(`{command_name()} jobs list` shows all)") from None
 
 
 def _stop(client: JobSubmissionClient, job_id: str, *, status: str, wait_s: float = 60) -> int:
@@ -349,7 +353,7 @@ def _stop(client: JobSubmissionClient, job_id: str, *, status: str, wait_s: floa
     while (status := _status(client, job_id)) not in _TERMINAL:
         if time.monotonic() > deadline:
             raise RaydistillError(f"{job_id} is still {status} {wait_s:g} s after the stop "
-                                  "request; check it with `raydistill jobs list`")
+                                  f"request; check it with `{command_name()} jobs list`")
         time.sleep(0.5)
     print(f"{job_id} stopped ({status})")
     return 0
@@ -372,7 +376,7 @@ def _follow(client: JobSubmissionClient, job_id: str, *, address: str) -> int:
             time.sleep(0.5)
     except KeyboardInterrupt:
         print(f"\nstopped following; {job_id} keeps running on the cluster. Stop it with "
-              f"`raydistill jobs stop {job_id} --address {address}`", file=sys.stderr)
+              f"`{command_name()} jobs stop {job_id} --address {address}`", file=sys.stderr)
         return 130
     if status == "SUCCEEDED":
         print(f"{job_id} succeeded")

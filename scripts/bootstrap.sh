@@ -2,6 +2,8 @@
 # Create .venv and install raydistill with everything it needs (idempotent, ~2-4 min the first time).
 #   ./scripts/bootstrap.sh          # CPU machine: vLLM's CPU build + CPU torch (auto-detected)
 #   RAYDISTILL_EXTRA=gpu ./scripts/bootstrap.sh   # GPU machine: CUDA vLLM
+# Then `source .venv/bin/activate` (once per shell) puts `raydistill` on PATH, or call
+# `.venv/bin/raydistill` as it is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -17,11 +19,13 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q -e ".[$RAYDISTILL_EXTRA,dev]" 2>&1 \
     | grep -v "^WARNING: Location" || true
   # vLLM's install pulls PyPI torchvision/torchaudio/torchcodec, which do not match the CPU torch
-  # build and break `transformers` model imports (ENVIRONMENT.md); text-only vLLM needs none.
+  # build and break `transformers` model imports (README.md, "Install"); text-only vLLM needs none.
   .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>&1 \
     | grep -v "^WARNING" || true
   .venv/bin/python -c "import vllm, ray, torch, transformers, pyarrow" \
     || { echo "raydistill: install check failed" >&2; exit 1; }
   rm -f .venv/.raydistill-installed-*
   touch "$stamp"
+  echo "raydistill: installed; \`source .venv/bin/activate\` puts raydistill on PATH in this" \
+       "shell (or call .venv/bin/raydistill)" >&2
 fi

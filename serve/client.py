@@ -12,6 +12,7 @@ import os
 import sys
 
 from orchestrator.errors import RaydistillError
+from orchestrator.program import command_name
 
 API_KEY_ENV = "RAYDISTILL_API_KEY"
 TIMEOUT_S = 120.0
@@ -43,8 +44,8 @@ def query(prompt: str, *, url: str, model: str | None = None, max_tokens: int = 
         raise RaydistillError(f"the server at {url} did not answer within {TIMEOUT_S:.0f} s; "
                               "is it overloaded? try a smaller --max-tokens") from None
     except openai.APIConnectionError:
-        raise RaydistillError(f"no server at {url}; start one with `raydistill serve RUN_DIR` "
-                              "(or pass --url)") from None
+        raise RaydistillError(f"no server at {url}; start one with "
+                              f"`{command_name()} serve RUN_DIR` (or pass --url)") from None
     except openai.APIStatusError as e:
         raise RaydistillError(_status_message(e, url)) from None
     except openai.APIError as e:  # an error event inside a stream

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import time
 import uuid
 
@@ -14,6 +15,14 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+# Hermetic: every Ray these tests start is their own, whatever runs beside them — never a cluster
+# that `ray start` runs on this machine, nor one a leftover RAY_ADDRESS names (the CLI and the
+# pipeline read these in-process and in the subprocesses tests spawn; orchestrator/cluster.py).
+os.environ["RAYDISTILL_RAY"] = "private"
+os.environ.pop("RAY_ADDRESS", None)
+# As if the venv were activated (README): `raydistill` on PATH is this program, so the hints the
+# program prints name it `raydistill` (orchestrator/program.py; tests of that set PATH themselves).
+os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])
 
 
 @pytest.fixture(scope="session")
@@ -65,12 +74,13 @@ def texts():
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for the whole session (init/shutdown per test costs seconds each)."""
+    """One private local Ray for the whole session (init/shutdown per test costs seconds each);
+    address="local": a new Ray even where `ray start` runs one or left its address file."""
     import logging
 
     import ray
 
-    ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ctx = ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                    logging_level=logging.ERROR, object_store_memory=256 * 1024 * 1024)
     yield ctx
     ray.shutdown()
