@@ -5,7 +5,7 @@
     raydistill train CONFIG [--resume EXP]   # KD student + baselines on Ray Train, then a report
     raydistill run CONFIG [--fresh] [--resume EXP]   # capture and train together (streaming)
     raydistill inspect OUTPUT_DIR           # what a capture holds
-    raydistill tune CONFIG [--space NAME] [--resume SWEEP]   # Ray Tune sweep over one capture
+    raydistill tune CONFIG [--space NAME] [--fresh] [--resume SWEEP]   # Ray Tune sweep
     raydistill serve RUN_DIR [--top N]      # Ray Serve: OpenAI-compatible routes for the winners
     raydistill query "text" [--model ID]    # ask a served student
     raydistill submit CONFIG --address http://HEAD:8265 [-- run|tune|capture ...]   # Ray Jobs
@@ -83,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="override a config field, e.g. --set tune.num_samples=2")
     tune.add_argument("--resume", metavar="SWEEP", default=None,
                       help="continue an interrupted sweep (its name under output_dir/sweeps)")
+    tune.add_argument("--fresh", action="store_true",
+                      help="delete the previous capture in output_dir and capture again before "
+                           "the sweep")
 
     srv = sub.add_parser("serve", help="host a run's winners behind OpenAI-compatible HTTP routes")
     srv.add_argument("run_dir", help="a sweep directory (winners.json), an experiment directory, "
@@ -172,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.space is not None:
                 overrides.append(f"tune.space={args.space}")
             cfg = load_config(args.config, overrides)
-            pipeline.tune(cfg, resume=args.resume)
+            pipeline.tune(cfg, resume=args.resume, fresh=args.fresh)
             return 0
         if args.command == "serve":
             from orchestrator.config import load_serve_config
