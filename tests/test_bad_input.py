@@ -457,6 +457,28 @@ def test_another_capture_advice_is_one_the_command_accepts(command, captured, tm
     assert _snapshot(out) == before and not (out / "experiments").exists()
 
 
+@pytest.mark.slow
+def test_tune_fresh_recaptures_then_sweeps(captured, tmp_path, capsys):
+    """The advice followed: `raydistill tune CONFIG --fresh` on an output_dir holding another
+    capture deletes it (the old capture's bc samples with it), captures again, then sweeps."""
+    from orchestrator.shards import read_shards
+
+    out = _copy_capture(captured, tmp_path / "out")
+    cfg = _good_config(captured, out)
+    cfg["tune"] |= {"space": {"train.temperature": {"grid": [1.0]}}, "max_steps": 2,
+                    "eval_every": 2, "latency_tokens": 2, "scheduler": "fifo"}
+    path = _write_config(tmp_path / "c.yaml", cfg)
+    sweeps = set((out / "sweeps").glob("*"))
+    code, text = _cli(["tune", str(path), "--set", "teacher.k=4", "--fresh"], capsys)
+    assert code == 0, text
+    _assert_says(text, [f"--fresh: deleting the previous capture (manifest.json, shards/) in {out}"])
+    for capture in (out, out / "heldout"):
+        assert next(iter(read_shards(str(capture))))["topk_ids"].shape[1] == 4
+    assert not (out / "bc" / "manifest.json").exists()
+    (sweep,) = set((out / "sweeps").glob("*")) - sweeps
+    assert (sweep / "leaderboard.csv").is_file()
+
+
 # --------------------------------------------------------------------------- shard files & manifest
 
 def _rewrite_shard(out: Path, name: str, **meta_changes) -> None:
