@@ -5,7 +5,9 @@ samples (`CaptureKind`) — with its derived config, output, manifest and the un
 
 Captures are content-addressed: the fingerprint covers the sha256 of the data files' bytes
 (`orchestrator.data.content_digest`), not their path, so an edited dataset is refused (with the
---fresh hint) and a moved or copied one resumes.
+--fresh hint) and a moved or copied one resumes. Every input of the main and held-out captures is
+read and checked, and every output checked, before anything is written (`scan_captures`,
+`orchestrator.capture_output`).
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from orchestrator import data as data_mod
 from orchestrator.config import Config
+from orchestrator.capture_output import Found, check_output, delete_capture, open_output
 from orchestrator.errors import ConfigError, ShardError
 from orchestrator.manifest import (MANIFEST, SHARDS_DIR, Manifest, ShardInfo, exists, filesystem,
-                                   load_manifest, reconcile, save_manifest)
+                                   reconcile, save_manifest)
 from orchestrator.progress import say
 from orchestrator.shards import FORMAT_VERSION, load_shard, read_bytes, shard_metadata
 from orchestrator.teacher_info import TeacherInfo, inspect_teacher
@@ -83,6 +86,8 @@ class CapturePlan:
     shard_meta: dict
     """Provenance for every shard (teacher, tokenizer, fingerprint, capture kind)."""
     split: Split | None = None
+    data_key: str = "data.path"
+    """The config field that names this capture's data (`data.eval_path` for a held-out file)."""
 
     @property
     def label(self) -> str:
@@ -91,9 +96,10 @@ class CapturePlan:
     def units(self):
         d = self.cfg.data
         field = d.text_field if self.cfg.teacher.mode == "score" else d.prompt_field
-        records = data_mod.iter_records(data_mod.dataset_files(d.path), field=field,
-                                        fallback_field=d.text_field, id_field=d.id_field,
-                                        on_bad_line=d.on_bad_line, limit=d.limit, keep=self.split)
+        records = data_mod.iter_records(data_mod.dataset_files(d.path, key=self.data_key),
+                                        field=field, fallback_field=d.text_field,
+                                        id_field=d.id_field, on_bad_line=d.on_bad_line,
+                                        limit=d.limit, keep=self.split, key=self.data_key)
         wanted = set(self.todo)
         return ((u, [(r.sample_id, r.text) for r in batch])
                 for u, batch in data_mod.units(records, self.cfg.capture.samples_per_shard)
@@ -130,7 +136,7 @@ class CapturePlan:
 
 
 @dataclass
-class _Scanned:
+class ScannedCapture:
     """A capture checked against the teacher and its data read, before any output is opened."""
 
     kind: CaptureKind
@@ -140,13 +146,43 @@ class _Scanned:
     max_length: int
     records: int
     digest: dict
+    keys: dict
+    """What the fingerprint covers (`Config.capture_keys` and, for bc, the prompts' origin)."""
+    fingerprint: str
+
+    def check(self, *, fresh: bool, command: str) -> Found:
+        """What this capture's output holds (reads only; refuses another capture)."""
+        fs, root = filesystem(self.cfg.output_dir)
+        return check_output(fs, root, where=self.cfg.output_dir, fingerprint=self.fingerprint,
+                            keys=self.keys, fresh=fresh, command=command, key=self.key,
+                            path=self.cfg.data.path)
 
 
-def plan_captures(cfg: Config, *, fresh: bool = False, repair: bool = False) -> list[CapturePlan]:
+def plan_captures(cfg: Config, *, fresh: bool = False, repair: bool = False,
+                  command: str = "capture") -> list[CapturePlan]:
     """The main capture, then (if evaluation is on) the held-out split, then (if the `bc` baseline
     is asked for and the main capture holds no samples) the behaviour-cloning samples. Every
-    input is read and checked before any output is opened."""
+    input of the first two is read and checked, and every output checked, before any output is
+    written; `command` is the CLI command planning (its refusals give advice it accepts)."""
     info = inspect_teacher(cfg.teacher.model, revision=cfg.teacher.revision)
+    scanned = scan_captures(cfg, info)
+    with_bc = "bc" in cfg.train.baselines and cfg.teacher.mode == "score"
+    if with_bc:
+        _bc_room(cfg, scanned[0].max_length)
+    found = [s.check(fresh=fresh, command=command) for s in scanned]
+    plans = [_open(s, f, info, repair=repair) for s, f in zip(scanned, found)]
+    if with_bc:
+        plans.append(_plan_bc(cfg, plans[0], info, fresh=fresh, repair=repair, command=command))
+    elif fresh:  # samples of the capture --fresh just deleted: gone with it
+        fs, root = filesystem(bc_config(cfg).output_dir)
+        delete_capture(fs, root)
+    return plans
+
+
+def scan_captures(cfg: Config, info: TeacherInfo) -> list[ScannedCapture]:
+    """The main capture and (if evaluation is on) the held-out one, each checked against the
+    teacher, its data read once (records, bad lines, content digest) and its fingerprint
+    computed; nothing is written. Each error names the config field whose value failed."""
     d = cfg.data
     if d.eval_path:  # named as what it is, before anything else is read
         data_mod.dataset_files(d.eval_path, key="data.eval_path")
@@ -156,10 +192,7 @@ def plan_captures(cfg: Config, *, fresh: bool = False, repair: bool = False) -> 
         scanned.append(_scan(held, info, kind=CaptureKind.HELDOUT,
                              split=None if d.eval_path else _split(d, heldout=True),
                              key="data.eval_path" if d.eval_path else "data.path"))
-    plans = [_open(s, info, fresh=fresh, repair=repair) for s in scanned]
-    if "bc" in cfg.train.baselines and cfg.teacher.mode == "score":
-        plans.append(_plan_bc(cfg, plans[0], info, fresh=fresh, repair=repair))
-    return plans
+    return scanned
 
 
 def heldout_config(cfg: Config) -> Config | None:
@@ -188,19 +221,15 @@ def bc_config(cfg: Config) -> Config:
                    output_dir=_join(cfg.output_dir, BC_DIR))
 
 
-def _plan_bc(cfg: Config, main: CapturePlan, info: TeacherInfo, *, fresh: bool,
-             repair: bool) -> CapturePlan:
+def _plan_bc(cfg: Config, main: CapturePlan, info: TeacherInfo, *, fresh: bool, repair: bool,
+             command: str) -> CapturePlan:
     """The behaviour-cloning capture. Its prompts derive from the main capture's records: they
     live in the bc capture (output_dir/bc/prompts-<key>.jsonl; in the local cache for an
     object-store output_dir, since the data reader reads local files), named by the main
     capture's fingerprint and bc_prompt_tokens, so changed data makes new prompts; --fresh
     deletes them with the capture; the capture's fingerprint covers their content."""
     bc = bc_config(cfg)
-    room = main.max_length - cfg.train.bc_prompt_tokens - 1
-    if room < 1:
-        raise ConfigError(f"train.bc_prompt_tokens ({cfg.train.bc_prompt_tokens}) leaves no "
-                          f"room for a continuation in {main.max_length} tokens; lower it, or "
-                          "drop bc from train.baselines")
+    room = _bc_room(cfg, main.max_length)
     origin = {"prompts_from": main.manifest.fingerprint,
               "bc_prompt_tokens": cfg.train.bc_prompt_tokens}
     key = hashlib.sha256(json.dumps(origin, sort_keys=True).encode()).hexdigest()[:16]
@@ -214,8 +243,19 @@ def _plan_bc(cfg: Config, main: CapturePlan, info: TeacherInfo, *, fresh: bool,
     # sequence as the KD student (same token budget)
     bc = replace(bc, teacher=replace(bc.teacher, max_new_tokens=room),
                  data=replace(bc.data, path=prompts))
-    return _open(_scan(bc, info, kind=CaptureKind.BC, split=None, key="the bc prompts"), info,
-                 fresh=fresh, repair=repair, extra=origin)
+    scanned = _scan(bc, info, kind=CaptureKind.BC, split=None, key="the bc prompts", extra=origin)
+    return _open(scanned, scanned.check(fresh=fresh, command=command), info, repair=repair)
+
+
+def _bc_room(cfg: Config, max_length: int) -> int:
+    """Tokens left for a behaviour-cloning continuation after its prompt (checked before any
+    output is written)."""
+    room = max_length - cfg.train.bc_prompt_tokens - 1
+    if room < 1:
+        raise ConfigError(f"train.bc_prompt_tokens ({cfg.train.bc_prompt_tokens}) leaves no "
+                          f"room for a continuation in {max_length} tokens; lower it, or "
+                          "drop bc from train.baselines")
+    return room
 
 
 def _bc_prompts_dir(output_dir: str) -> str:
@@ -226,8 +266,9 @@ def _bc_prompts_dir(output_dir: str) -> str:
 
 
 def _scan(cfg: Config, info: TeacherInfo, *, kind: CaptureKind, split: Split | None,
-          key: str = "data.path") -> _Scanned:
-    """Validate against the teacher, read the data once (records, bad lines, content digest)."""
+          key: str = "data.path", extra: dict | None = None) -> ScannedCapture:
+    """Validate against the teacher, read the data once (records, bad lines, content digest),
+    compute the fingerprint (`extra`: more keys it covers)."""
     t, d = cfg.teacher, cfg.data
     if t.k > info.vocab_size:
         raise ConfigError(f"teacher.k must be between 1 and the vocabulary size ({info.vocab_size}), "
@@ -244,24 +285,24 @@ def _scan(cfg: Config, info: TeacherInfo, *, kind: CaptureKind, split: Split | N
         say(f"[yellow]skipped[/] {line}")
     if scan.skipped:
         say(f"[yellow]{len(scan.skipped)} bad lines skipped[/] (data.on_bad_line=skip)")
-    return _Scanned(kind, cfg, split, key, max_length, scan.records,
-                    data_mod.content_digest(scan.files))
-
-
-def _open(s: _Scanned, info: TeacherInfo, *, fresh: bool, repair: bool,
-          extra: dict | None = None) -> CapturePlan:
-    """Open (or resume, or refuse) the capture's output; adopt or repair what is there."""
-    cfg, t = s.cfg, s.cfg.teacher
-    selection = s.split.describe() if s.split else "all"
-    keys = cfg.capture_keys(format_version=FORMAT_VERSION, data_sha256=s.digest["sha256"],
-                            selection=selection) | (extra or {})
+    digest = data_mod.content_digest(scan.files, key=key)
+    keys = cfg.capture_keys(format_version=FORMAT_VERSION, data_sha256=digest["sha256"],
+                            selection=split.describe() if split else "all") | (extra or {})
     fingerprint = hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+    return ScannedCapture(kind, cfg, split, key, max_length, scan.records, digest, keys,
+                          fingerprint)
+
+
+def _open(s: ScannedCapture, found: Found, info: TeacherInfo, *, repair: bool) -> CapturePlan:
+    """Open (new, or resume) the capture's output that `s.check` found; adopt or repair what is
+    there."""
+    cfg, t, fingerprint = s.cfg, s.cfg.teacher, s.fingerprint
     fs, root = filesystem(cfg.output_dir)
     total_units = -(-s.records // cfg.capture.samples_per_shard)
     record = {"teacher": asdict(t), "data": asdict(cfg.data), "capture": asdict(cfg.capture),
-              "fingerprint_keys": keys, "data_files": s.digest["files"]}
-    manifest = _open_output(fs, root, fingerprint=fingerprint, fresh=fresh, cfg=cfg, key=s.key,
-                            record=record, total_units=total_units, total_records=s.records)
+              "fingerprint_keys": s.keys, "data_files": s.digest["files"]}
+    manifest = open_output(fs, root, found, fingerprint=fingerprint, record=record,
+                           total_units=total_units, total_records=s.records)
     as_read = manifest.to_json()
     shard_meta = {"teacher_model": t.model, "teacher_revision": info.revision,
                   "tokenizer_fingerprint": info.tokenizer_fingerprint, "backend": t.backend,
@@ -280,7 +321,8 @@ def _open(s: _Scanned, info: TeacherInfo, *, fresh: bool, repair: bool,
         save_manifest(fs, root, manifest)  # a finished capture is only read (sweeps share it)
     if manifest.shards and todo:
         say(f"resuming {s.kind.label}: {len(manifest.shards)}/{total_units} shards already captured")
-    return CapturePlan(s.kind, cfg, fs, root, manifest, todo, s.max_length, shard_meta, s.split)
+    return CapturePlan(s.kind, cfg, fs, root, manifest, todo, s.max_length, shard_meta, s.split,
+                       data_key=s.key)
 
 
 def _split(d, *, heldout: bool) -> Split | None:
@@ -311,64 +353,6 @@ def _write_bc_prompts(main: CapturePlan, path: str, *, tokens: int) -> None:
     with open(tmp, "w") as f:
         f.write("\n".join(lines) + "\n")
     os.replace(tmp, path)
-
-
-def _open_output(fs, root, *, fingerprint, fresh, cfg, key, record, total_units,
-                 total_records) -> Manifest:
-    try:
-        existing = load_manifest(fs, root)
-    except ShardError:
-        if not fresh:
-            raise
-        existing = None  # unreadable: --fresh deletes it below
-    if existing is not None and existing.fingerprint != fingerprint and not fresh:
-        why = _what_changed(existing.capture.get("fingerprint_keys"), record["fingerprint_keys"],
-                            key=key, path=cfg.data.path)
-        raise ConfigError(
-            f"output_dir {cfg.output_dir} holds another capture (fingerprint {existing.fingerprint},"
-            f" this config {fingerprint}){why}; its shards would mix with these. Use a new "
-            "output_dir, or rerun with --fresh to delete that capture and start over")
-    if fresh and (exists(fs, f"{root}/{MANIFEST}") or exists(fs, f"{root}/{SHARDS_DIR}")):
-        # only what a capture owns: other files a user keeps in output_dir stay
-        say(f"--fresh: deleting the previous capture (manifest.json, shards/) in {cfg.output_dir}")
-        if exists(fs, f"{root}/{SHARDS_DIR}"):
-            fs.delete_dir(f"{root}/{SHARDS_DIR}")
-        if exists(fs, f"{root}/{MANIFEST}"):
-            fs.delete_file(f"{root}/{MANIFEST}")
-        existing = None
-    if existing is None:
-        if exists(fs, f"{root}/{SHARDS_DIR}"):
-            raise ConfigError(f"output_dir {cfg.output_dir} has a shards/ folder but no "
-                              "manifest.json; it is not a capture this config can resume. Use a new "
-                              "output_dir, or rerun with --fresh to delete it")
-        fs.create_dir(f"{root}/{SHARDS_DIR}", recursive=True)
-        existing = Manifest(fingerprint=fingerprint, capture=record, total_units=total_units,
-                            total_records=total_records)
-    return existing
-
-
-def _what_changed(old: dict | None, new: dict, *, key: str, path: str) -> str:
-    """`: <what differs>` between a capture's recorded fingerprint keys and this config's ('' when
-    the old capture did not record them)."""
-    if not isinstance(old, dict):
-        return ""
-    flat_old, flat_new = _flatten(old), _flatten(new)
-    if flat_old.get("data.content_sha256") != flat_new.get("data.content_sha256"):
-        a, b = str(flat_old.get("data.content_sha256"))[:12], flat_new["data.content_sha256"][:12]
-        return f": the content of {key} {path} changed since it was captured (sha256 {a}… → {b}…)"
-    changed = [f"{k} {flat_old.get(k)!r} → {flat_new.get(k)!r}"
-               for k in sorted(set(flat_old) | set(flat_new)) if flat_old.get(k) != flat_new.get(k)]
-    return f": {', '.join(changed[:4])} differ" if changed else ""
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out |= _flatten(v, f"{prefix}{k}.")
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _drop_corrupt(fs, root: str, manifest: Manifest) -> None:

@@ -5,7 +5,7 @@
     raydistill train CONFIG [--resume EXP]   # KD student + baselines on Ray Train, then a report
     raydistill run CONFIG [--fresh] [--resume EXP]   # capture and train together (streaming)
     raydistill inspect OUTPUT_DIR           # its captures, experiments and sweeps
-    raydistill tune CONFIG [--space NAME] [--resume SWEEP]   # Ray Tune sweep over one capture
+    raydistill tune CONFIG [--space NAME] [--fresh] [--resume SWEEP]   # Ray Tune sweep
     raydistill serve RUN_DIR [--top N]      # Ray Serve: OpenAI-compatible routes for the winners
     raydistill query "text" [--model ID]    # ask a served student
     raydistill submit CONFIG --address http://HEAD:8265 [-- run|tune|capture ...]   # Ray Jobs
@@ -131,6 +131,9 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--resume", metavar="SWEEP", default=None,
                       help="continue an interrupted sweep (its name under output_dir/sweeps)")
     _local_ray_option(tune)
+    tune.add_argument("--fresh", action="store_true",
+                      help="delete the previous capture in output_dir and capture again before "
+                           "the sweep")
 
     srv = _command(sub, "serve", text="host a run's winners behind OpenAI-compatible HTTP routes",
                    examples=["runs/quickstart --top 2 --set serve.port=8001"])
@@ -239,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.space is not None:
                 overrides.append(f"tune.space={args.space}")
             cfg = load_config(args.config, overrides)
-            pipeline.tune(cfg, resume=args.resume)
+            pipeline.tune(cfg, resume=args.resume, fresh=args.fresh)
             return 0
         if args.command == "serve":
             from orchestrator.config import load_serve_config

@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -20,6 +19,7 @@ import yaml
 
 from orchestrator.config_checks import validate, validate_serve  # noqa: F401 (public here)
 from orchestrator.errors import ConfigError
+from orchestrator.paths import expand_paths, identity
 
 
 @dataclass
@@ -284,12 +284,15 @@ class Config:
         of the files `data.path` names (a moved copy resumes, an edited file is refused), and
         `selection` says which of their records the capture keeps (`all`, or the train /
         held-out side of `data.eval_fraction`) — so data.path, data.eval_path and
-        data.eval_fraction count only through those two."""
+        data.eval_fraction count only through those two, and each capture through its own data
+        (the held-out file is in the held-out capture's keys, not the main one's). A local
+        teacher counts by its real path (`orchestrator.paths.identity`): `~/t`, `/root/t/` and a
+        symlink to it are one teacher."""
         t, d = self.teacher, self.data
         data = {k: v for k, v in dataclasses.asdict(d).items()
                 if k not in ("path", "eval_path", "eval_fraction")}
-        keys = {"format_version": format_version, "model": t.model, "revision": t.revision,
-                "k": t.k, "mode": t.mode, "max_model_len": t.max_model_len,
+        keys = {"format_version": format_version, "model": identity(t.model),
+                "revision": t.revision, "k": t.k, "mode": t.mode, "max_model_len": t.max_model_len,
                 "data": data | {"content_sha256": data_sha256, "selection": selection},
                 "samples_per_shard": self.capture.samples_per_shard}
         if t.tail_temperatures:
@@ -314,17 +317,14 @@ _SECTIONS = {"teacher": TeacherConfig, "data": DataConfig, "capture": CaptureCon
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a YAML config, apply `key=value` overrides (values parsed as YAML), validate."""
+    """Read a YAML config, apply `key=value` overrides (values parsed as YAML), expand the path
+    fields (`~`, environment variables: `orchestrator.paths`), validate."""
     raw = _read_yaml(path, fix="pass the path of a YAML run config")
     for item in overrides:
         _apply_override(raw, item)
     cfg = _build(raw)
+    expand_paths(cfg)  # once, here: everything downstream sees the expanded, absolute paths
     validate(cfg)
-    cfg.teacher.model = _expand(cfg.teacher.model)
-    cfg.data.path = _expand(cfg.data.path)
-    cfg.data.eval_path = _expand(cfg.data.eval_path)
-    cfg.output_dir = os.path.abspath(_expand(cfg.output_dir)) if "://" not in cfg.output_dir \
-        else cfg.output_dir
     return cfg
 
 
@@ -353,19 +353,6 @@ def _read_yaml(path: str | Path | None, *, fix: str) -> dict[str, Any]:
         raise ConfigError(f"config file {p} must hold a mapping of sections, got "
                           f"{type(raw).__name__}")
     return raw
-
-
-def _expand(path: str) -> str:
-    """Local paths: `~` and environment variables expanded, made absolute (actors on other
-    processes or nodes do not share the driver's working directory). URIs stay as they are."""
-    import os
-
-    if "://" in path or not path:
-        return path
-    expanded = os.path.expandvars(os.path.expanduser(path))
-    if expanded.startswith((".", "/")) or os.path.exists(expanded):
-        return os.path.abspath(expanded)
-    return expanded
 
 
 def _apply_override(raw: dict, item: str) -> None:

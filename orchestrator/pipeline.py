@@ -22,7 +22,7 @@ import os
 import threading
 from dataclasses import replace
 
-from orchestrator.capture_plan import CaptureKind, CapturePlan, plan_captures
+from orchestrator.capture_plan import CaptureKind, CapturePlan, heldout_config, plan_captures
 from orchestrator.capture_run import Teachers
 from orchestrator.config import Config
 from orchestrator.errors import ConfigError, RaydistillError
@@ -37,7 +37,7 @@ SWEEPS_DIR = "sweeps"
 def capture(cfg: Config, *, fresh: bool = False, repair: bool = False) -> Manifest:
     """Capture soft labels for every record of `cfg.data` into `cfg.output_dir`, resumably — and
     the held-out split (evaluation) and behaviour-cloning samples the students will need."""
-    plans = plan_captures(cfg, fresh=fresh, repair=repair)
+    plans = plan_captures(cfg, fresh=fresh, repair=repair, command="capture")
     started_ray = _init_ray()
     try:
         with Teachers() as teachers:
@@ -51,7 +51,7 @@ def capture(cfg: Config, *, fresh: bool = False, repair: bool = False) -> Manife
 def train(cfg: Config, *, resume: str | None = None) -> str:
     """Train the KD student and the baselines on complete captures; returns the report's path."""
     experiment = _experiment(cfg, resume)  # a bad --resume is refused before any other work
-    plans = plan_captures(cfg)
+    plans = plan_captures(cfg, command="train")
     for plan in plans:
         if plan.todo:
             m = plan.manifest
@@ -79,7 +79,7 @@ def run(cfg: Config, *, fresh: bool = False, resume: str | None = None) -> str:
     from orchestrator.board import ShardBoard
 
     experiment = _experiment(cfg, resume)
-    plans = plan_captures(cfg, fresh=fresh)
+    plans = plan_captures(cfg, fresh=fresh, command="run")
     main, held = plans[0], [p for p in plans if p.kind is CaptureKind.HELDOUT]
     later = [p for p in plans if p.kind is CaptureKind.BC]
     for plan in plans:
@@ -121,8 +121,9 @@ def run(cfg: Config, *, fresh: bool = False, resume: str | None = None) -> str:
         _stop_ray(started_ray)
 
 
-def tune(cfg: Config, *, resume: str | None = None) -> str:
-    """Sweep students over `cfg.tune.space` on one capture; returns the sweep directory."""
+def tune(cfg: Config, *, resume: str | None = None, fresh: bool = False) -> str:
+    """Sweep students over `cfg.tune.space` on one capture (`fresh`: delete the captures in
+    output_dir and capture again first); returns the sweep directory."""
     from tune_spaces import load_space
     from tune_spaces.leaderboard import build_rows, measure, write_leaderboard
     from tune_spaces.sweep import run_sweep
@@ -138,11 +139,11 @@ def tune(cfg: Config, *, resume: str | None = None) -> str:
         raise ConfigError(f"--resume {resume}: no sweep of that name in "
                           f"{cfg.output_dir}/{SWEEPS_DIR}; omit --resume to start a new one")
     capture_cfg = replace(cfg, train=replace(cfg.train, baselines=[]))  # KD students only
-    plans = plan_captures(capture_cfg)
-    held = next((p for p in plans if p.kind is CaptureKind.HELDOUT), None)
-    if held is None:
+    if heldout_config(capture_cfg) is None:  # refused before any capture is opened
         raise ConfigError("tune ranks students on held-out metrics: set data.eval_path, or "
                           "data.eval_fraction > 0")
+    plans = plan_captures(capture_cfg, fresh=fresh, command="tune")
+    held = next(p for p in plans if p.kind is CaptureKind.HELDOUT)
     started_ray = _init_ray()
     try:
         _capture_once(capture_cfg, plans)

@@ -196,11 +196,16 @@ CONFIG_CASES = [
                  id="model-without-weights"),
     pytest.param("model", _model_dir("tokenizer"), ["its tokenizer cannot be loaded"],
                  id="model-without-tokenizer"),
+    pytest.param("mutate", _set("data.eval_path", "${RAYDISTILL_TEST_UNSET}/e.jsonl"),
+                 ["data.eval_path ${RAYDISTILL_TEST_UNSET}/e.jsonl uses the environment variable "
+                  "RAYDISTILL_TEST_UNSET, which is not set; export RAYDISTILL_TEST_UNSET="],
+                 id="unset-variable-in-a-path"),
 ]
 
 
 @pytest.mark.parametrize("kind, change, phrases", CONFIG_CASES)
-def test_config_file(kind, change, phrases, intact, captured, tmp_path, capsys):
+def test_config_file(kind, change, phrases, intact, captured, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("RAYDISTILL_TEST_UNSET", raising=False)
     path = tmp_path / "c.yaml"
     if kind == "text":
         path.write_text(change)
@@ -325,6 +330,153 @@ def test_skipped_lines_are_counted_and_the_rest_captured(tiny_teacher, ray_sessi
     _assert_says(text, ["3 bad lines skipped", "d.jsonl:3: not UTF-8 text", "d.jsonl:5: malformed"])
     got = sorted(s["sample_id"] for s in read_shards(str(tmp_path / "out")))
     assert got == ["d.jsonl:1", "d.jsonl:2", "d.jsonl:4", "d.jsonl:7"]
+
+
+# --------------------------------------------------------------------------- first attempts & paths
+
+FIRST_ATTEMPT_CASES = [
+    pytest.param("capture", "data.eval_path", "{tmp}/missing.jsonl",
+                 "data.eval_path {tmp}/missing.jsonl does not exist", id="missing-eval-file"),
+    pytest.param("run", "data.path", "{tmp}/missing.jsonl",
+                 "data.path {tmp}/missing.jsonl does not exist", id="missing-data-file"),
+    pytest.param("capture", "teacher.model", "{tmp}/no-teacher",
+                 "teacher.model {tmp}/no-teacher does not exist", id="missing-teacher"),
+    pytest.param("capture", "teacher.k", 5000,
+                 "teacher.k must be between 1 and the vocabulary size", id="k-above-vocab"),
+    pytest.param("run", "train.bc_prompt_tokens", 500,
+                 "train.bc_prompt_tokens (500) leaves no room for a continuation",
+                 id="bc-prompt-leaves-no-room"),
+    pytest.param("tune", "data.eval_fraction", 0,
+                 "tune ranks students on held-out metrics: set data.eval_path",
+                 id="tune-without-heldout"),
+]
+
+
+@pytest.mark.parametrize("command, key, value, phrase", FIRST_ATTEMPT_CASES)
+def test_a_failed_first_attempt_writes_nothing(command, key, value, phrase, captured, tmp_path,
+                                               capsys):
+    """Every input is checked before anything is written: a first attempt refused for a bad
+    input leaves no output_dir at all, so the corrected rerun is a first attempt again."""
+    out = tmp_path / "out"
+    cfg = _good_config(captured, out)
+    _set(key, value.format(tmp=tmp_path) if isinstance(value, str) else value)(cfg)
+    code, text = _cli([command, str(_write_config(tmp_path / "c.yaml", cfg))], capsys)
+    assert code == 2
+    _assert_says(text, [phrase.format(tmp=tmp_path)])
+    assert not out.exists(), sorted(str(p) for p in out.rglob("*"))
+
+
+def test_the_corrected_rerun_needs_no_fresh(tiny_teacher, texts, ray_session, tmp_path,
+                                            monkeypatch, capsys):
+    """The first hour: the held-out file named with `~` and mistyped — refused, naming
+    data.eval_path, nothing written; corrected, the same command captures without --fresh; the
+    same files spelled otherwise (absolute, $VAR) resume it; the held-out file edited is refused
+    as data.eval_path's, not data.path's."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("RD_DATA", str(home / "d"))
+    (home / "d").mkdir(parents=True)
+    write_jsonl(home / "d" / "train.jsonl",
+                [{"id": i, "text": t} for i, t in enumerate(texts[:16])])
+    held = home / "d" / "heldout.jsonl"
+    write_jsonl(held, [{"id": i, "text": t} for i, t in enumerate(texts[16:24])])
+    out = tmp_path / "out"
+    cfg = dataclasses.asdict(train_config(out, tiny_teacher, str(home / "d" / "train.jsonl"),
+                                          **{"train.baselines": "[]"}))
+    cfg["data"] |= {"path": "~/d/train.jsonl", "eval_path": "~/d/heldout.jsonl.txt"}
+    path = _write_config(tmp_path / "c.yaml", cfg)
+    code, text = _cli(["capture", str(path)], capsys)
+    assert code == 2
+    _assert_says(text, [f"data.eval_path {held}.txt does not exist"])
+    assert not out.exists()
+
+    cfg["data"]["eval_path"] = "~/d/heldout.jsonl"
+    code, text = _cli(["capture", str(_write_config(path, cfg))], capsys)
+    assert code == 0, text
+    _assert_says(text, ["held-out: k=8"])
+    assert (out / "heldout" / "manifest.json").is_file()
+    before = _snapshot(out)
+
+    cfg["data"] |= {"path": "$RD_DATA/train.jsonl", "eval_path": str(held)}
+    code, text = _cli(["capture", str(_write_config(path, cfg))], capsys)
+    assert code == 0, text
+    _assert_says(text, ["capture: complete", "held-out: complete"])
+    assert _snapshot(out) == before
+
+    held.write_text(held.read_text() + json.dumps({"id": 99, "text": "x = 1"}) + "\n")
+    code, text = _cli(["capture", str(path)], capsys)
+    assert code == 2
+    _assert_says(text, [f"output_dir {out}/heldout holds another capture",
+                        f"the content of data.eval_path {held} changed since it was captured"])
+    assert _snapshot(out) == before
+
+
+def test_an_empty_capture_of_other_settings_is_replaced(captured, tmp_path, capsys):
+    """A first attempt that failed after its manifests were written (a teacher that did not
+    start; an older raydistill that wrote before checking) left captures without a shard: the
+    corrected config replaces them, saying so, instead of asking for --fresh."""
+    from orchestrator.capture_plan import plan_captures
+    from orchestrator.config import load_config
+
+    out = tmp_path / "out"
+    path = _write_config(tmp_path / "c.yaml", _good_config(captured, out))
+    plan_captures(load_config(path, ["teacher.k=4"]))  # the failed attempt got this far
+    old = json.loads((out / "manifest.json").read_text())["fingerprint"]
+    plans = plan_captures(load_config(path), command="run")
+    text = " ".join(capsys.readouterr().err.split())
+    assert f"replacing the empty capture in {out} (fingerprint {old}, no shard captured " \
+           "yet)" in text
+    assert json.loads((out / "manifest.json").read_text())["fingerprint"] == \
+        plans[0].manifest.fingerprint != old
+
+
+ADVICE_CASES = [pytest.param(c, id=c) for c in ("capture", "run", "train", "tune")]
+
+
+@pytest.mark.parametrize("command", ADVICE_CASES)
+def test_another_capture_advice_is_one_the_command_accepts(command, captured, tmp_path, capsys):
+    """`raydistill COMMAND` on an output_dir holding another capture: refused, nothing changed,
+    and each way out the message names parses as a command line of this raydistill (`train`
+    has no --fresh: it names `capture`/`run --fresh`)."""
+    from orchestrator.cli import _parser
+
+    out = _copy_capture(captured, tmp_path / "out")
+    cfg = _write_config(tmp_path / "c.yaml", _good_config(captured, out))
+    before = _snapshot(out)
+    code, text = _cli([command, str(cfg), "--set", "teacher.k=4"], capsys)
+    assert code == 2
+    flat = " ".join(text.split())
+    _assert_says(flat, ["holds another capture", "k 8 → 4 differ"])
+    advised = [m.split() for m in re.findall(r"`raydistill ([^`]+)`", flat)]
+    if "rerun with --fresh" in flat:
+        advised.append([command, "CONFIG", "--fresh"])
+    assert advised, flat
+    for argv in advised:  # argparse exits (status 2) on an option the command does not take
+        args = _parser().parse_args([str(cfg) if a == "CONFIG" else a for a in argv])
+        assert args.fresh
+    assert _snapshot(out) == before and not (out / "experiments").exists()
+
+
+@pytest.mark.slow
+def test_tune_fresh_recaptures_then_sweeps(captured, tmp_path, capsys):
+    """The advice followed: `raydistill tune CONFIG --fresh` on an output_dir holding another
+    capture deletes it (the old capture's bc samples with it), captures again, then sweeps."""
+    from orchestrator.shards import read_shards
+
+    out = _copy_capture(captured, tmp_path / "out")
+    cfg = _good_config(captured, out)
+    cfg["tune"] |= {"space": {"train.temperature": {"grid": [1.0]}}, "max_steps": 2,
+                    "eval_every": 2, "latency_tokens": 2, "scheduler": "fifo"}
+    path = _write_config(tmp_path / "c.yaml", cfg)
+    sweeps = set((out / "sweeps").glob("*"))
+    code, text = _cli(["tune", str(path), "--set", "teacher.k=4", "--fresh"], capsys)
+    assert code == 0, text
+    _assert_says(text, [f"--fresh: deleting the previous capture (manifest.json, shards/) in {out}"])
+    for capture in (out, out / "heldout"):
+        assert next(iter(read_shards(str(capture))))["topk_ids"].shape[1] == 4
+    assert not (out / "bc" / "manifest.json").exists()
+    (sweep,) = set((out / "sweeps").glob("*")) - sweeps
+    assert (sweep / "leaderboard.csv").is_file()
 
 
 # --------------------------------------------------------------------------- shard files & manifest
