@@ -65,8 +65,12 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="build the demo teacher (once) and run the quickstart")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    demo.add_argument("--teacher-minutes", type=float, default=8.0,
-                      help="training budget of the demo teacher when it is first built")
+    demo.add_argument("--teacher-steps", type=_positive_int, default=None,
+                      help="training steps of the demo teacher when it is first built "
+                           "(default 1000, ~9 min on 2 idle CPUs; the same teacher on any load)")
+    demo.add_argument("--teacher-minutes", type=float, default=None,
+                      help="stop the demo teacher's training after this many minutes even if "
+                           "its steps are not done (a weaker teacher; for quick tries)")
     demo.add_argument("--home", default=None,
                       help="where the demo teacher and data are cached (default ~/.cache/raydistill)")
     demo.add_argument("--rebuild", action="store_true", help="retrain the cached demo teacher")
@@ -162,8 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from orchestrator.demo import run_demo
 
-            return run_demo(overrides=args.set, teacher_minutes=args.teacher_minutes,
-                            home=args.home, rebuild=args.rebuild, fresh=args.fresh)
+            return run_demo(overrides=args.set, teacher_steps=args.teacher_steps,
+                            teacher_minutes=args.teacher_minutes, home=args.home,
+                            rebuild=args.rebuild, fresh=args.fresh)
         if args.command == "tune":
             from orchestrator import pipeline
             from orchestrator.config import load_config
