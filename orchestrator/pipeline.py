@@ -292,12 +292,12 @@ def publish(cfg: Config, run_dirs: str | list[str], *, prompt: str, top: int | N
     """Serve the best `top` (default serve.top) students of `run_dirs` (an experiment and a
     sweep, say) ranked together by held-out NLL, ask the best one `prompt` (streamed, greedy)
     through the official openai client, then stop the server."""
-    from orchestrator.winners import best_first, find_models, why_served
+    from orchestrator.winners import models_of, why_served
     from serve.app import start, stop
     from serve.client import query
 
     dirs = [run_dirs] if isinstance(run_dirs, str) else list(run_dirs)
-    found = best_first([find_models(d) for d in dirs])
+    found, dirs, notes = models_of(dirs)
     models = found[:top or cfg.serve.top]
     settings = replace(cfg.serve, port=_port_or_free(cfg.serve.host, cfg.serve.port))
     started_ray = _init_ray()
@@ -307,7 +307,7 @@ def publish(cfg: Config, run_dirs: str | list[str], *, prompt: str, top: int | N
         url = start(models, settings)
         try:
             say(f"serving {', '.join(m.id for m in models)} at {url}/v1 (OpenAI-compatible)")
-            for line in why_served(models, found, dirs=dirs):
+            for line in why_served(models, found, dirs=dirs) + notes:
                 say(line)
             say(f"[bold]prompt[/] ({models[0].id}): {prompt!r}")
             query(prompt, url=url, model=models[0].id, max_tokens=max_tokens, temperature=0.0,

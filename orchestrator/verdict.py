@@ -105,7 +105,7 @@ def verdict(rows: dict, comparisons: dict[str, Paired | None], *,
     if pair is not None and pair.se is not None:
         beyond = abs(diff) > Z * pair.se
         head = ("Distillation helped" if beyond and diff < 0 else "Distillation did not help"
-                if beyond else "Inconclusive: the difference is within noise")
+                if beyond else "Inconclusive (the difference is within noise)")
     else:
         head = (("Distillation seems to have helped" if diff < 0 else
                  "Distillation seems not to have helped")

@@ -76,6 +76,24 @@ def find_models(run_dir: str, *, top: int | None = None) -> list[ServedModel]:
     return models[:top] if top else models
 
 
+def models_of(run_dirs: list[str]) -> tuple[list[ServedModel], list[str], list[str]]:
+    """(`best_first` of the models the directories of `run_dirs` hold, the directories that
+    hold some, a note for each that holds none); an error if none holds any."""
+    groups, held, notes = [], [], []
+    for d in run_dirs:
+        try:
+            groups.append(find_models(d))
+            held.append(d)
+        except RaydistillError as e:
+            if len(run_dirs) == 1:
+                raise
+            notes.append(f"  nothing to serve from {d}: {e}")
+    if not groups:
+        raise RaydistillError("no finished students to serve: " + "; ".join(n.strip()
+                                                                            for n in notes))
+    return best_first(groups), held, notes
+
+
 def best_first(groups: list[list[ServedModel]]) -> list[ServedModel]:
     """The models of several run directories (an experiment's students, a sweep's winners) in one
     list, best first by held-out NLL; those without one keep their order, after the others."""
