@@ -307,7 +307,7 @@ def publish(cfg: Config, run_dirs: str | list[str], *, prompt: str, top: int | N
         url = start(models, settings)
         try:
             say(f"serving {', '.join(m.id for m in models)} at {url}/v1 (OpenAI-compatible)")
-            for line in why_served(models, found, dirs=dirs) + notes:
+            for line in why_served(models, found=found, dirs=dirs) + notes:
                 say(line)
             say(f"[bold]prompt[/] ({models[0].id}): {prompt!r}")
             query(prompt, url=url, model=models[0].id, max_tokens=max_tokens, temperature=0.0,

@@ -80,8 +80,10 @@ def build_report(results: dict, *, settings: dict, repeated: dict | None = None)
     histories = {label: [{k: v for k, v in h.items() if k != SEQUENCES_KEY} for h in r.history]
                  for label, r in results.items()}
     return {
-        "verdict": verdict(rows, comparisons, no_hard_reason=_no_hard_reason(settings)),
-        "warnings": warnings(rows, histories, heldout_sequences=sequences if evaluated else None,
+        "verdict": verdict(rows, comparisons=comparisons,
+                           no_hard_reason=_no_hard_reason(settings)),
+        "warnings": warnings(rows, histories=histories,
+                             heldout_sequences=sequences if evaluated else None,
                              heldout_tokens=tokens, repeated=repeated),
         "heldout": {"sequences": sequences if evaluated else None, "positions": tokens,
                     "repeated_texts": repeated},

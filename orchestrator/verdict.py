@@ -82,7 +82,7 @@ def _noise(p: Paired | None) -> str:
     return f" ± {Z * p.se:.3f}, {Z:g} s.e. over {p.sequences} held-out sequences"
 
 
-def verdict(rows: dict, comparisons: dict[str, Paired | None], *,
+def verdict(rows: dict, *, comparisons: dict[str, Paired | None],
             no_hard_reason: str | None = None) -> str:
     """One sentence: did distillation help? rows: label → summary row (student_nll, teacher_nll,
     gap_recovered, …) as `report.summarise` makes them; comparisons: "kd-hard", "bc-hard" →
@@ -130,7 +130,7 @@ def verdict(rows: dict, comparisons: dict[str, Paired | None], *,
     return text + "."
 
 
-def warnings(rows: dict, histories: dict[str, list[dict]], *, heldout_sequences: int | None,
+def warnings(rows: dict, *, histories: dict[str, list[dict]], heldout_sequences: int | None,
              heldout_tokens: int | None, repeated: dict | None) -> list[str]:
     """Each doubt about the comparison, naming its numbers. histories: label → the student's
     metric rows (`eval_student_nll` where it was evaluated); repeated: `repeated_texts`' dict."""
@@ -179,7 +179,7 @@ def _text_key(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
-def repeated_texts(train: Iterable[str], heldout: Iterable[str]) -> dict:
+def repeated_texts(train: Iterable[str], *, heldout: Iterable[str]) -> dict:
     """Exact duplicates across the split: {"heldout": held-out texts, "repeated": how many of them
     occur in `train`, "train_copies": training records holding one}. Holds only the held-out
     texts' hashes; streams `train`."""
@@ -215,4 +215,5 @@ def repeated_in_plans(plans: list) -> dict | None:
     by_kind = {p.kind.value: p for p in plans}
     if "heldout" not in by_kind:
         return None
-    return repeated_texts(plan_texts(by_kind["main"]), plan_texts(by_kind["heldout"]))
+    return repeated_texts(plan_texts(by_kind["main"]),
+                          heldout=plan_texts(by_kind["heldout"]))

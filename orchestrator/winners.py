@@ -114,7 +114,7 @@ def describe(m: ServedModel) -> str:
             + (f": held-out NLL {nll:.3f}" if nll is not None else ": no held-out NLL recorded"))
 
 
-def why_served(served: list[ServedModel], found: list[ServedModel], *,
+def why_served(served: list[ServedModel], *, found: list[ServedModel],
                dirs: list[str]) -> list[str]:
     """Lines saying which models of `dirs` are served and which are not, with their held-out
     NLL, and how to serve each directory again."""

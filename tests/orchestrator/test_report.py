@@ -50,7 +50,7 @@ def test_paired_difference_is_a_ratio_estimate_with_its_clustered_standard_error
 
 def test_verdict_helped_with_margin_and_gap():
     rows = _rows(kd=2.98, hard=3.21, bc=3.10)
-    text = verdict(rows, {"kd-hard": Paired(-0.23, 0.02, 64, 30000),
+    text = verdict(rows, comparisons={"kd-hard": Paired(-0.23, 0.02, 64, 30000),
                           "bc-hard": Paired(-0.11, 0.03, 64, 30000)})
     assert text == ("Distillation helped: the KD student's held-out NLL is 2.980 vs 3.210 "
                     "nats/token for hard labels (−0.230 ± 0.040, 2 s.e. over 64 held-out "
@@ -61,63 +61,69 @@ def test_verdict_helped_with_margin_and_gap():
 def test_verdict_did_not_help_names_the_numbers():
     # the demo: KD 5.262 vs hard 4.902, teacher 4.570 after a short teacher budget
     text = verdict(_rows(kd=5.262, hard=4.902, teacher=4.570),
-                   {"kd-hard": Paired(0.36, 0.02, 256, 120000)})
+                   comparisons={"kd-hard": Paired(0.36, 0.02, 256, 120000)})
     assert text.startswith("Distillation did not help: the KD student's held-out NLL is 5.262 "
                            "vs 4.902 nats/token for hard labels (+0.360 ± 0.040")
     assert "the teacher is at 4.570" in text and "%" not in text
 
 
 def test_verdict_inconclusive_within_noise():
-    text = verdict(_rows(kd=3.20, hard=3.21), {"kd-hard": Paired(-0.01, 0.02, 64, 30000)})
+    text = verdict(_rows(kd=3.20, hard=3.21),
+                   comparisons={"kd-hard": Paired(-0.01, 0.02, 64, 30000)})
     assert text.startswith("Inconclusive (the difference is within noise): the KD student")
     assert "(−0.010 ± 0.040, 2 s.e. over 64 held-out sequences)" in text
 
 
 def test_verdict_without_a_noise_estimate_says_so():
-    text = verdict(_rows(kd=2.98, hard=3.21), {"kd-hard": None})
+    text = verdict(_rows(kd=2.98, hard=3.21), comparisons={"kd-hard": None})
     assert text.startswith("Distillation seems to have helped (noise unknown")
     assert "±" not in text
 
 
 def test_verdict_without_hard_baseline_or_held_out_split():
-    text = verdict(_rows(kd=2.98, hard=None, bc=3.0), {},
+    text = verdict(_rows(kd=2.98, hard=None, bc=3.0), comparisons={},
                    no_hard_reason="no hard-label baseline was trained (train.baselines has "
                                   "no `hard`)")
     assert text == ("No verdict on distillation: no hard-label baseline was trained "
                     "(train.baselines has no `hard`), so nothing shows what the soft labels "
                     "added; the KD student's held-out NLL is 2.980 nats/token (behaviour cloning "
                     "3.000, the teacher's 2.720).")
-    assert verdict({"kd": _row(None)}, {}).startswith(
+    assert verdict({"kd": _row(None)}, comparisons={}).startswith(
         "No verdict: the students were not evaluated — there is no held-out split")
 
 
 def test_verdict_when_the_teacher_is_no_better_than_hard_labels():
-    text = verdict(_rows(kd=3.0, hard=3.1, teacher=3.5), {"kd-hard": Paired(-0.1, 0.01, 60, 1)})
+    text = verdict(_rows(kd=3.0, hard=3.1, teacher=3.5),
+                   comparisons={"kd-hard": Paired(-0.1, 0.01, 60, 1)})
     assert text.endswith("; the teacher (3.500) is no better than the hard-label student, so "
                          "there is no gap to close.")
 
 
+def _warn(rows=None, *, histories=None, sequences=None, tokens=None, repeated=None):
+    return warnings(rows or {}, histories=histories or {}, heldout_sequences=sequences,
+                    heldout_tokens=tokens, repeated=repeated)
+
+
 def test_warning_small_heldout_split_names_counts_and_thresholds():
-    (w,) = warnings({}, {}, heldout_sequences=10, heldout_tokens=1548, repeated=None)
+    (w,) = _warn(sequences=10, tokens=1548)
     assert w.startswith("Small held-out split: 10 sequences / 1,548 tokens evaluated")
     assert f"{MIN_SEQUENCES} sequences or {MIN_TOKENS:,} tokens" in w
-    assert warnings({}, {}, heldout_sequences=256, heldout_tokens=120_000, repeated=None) == []
-    assert warnings({}, {}, heldout_sequences=256, heldout_tokens=MIN_TOKENS - 1, repeated=None)
+    assert _warn(sequences=256, tokens=120_000) == []
+    assert _warn(sequences=256, tokens=MIN_TOKENS - 1)
 
 
 def test_repeated_texts_across_the_split():
-    counts = repeated_texts(["a", "b", "a", "c", "e"], ["a", "d", "c"])
+    counts = repeated_texts(["a", "b", "a", "c", "e"], heldout=["a", "d", "c"])
     assert counts == {"heldout": 3, "repeated": 2, "train_copies": 3}
-    (w,) = warnings({}, {}, heldout_sequences=None, heldout_tokens=None, repeated=counts)
+    (w,) = _warn(repeated=counts)
     assert w.startswith("Texts repeated across train and held-out: 2 of 3 held-out texts also "
                         "occur, exactly, in the training data (3 training records)")
-    assert warnings({}, {}, heldout_sequences=None, heldout_tokens=None,
-                    repeated=repeated_texts(["a"], ["b"])) == []
+    assert _warn(repeated=repeated_texts(["a"], heldout=["b"])) == []
 
 
 def test_warning_student_better_than_teacher():
     rows = _rows(kd=5.2, hard=0.5, teacher=5.5)
-    (w,) = warnings(rows, {}, heldout_sequences=None, heldout_tokens=None, repeated=None)
+    (w,) = _warn(rows)
     assert w == ("A student beats its teacher: the KD student's 5.200, the hard-label student's "
                  "0.500 vs the teacher's 5.500 nats/token held-out NLL. The teacher is weak on "
                  "this data, or the held-out texts leak into the training data.")
@@ -129,7 +135,7 @@ def test_warning_still_improving_at_the_last_evaluation():
 
     history = {"kd": [{"step": 50}] + evals(5.5, 5.0, 4.9),
                "hard": evals(5.0, 5.0 - IMPROVING_NATS / 2), "bc": evals(4.8)}
-    (w,) = warnings({}, history, heldout_sequences=None, heldout_tokens=None, repeated=None)
+    (w,) = _warn(histories=history)
     assert w.startswith("Still improving at the last evaluation (held-out NLL fell by more than "
                         f"{IMPROVING_NATS} nats/token): KD student 5.000 → 4.900 (step 200 → "
                         "300). More steps would help")
@@ -313,7 +319,7 @@ def test_best_first_ranks_an_experiment_and_a_sweep_by_heldout_nll(tmp_path):
                   metric="eval_kl", mode="min")
     found = best_first([find_models(str(exp)), find_models(str(sweep))])
     assert [m.id for m in found] == ["bc", "kd", "hard", "t00-1x128"]
-    lines = why_served(found[:2], found, dirs=[str(exp), str(sweep)])
+    lines = why_served(found[:2], found=found, dirs=[str(exp), str(sweep)])
     assert lines[0] == "  served: bc (experiment exp-1, 300 steps): held-out NLL 4.676"
     assert lines[3] == "  not served: t00-1x128 (sweep sweep-1, 40 steps): held-out NLL 5.890"
     assert lines[-1] == f"  `raydistill serve {sweep}` serves its models until Ctrl-C"
