@@ -51,7 +51,7 @@ def test_paired_difference_is_a_ratio_estimate_with_its_clustered_standard_error
 def test_verdict_helped_with_margin_and_gap():
     rows = _rows(kd=2.98, hard=3.21, bc=3.10)
     text = verdict(rows, comparisons={"kd-hard": Paired(-0.23, 0.02, 64, 30000),
-                          "bc-hard": Paired(-0.11, 0.03, 64, 30000)})
+                                      "bc-hard": Paired(-0.11, 0.03, 64, 30000)})
     assert text == ("Distillation helped: the KD student's held-out NLL is 2.980 vs 3.210 "
                     "nats/token for hard labels (−0.230 ± 0.040, 2 s.e. over 64 held-out "
                     "sequences), closing 47% of the gap to the teacher (2.720); behaviour "
