@@ -186,7 +186,8 @@ def _markdown(report: dict, plots: list[str]) -> str:
             cells.append(notes.dash(_NOT_EVALUATED) if value is None else format(value, spec))
         cells += [_gap_cell(label, r, rows, settings, notes), f"{r['wall_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += [""] + notes.lines()
+    if notes.reasons:
+        lines += [""] + notes.lines()
     if any(report["comparisons"].values()):
         pairs = [p for p in report["comparisons"].values() if p]
         lines += ["", f"± = {Z:g} standard errors of the paired difference of two students' NLL "
