@@ -25,9 +25,9 @@ def test_demo_builds_teacher_captures_trains_and_reports(tmp_path, ray_session, 
                                                           capsys):
     monkeypatch.chdir(tmp_path)
     home = tmp_path / "home"
-    assert main(["demo", "--home", str(home), "--teacher-steps", "30", *TINY, *TWO_TRIALS]) == 0
+    assert main(["demo", "--home", str(home), "--teacher-steps", "20", *TINY, *TWO_TRIALS]) == 0
     info = json.loads((home / "demo-teacher" / "demo.json").read_text())
-    assert info["steps"] == info["budget_steps"] == 30  # a step budget, whatever the load
+    assert info["steps"] == info["budget_steps"] == 20  # a step budget, whatever the load
     assert info["heldout_nats"] < math.log(info["vocab_size"])
     assert (home / "demo-data" / "transfer.jsonl").exists()
     out = tmp_path / "runs" / "quickstart"
@@ -44,7 +44,7 @@ def test_demo_builds_teacher_captures_trains_and_reports(tmp_path, ray_session, 
     captured = capsys.readouterr()
     err = captured.err
     flat = " ".join(err.split())  # lines wrapped at the console's width, joined again
-    assert "demo teacher: step 30/30" in flat
+    assert "demo teacher: step 20/20" in flat
     assert "report.md" in err and "plots:" in err
     # the sweep on the same capture, then the best student of the run and the sweep served
     assert "reusing the capture" in err and "no teacher started" in err
