@@ -29,7 +29,7 @@ QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart.y
 DEMO_PROMPT = "def read_config(path):\n    "
 DEFAULT_TEACHER_STEPS = 1000
 """Steps of 16 × 128 tokens (~2M tokens): held-out ~4.0 nats/token (872 steps measured 3.99 vs a
-unigram 6.61), well below the 1 × 128 students' ~4.7–4.9 after their 300 steps; 338 steps
+unigram 6.61), well below the 1 × 128 students' ~4.7–5.5 after their 300 steps; 338 steps
 (what 8 minutes bought on a loaded machine) gave 4.57 and a KD student worse than hard labels."""
 PROGRESS_EVERY_S = 30.0
 """Seconds between the teacher's progress lines when stderr is not a terminal (a log file)."""
