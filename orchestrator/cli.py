@@ -109,8 +109,12 @@ def _parser() -> argparse.ArgumentParser:
     demo = _command(sub, "demo", text="build the demo teacher (once) and run the quickstart",
                     examples=["", "--set train.max_steps=100   # shorter student training"])
     _set_option(demo, "train.max_steps=100", what="a field of examples/quickstart.yaml")
-    demo.add_argument("--teacher-minutes", type=float, default=8.0,
-                      help="training budget of the demo teacher when it is first built")
+    demo.add_argument("--teacher-steps", type=_positive_int, default=None,
+                      help="training steps of the demo teacher when it is first built "
+                           "(default 1000, ~9 min on 2 idle CPUs; the same teacher on any load)")
+    demo.add_argument("--teacher-minutes", type=float, default=None,
+                      help="stop the demo teacher's training after this many minutes even if "
+                           "its steps are not done (a weaker teacher; for quick tries)")
     demo.add_argument("--home", default=None,
                       help="where the demo teacher and data are cached "
                            "(default ~/.cache/raydistill)")
@@ -232,8 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from orchestrator.demo import run_demo
 
-            return run_demo(overrides=args.set, teacher_minutes=args.teacher_minutes,
-                            home=args.home, rebuild=args.rebuild, fresh=args.fresh)
+            return run_demo(overrides=args.set, teacher_steps=args.teacher_steps,
+                            teacher_minutes=args.teacher_minutes, home=args.home,
+                            rebuild=args.rebuild, fresh=args.fresh)
         if args.command == "tune":
             from orchestrator import pipeline
             from orchestrator.config import load_config

@@ -8,7 +8,10 @@ On every held-out position that has a teacher label and a next token:
   full-vocabulary KL,
 - top-1 agreement: the student's argmax is the teacher's most likely token.
 
-`evaluate` returns sums, so data-parallel workers can add theirs before `finish` divides.
+`evaluate` returns sums, so data-parallel workers can add theirs before `finish` divides. It can
+also record each held-out sequence's own sums (`per_sequence`): students evaluated on the same
+sequences are then compared pairwise, sequence by sequence, which gives the difference of their
+NLLs a standard error (`orchestrator.verdict.paired_difference`).
 """
 
 from __future__ import annotations
@@ -21,17 +24,22 @@ from orchestrator.batches import collate
 from orchestrator.losses import divergence, tail_at
 
 SUM_KEYS = ("positions", "student_nll", "teacher_nll", "teacher_positions", "kl", "top1")
+SEQUENCES_KEY = "heldout_sequences"
+"""Where a student's history keeps its last evaluation's per-sequence sums: {sample_id:
+[positions, student NLL sum]}. Not an `eval_*` metric: only scalars go to Ray Train and Tune."""
 
 
 @torch.no_grad()
 def evaluate(model, samples: list[dict], *, batch_size: int = 16, device: str = "cpu",
-             pad_id: int = 0) -> dict[str, float]:
-    """Sums over `samples` (decoded shard rows); see SUM_KEYS."""
+             pad_id: int = 0, per_sequence: dict | None = None) -> dict[str, float]:
+    """Sums over `samples` (decoded shard rows); see SUM_KEYS. `per_sequence`, if given, is
+    filled with each sample's own sums: {sample_id: [positions, student NLL sum]}."""
     was_training = model.training
     model.eval()
     sums = dict.fromkeys(SUM_KEYS, 0.0)
     for i in range(0, len(samples), batch_size):
-        batch = collate(samples[i:i + batch_size], pad_id=pad_id)
+        chunk = samples[i:i + batch_size]
+        batch = collate(chunk, pad_id=pad_id)
         logits = model(input_ids=batch.input_ids.to(device),
                        attention_mask=batch.attention_mask.to(device)).logits.float()
         V = logits.shape[-1]
@@ -47,8 +55,11 @@ def evaluate(model, samples: list[dict], *, batch_size: int = 16, device: str = 
         teacher_t = _teacher_target_lp(samples[i:i + batch_size], batch.input_ids.shape[1])
         teacher_t = teacher_t.to(device)[rows]
         known = ~torch.isnan(teacher_t)
+        nll = torch.nn.functional.cross_entropy(lg, targets, reduction="none")  # [positions]
         sums["positions"] += len(rows)
-        sums["student_nll"] += torch.nn.functional.cross_entropy(lg, targets, reduction="sum").item()
+        sums["student_nll"] += nll.sum().item()
+        if per_sequence is not None:
+            _add_per_sequence(per_sequence, chunk, rows // batch.input_ids.shape[1], nll, start=i)
         sums["teacher_nll"] += (-teacher_t[known]).sum().item()
         sums["teacher_positions"] += known.sum().item()
         sums["kl"] += divergence(lg, ids, lps, kind="fkl", temperature=1.0, tail="bucket",
@@ -56,6 +67,20 @@ def evaluate(model, samples: list[dict], *, batch_size: int = 16, device: str = 
         sums["top1"] += (lg.argmax(-1) == ids[:, 0]).sum().item()
     model.train(was_training)
     return sums
+
+
+def _add_per_sequence(out: dict, chunk: list[dict], which: torch.Tensor, nll: torch.Tensor, *,
+                      start: int) -> None:
+    """Add each sample's positions and NLL sum to `out`; `which` [positions]: the row of `chunk`
+    each position belongs to, `nll` [positions]: its NLL."""
+    counts = torch.bincount(which, minlength=len(chunk)).tolist()
+    sums = torch.zeros(len(chunk), dtype=torch.float64, device=nll.device)
+    sums = sums.index_add_(0, which, nll.double()).tolist()
+    for b, s in enumerate(chunk):
+        if counts[b]:
+            entry = out.setdefault(str(s.get("sample_id", start + b)), [0, 0.0])
+            entry[0] += counts[b]
+            entry[1] += sums[b]
 
 
 def _teacher_target_lp(samples: list[dict], length: int) -> torch.Tensor:

@@ -288,15 +288,18 @@ def _new_name(prefix: str) -> str:
     return experiment_name(prefix)
 
 
-def publish(cfg: Config, run_dir: str, *, prompt: str, top: int = 1,
+def publish(cfg: Config, run_dirs: str | list[str], *, prompt: str, top: int | None = None,
             max_tokens: int = 48) -> None:
-    """Serve the best `top` students of `run_dir`, ask the best one `prompt` (streamed, greedy)
+    """Serve the best `top` (default serve.top) students of `run_dirs` (an experiment and a
+    sweep, say) ranked together by held-out NLL, ask the best one `prompt` (streamed, greedy)
     through the official openai client, then stop the server."""
-    from orchestrator.winners import find_models
+    from orchestrator.winners import models_of, why_served
     from serve.app import start, stop
     from serve.client import query
 
-    models = find_models(run_dir, top=top)
+    dirs = [run_dirs] if isinstance(run_dirs, str) else list(run_dirs)
+    found, dirs, notes = models_of(dirs)
+    models = found[:top or cfg.serve.top]
     settings = replace(cfg.serve, port=_port_or_free(cfg.serve.host, cfg.serve.port))
     started_ray = _init_ray()
     serve_log = logging.getLogger("ray.serve")
@@ -304,8 +307,9 @@ def publish(cfg: Config, run_dir: str, *, prompt: str, top: int = 1,
     try:
         url = start(models, settings)
         try:
-            say(f"serving {', '.join(m.id for m in models)} at {url}/v1 (OpenAI-compatible; "
-                f"`raydistill serve {run_dir}` keeps it up)")
+            say(f"serving {', '.join(m.id for m in models)} at {url}/v1 (OpenAI-compatible)")
+            for line in why_served(models, found=found, dirs=dirs) + notes:
+                say(line)
             say(f"[bold]prompt[/] ({models[0].id}): {prompt!r}")
             query(prompt, url=url, model=models[0].id, max_tokens=max_tokens, temperature=0.0,
                   stream=True, api_key=os.environ.get(cfg.serve.api_key_env))
@@ -488,14 +492,18 @@ def _describe_result(r) -> str:
 
 def _report(cfg: Config, plans: list[CapturePlan], experiment: str, results: dict,
             streaming: dict | None = None) -> str:
-    from orchestrator.report import write_report
+    from orchestrator.report import headline, write_report
+    from orchestrator.verdict import repeated_in_plans
 
     out = f"{cfg.output_dir.rstrip('/')}/{EXPERIMENTS_DIR}/{experiment}"
     settings = _settings(cfg, plans) | {"experiment": experiment}
     if streaming is not None:
         settings["streaming"] = {k: streaming[k] for k in ("streamed", "capture_paused_s")}
-    path = write_report(out, results=results, settings=settings)
+    path, report = write_report(out, results=results, settings=settings,
+                                repeated=repeated_in_plans(plans))
     say(f"report: {path} (report.json, plots/*.png beside it)")
+    for line in headline(report):
+        say(line)
     return path
 
 

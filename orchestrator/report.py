@@ -1,6 +1,10 @@
 """The experiment report: `report.json`, `report.md` and PNG plots (loss curves; student vs.
 teacher metrics) comparing the KD student with the baselines on the held-out split.
 
+It opens with the verdict — one sentence on whether distillation helped, with the margin against
+evaluation noise — and the warnings that qualify it (`orchestrator.verdict`); the command prints
+both as its last lines (`headline`).
+
 "% of the gap recovered" = (NLL of the from-scratch hard-label student − NLL of the student) /
 (NLL of the hard-label student − NLL of the teacher), on the same held-out positions.
 """
@@ -11,10 +15,11 @@ import json
 import os
 import tempfile
 
-from orchestrator.evaluate import gap_recovered
+from orchestrator.evaluate import SEQUENCES_KEY, gap_recovered
 from orchestrator.manifest import filesystem
+from orchestrator.verdict import NAMES, Z, paired_difference, verdict, warnings
 
-NAMES = {"kd": "KD (soft labels)", "hard": "hard labels", "bc": "behaviour cloning"}
+__all__ = ["NAMES", "headline", "summarise", "write_report"]
 
 
 def summarise(results: dict) -> dict:
@@ -26,7 +31,7 @@ def summarise(results: dict) -> dict:
         row = {"model_dir": r.model_dir, "wall_s": round(r.wall_s, 1), "steps": f.get("step"),
                "tokens_per_s": f.get("tokens_per_s"), "data_wait_share": _mean_wait(r.history)}
         for key in ("eval_student_nll", "eval_student_ppl", "eval_teacher_nll", "eval_teacher_ppl",
-                    "eval_kl", "eval_top1"):
+                    "eval_kl", "eval_top1", "eval_positions"):
             if key in f:
                 row[key.removeprefix("eval_")] = f[key]
         if scratch is not None and "student_nll" in row and "eval_student_nll" in scratch.final:
@@ -37,27 +42,77 @@ def summarise(results: dict) -> dict:
     return rows
 
 
+def compare(results: dict) -> dict:
+    """"kd-hard", "bc-hard" → the paired NLL difference of the two students' last evaluations
+    (`verdict.Paired`; None where either did not record its per-sequence sums)."""
+    out = {}
+    for a, b in (("kd", "hard"), ("bc", "hard")):
+        if a in results and b in results:
+            sa, sb = (results[x].final.get(SEQUENCES_KEY) for x in (a, b))
+            out[f"{a}-{b}"] = paired_difference(sa, sb) if sa and sb else None
+    return out
+
+
 def _mean_wait(history: list[dict]) -> float | None:
     times = sum(h.get("step_time_s", 0.0) for h in history)
     waits = sum(h.get("data_wait_s", 0.0) for h in history)
     return waits / times if times else None
 
 
-def write_report(out_uri: str, *, results: dict, settings: dict) -> str:
-    """Write report.json, report.md and plots/ under `out_uri` (local or s3://); returns the
-    Markdown report's location."""
+def _no_hard_reason(settings: dict) -> str | None:
+    if "hard" not in settings["train"].get("baselines", []):
+        return "no hard-label baseline was trained (train.baselines has no `hard`)"
+    if settings.get("mode") == "sample":
+        return ("no hard-label baseline was trained (a sample-mode capture holds no dataset "
+                "text to learn from)")
+    return None
+
+
+def build_report(results: dict, *, settings: dict, repeated: dict | None = None) -> dict:
+    """What report.json holds: verdict, warnings, per-student rows, the paired comparisons, the
+    settings and each student's history (without its per-sequence sums)."""
     rows = summarise(results)
-    report = {"students": rows, "settings": settings,
-              "history": {label: r.history for label, r in results.items()}}
+    comparisons = compare(results)
+    evaluated = [r for r in results.values() if "eval_student_nll" in r.final]
+    sequences = next((len(r.final[SEQUENCES_KEY]) for r in evaluated if SEQUENCES_KEY in r.final),
+                     settings.get("captures", {}).get("held-out", {}).get("rows"))
+    tokens = next((r.final.get("eval_positions") for r in evaluated), None)
+    histories = {label: [{k: v for k, v in h.items() if k != SEQUENCES_KEY} for h in r.history]
+                 for label, r in results.items()}
+    return {
+        "verdict": verdict(rows, comparisons=comparisons,
+                           no_hard_reason=_no_hard_reason(settings)),
+        "warnings": warnings(rows, histories=histories,
+                             heldout_sequences=sequences if evaluated else None,
+                             heldout_tokens=tokens, repeated=repeated),
+        "heldout": {"sequences": sequences if evaluated else None, "positions": tokens,
+                    "repeated_texts": repeated},
+        "comparisons": {k: None if p is None else p.as_dict() for k, p in comparisons.items()},
+        "students": rows, "settings": settings, "history": histories}
+
+
+def headline(report: dict) -> list[str]:
+    """The verdict and the warnings as terminal lines (the command's last lines)."""
+    return [f"[bold]verdict[/]: {report['verdict']}"] + [f"[yellow]warning[/]: {w}"
+                                                          for w in report.get("warnings", [])]
+
+
+def write_report(out_uri: str, *, results: dict, settings: dict,
+                 repeated: dict | None = None) -> tuple[str, dict]:
+    """Write report.json, report.md and plots/ under `out_uri` (local or s3://); returns the
+    Markdown report's location and the report (`build_report`). `repeated`: texts repeated
+    across the training and held-out data (`verdict.repeated_texts`), if counted."""
+    report = build_report(results, settings=settings, repeated=repeated)
+    rows = report["students"]
     with tempfile.TemporaryDirectory() as tmp:
         os.makedirs(os.path.join(tmp, "plots"))
         with open(os.path.join(tmp, "report.json"), "w") as f:
             json.dump(report, f, indent=1)
         plots = _plots(tmp, results, rows)
         with open(os.path.join(tmp, "report.md"), "w") as f:
-            f.write(_markdown(rows, settings, plots))
+            f.write(_markdown(report, plots))
         _upload(tmp, out_uri)
-    return f"{out_uri.rstrip('/')}/report.md"
+    return f"{out_uri.rstrip('/')}/report.md", report
 
 
 def _upload(local_dir: str, out_uri: str) -> None:
@@ -69,14 +124,49 @@ def _upload(local_dir: str, out_uri: str) -> None:
                     destination_filesystem=fs)
 
 
-def _fmt(value, spec: str) -> str:
-    return "–" if value is None else format(value, spec)
+class _Notes:
+    """Numbered reasons for the "–" cells of a table: the same reason gets the same number."""
+
+    def __init__(self):
+        self.reasons: list[str] = []
+
+    def dash(self, reason: str) -> str:
+        if reason not in self.reasons:
+            self.reasons.append(reason)
+        return f"– [{self.reasons.index(reason) + 1}]"
+
+    def lines(self) -> list[str]:
+        return [f"[{n}] {r}" + "  " for n, r in enumerate(self.reasons, start=1)]
 
 
-def _markdown(rows: dict, settings: dict, plots: list[str]) -> str:
+def _gap_cell(label: str, r: dict, rows: dict, settings: dict, notes: _Notes) -> str:
+    gap = r.get("gap_recovered")
+    if label == "hard" and gap is not None:
+        return "baseline"
+    if gap is not None:
+        return f"{100 * gap:.0f}%"
+    if r.get("student_nll") is None:
+        return notes.dash(_NOT_EVALUATED)
+    hard = rows.get("hard", {})
+    if hard.get("student_nll") is None:
+        return notes.dash(f"gap recovered: {_no_hard_reason(settings) or 'no hard-label baseline'}"
+                          ", so there is no gap to measure against")
+    return notes.dash(f"gap recovered: the teacher ({r.get('teacher_nll', 0):.3f}) is not better "
+                      f"than the hard-label student ({hard['student_nll']:.3f}), so there is no "
+                      "gap to close")
+
+
+_NOT_EVALUATED = ("not evaluated: there is no held-out split (set data.eval_path, or "
+                  "data.eval_fraction > 0)")
+
+
+def _markdown(report: dict, plots: list[str]) -> str:
+    rows, settings = report["students"], report["settings"]
     tr = settings["train"]
-    lines = [
-        "# Distillation report", "",
+    lines = ["# Distillation report", "", f"**Verdict.** {report['verdict']}", ""]
+    if report["warnings"]:
+        lines += ["**Warnings**", ""] + [f"- {w}" for w in report["warnings"]] + [""]
+    lines += [
         f"Teacher `{settings['teacher']}` (top-{settings['k']}, {settings['mode']} mode); student "
         f"{_shape(settings['student'])}; {tr['max_steps']} steps × {tr['batch_size']} × "
         f"{tr['grad_accum']} sequences per worker, {max(tr['num_workers'], 1)} worker(s), seed "
@@ -87,14 +177,23 @@ def _markdown(rows: dict, settings: dict, plots: list[str]) -> str:
         "| student | NLL | perplexity | teacher NLL | KL | top-1 | gap recovered | wall s |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    notes = _Notes()
     for label, r in rows.items():
-        gap = r.get("gap_recovered")
-        lines.append(
-            f"| {NAMES.get(label, label)} | {_fmt(r.get('student_nll'), '.3f')} | "
-            f"{_fmt(r.get('student_ppl'), '.1f')} | {_fmt(r.get('teacher_nll'), '.3f')} | "
-            f"{_fmt(r.get('kl'), '.3f')} | {_fmt(r.get('top1'), '.1%')} | "
-            f"{_fmt(None if gap is None else 100 * gap, '.0f')}{'%' if gap is not None else ''} | "
-            f"{r['wall_s']:.0f} |")
+        cells = [NAMES.get(label, label)]
+        for key, spec in (("student_nll", ".3f"), ("student_ppl", ".1f"), ("teacher_nll", ".3f"),
+                          ("kl", ".3f"), ("top1", ".1%")):
+            value = r.get(key)
+            cells.append(notes.dash(_NOT_EVALUATED) if value is None else format(value, spec))
+        cells += [_gap_cell(label, r, rows, settings, notes), f"{r['wall_s']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if notes.reasons:
+        lines += [""] + notes.lines()
+    if any(report["comparisons"].values()):
+        pairs = [p for p in report["comparisons"].values() if p]
+        lines += ["", f"± = {Z:g} standard errors of the paired difference of two students' NLL "
+                  f"over the {pairs[0]['sequences']} held-out sequences both were scored on "
+                  f"({pairs[0]['positions']:,} positions): evaluation noise, not seed-to-seed "
+                  "variation (each student is trained once)."]
     lines += ["", "Captures: " + ", ".join(
         f"{k} {v['shards']} shards / {v['rows']} samples / {v['tokens']} tokens"
         for k, v in settings["captures"].items()), ""]

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from orchestrator.errors import ConfigError, DivergedError
+from orchestrator.evaluate import SEQUENCES_KEY
 
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"
@@ -194,9 +195,14 @@ def train_worker(config: dict) -> None:
             if resumed_from is not None:
                 metrics["resumed_from"] = resumed_from
             window = dict.fromkeys(window, 0.0)
-            if evaluate_now and spec.heldout_uri:  # every rank, even one with no held-out samples:
-                metrics.update(_evaluate(core, heldout, device=device, world=world))  # all-reduce
-            history.append(metrics)
+            sequences = None
+            if evaluate_now and spec.heldout_uri:  # every rank, even one with no held-out
+                scores, sequences = _evaluate(      # samples: it enters the collectives
+                    core, heldout, device=device, world=world, per_sequence=step == spec.max_steps)
+                metrics.update(scores)
+            # the last evaluation's per-sequence sums stay in the history (the report pairs the
+            # students on them); Ray Train, Tune and the board get only scalars
+            history.append(metrics if sequences is None else metrics | {SEQUENCES_KEY: sequences})
             if spec.board is not None and rank == 0:
                 spec.board.train_update.remote(spec.label, metrics)
             _report(metrics, history, step=step, position=step * per_step, model=core,
@@ -237,19 +243,26 @@ def _window_metrics(window: dict, *, step: int, lr: float, epoch: int, world: in
             "tokens_per_s": window["tokens"] * world / max(window["time"], 1e-9)}
 
 
-def _evaluate(model, heldout: list[dict], *, device, world: int) -> dict:
-    """Held-out metrics over every rank's slice. Each rank enters the all-reduce, also one whose
-    slice is empty (fewer held-out samples than workers): it adds zeros."""
+def _evaluate(model, heldout: list[dict], *, device, world: int,
+              per_sequence: bool) -> tuple[dict, dict | None]:
+    """Held-out metrics over every rank's slice, and (if `per_sequence`) every held-out
+    sequence's own sums, gathered from all ranks ({sample_id: [positions, NLL sum]}). Each rank
+    enters the collectives, also one whose slice is empty (fewer held-out samples than workers)."""
     from orchestrator.evaluate import SUM_KEYS, evaluate, finish
 
-    sums = evaluate(model, heldout, device=str(device))
+    sequences = {} if per_sequence else None
+    sums = evaluate(model, heldout, device=str(device), per_sequence=sequences)
     if world > 1:
         import torch.distributed as dist
 
         t = torch.tensor([sums[k] for k in SUM_KEYS], dtype=torch.float64)
         dist.all_reduce(t)
         sums = dict(zip(SUM_KEYS, t.tolist()))
-    return finish(sums)
+        if sequences is not None:
+            parts = [None] * world
+            dist.all_gather_object(parts, sequences)
+            sequences = {k: v for part in parts for k, v in part.items()}
+    return finish(sums), sequences
 
 
 def _report(metrics: dict, history: list, *, step: int, position: int, model, tokenizer,

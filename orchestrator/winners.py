@@ -34,6 +34,14 @@ class ServedModel:
     """Absolute path of a Hugging Face model directory (config, safetensors, tokenizer)."""
     rank: int = 1
     metrics: dict = field(default_factory=dict)
+    source: str = ""
+    """Where it comes from, for messages: `experiment exp-…, 300 steps`, `sweep sweep-…`."""
+
+    @property
+    def heldout_nll(self) -> float | None:
+        """Its held-out NLL (nats/token), from the report or the sweep's winners file."""
+        value = self.metrics.get("eval_student_nll", self.metrics.get("student_nll"))
+        return float(value) if isinstance(value, (int, float)) else None
 
 
 def write_winners(sweep_dir: str, models: list[dict], *, metric: str, mode: str) -> str:
@@ -68,6 +76,58 @@ def find_models(run_dir: str, *, top: int | None = None) -> list[ServedModel]:
     return models[:top] if top else models
 
 
+def models_of(run_dirs: list[str]) -> tuple[list[ServedModel], list[str], list[str]]:
+    """(`best_first` of the models the directories of `run_dirs` hold, the directories that
+    hold some, a note for each that holds none); an error if none holds any."""
+    groups, held, notes = [], [], []
+    for d in run_dirs:
+        try:
+            groups.append(find_models(d))
+            held.append(d)
+        except RaydistillError as e:
+            if len(run_dirs) == 1:
+                raise
+            notes.append(f"  nothing to serve from {d}: {e}")
+    if not groups:
+        raise RaydistillError("no finished students to serve: " + "; ".join(n.strip()
+                                                                            for n in notes))
+    return best_first(groups), held, notes
+
+
+def best_first(groups: list[list[ServedModel]]) -> list[ServedModel]:
+    """The models of several run directories (an experiment's students, a sweep's winners) in one
+    list, best first by held-out NLL; those without one keep their order, after the others."""
+    models = [m for group in groups for m in group]
+    ids = [m.id for m in models]
+    if len(set(ids)) < len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise RaydistillError(f"two models are both named {dup!r}; serve their run directories "
+                              "one at a time (`raydistill serve RUN_DIR`)")
+    ranked = sorted((m for m in models if m.heldout_nll is not None), key=lambda m: m.heldout_nll)
+    return ranked + [m for m in models if m.heldout_nll is None]
+
+
+def describe(m: ServedModel) -> str:
+    """`kd (experiment exp-…, 300 steps): held-out NLL 4.756`."""
+    nll = m.heldout_nll
+    return (f"{m.id}" + (f" ({m.source})" if m.source else "")
+            + (f": held-out NLL {nll:.3f}" if nll is not None else ": no held-out NLL recorded"))
+
+
+def why_served(served: list[ServedModel], *, found: list[ServedModel],
+               dirs: list[str]) -> list[str]:
+    """Lines saying which models of `dirs` are served and which are not, with their held-out
+    NLL, and how to serve each directory again."""
+    lines = [f"  served: {describe(m)}" for m in served]
+    lines += [f"  not served: {describe(m)}" for m in found[len(served):]]
+    if len(dirs) > 1:
+        lines.append("  (best first by held-out NLL; a sweep's trials are scored on the first "
+                     "tune.eval_samples of the same held-out sequences)")
+    lines += [f"  `raydistill serve {d}` serves {'them' if len(dirs) == 1 else 'its models'} "
+              "until Ctrl-C" for d in dirs]
+    return lines
+
+
 def _from_dir(root: str) -> list[ServedModel]:
     if os.path.isfile(os.path.join(root, WINNERS_FILE)):
         return _from_winners(root)
@@ -97,9 +157,21 @@ def _from_winners(root: str) -> list[ServedModel]:
     out = []
     for n, m in enumerate(doc.get("models", []), start=1):
         p = m["path"] if os.path.isabs(m["path"]) else os.path.join(root, m["path"])
+        steps = _trial_steps(p)
         out.append(ServedModel(id=m["id"], path=p, rank=m.get("rank", n),
-                               metrics=m.get("metrics", {})))
+                               metrics=m.get("metrics", {}),
+                               source=f"sweep {os.path.basename(root)}"
+                                      + (f", {steps} steps" if steps else "")))
     return sorted(out, key=lambda m: m.rank)
+
+
+def _trial_steps(model_path: str) -> int | None:
+    """The steps a sweep trial trained (its run's done.json beside the model), if recorded."""
+    try:
+        with open(os.path.join(os.path.dirname(model_path.rstrip("/")), "done.json")) as f:
+            return int(json.load(f)["final"]["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 _REPORT_ORDER = ("kd", "bc", "hard")
@@ -115,7 +187,10 @@ def _from_report(root: str) -> list[ServedModel]:
         path = os.path.join(root, label, "model")
         if os.path.isdir(path):
             metrics = {k: v for k, v in students[label].items() if isinstance(v, (int, float))}
-            out.append(ServedModel(id=label, path=path, rank=rank, metrics=metrics))
+            steps = metrics.get("steps")
+            out.append(ServedModel(id=label, path=path, rank=rank, metrics=metrics,
+                                   source=f"experiment {os.path.basename(root)}"
+                                          + (f", {steps} steps" if steps else "")))
     return out
 
 

@@ -65,10 +65,18 @@ def test_two_ddp_workers(captured):
 
     cfg = train_config(captured["out"], captured["model"], captured["data"],
                        **{"train.num_workers": 2, "train.baselines": "[]"})
-    report = _report(pipeline.train(cfg))
+    path = pipeline.train(cfg)
+    report = _report(path)
     kd = report["history"]["kd"]
     assert kd[-1]["step"] == 12 and kd[-1]["workers"] == 2
     assert report["students"]["kd"]["student_nll"] < 10
+    # the last evaluation's per-sequence sums, gathered from both workers' held-out slices
+    from orchestrator.evaluate import SEQUENCES_KEY
+    from orchestrator.training import load_done
+
+    sequences = load_done(str(Path(path).parent / "kd"))["final"][SEQUENCES_KEY]
+    assert len(sequences) == report["settings"]["captures"]["held-out"]["rows"] > 1
+    assert sum(n for n, _ in sequences.values()) == report["students"]["kd"]["positions"]
 
 
 @pytest.mark.timeout(180, method="thread")  # ray.get ignores SIGALRM
