@@ -238,7 +238,7 @@ def test_the_demo_and_the_quickstart_plan_the_same_captures(tiny_teacher, texts,
     cache = home / ".cache" / "raydistill"
     shutil.copytree(tiny_teacher, cache / "demo-teacher")
     (cache / "demo-teacher" / "demo.json").write_text(json.dumps(  # as a built demo teacher has
-        {"heldout_nats": 3.0, "unigram_nats": 5.0, "train_minutes": 0.1}))
+        {"heldout_nats": 3.0, "unigram_nats": 5.0, "train_minutes": 0.1, "steps": 1000}))
     (cache / "demo-data").mkdir()
     write_jsonl(cache / "demo-data" / "transfer.jsonl",
                 [{"id": f"m:{i}", "text": t} for i, t in enumerate(texts[:24])])
