@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from orchestrator import tiny
-from orchestrator.progress import console, say
+from orchestrator.progress import StepProgress, say
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart.yaml"
 DEMO_PROMPT = "def read_config(path):\n    "
@@ -110,16 +110,10 @@ def build_demo_teacher(out: Path, data_dir: Path, *, minutes: float, seed: int =
                                max_positions=512)
     model = tiny.build_model(config, seed=seed)
     budget = minutes * 60
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
     start = time.time()
-    with Progress(TextColumn("training demo teacher"), BarColumn(),
-                  TextColumn("step {task.fields[step]} · loss {task.fields[loss]}"),
-                  TimeRemainingColumn(), console=console) as bar:
-        task = bar.add_task("train", total=1.0, step=0, loss="-")
+    with StepProgress("training demo teacher", seconds=budget) as bar:
         steps = tiny.train_lm(model, train_ids, max_seconds=budget, lr=lr, batch=batch, seq=seq,
-                              seed=seed, on_step=lambda st, frac, loss: bar.update(
-                                  task, completed=frac, step=st, loss=f"{loss:.2f}"))
+                              seed=seed, on_step=bar.update)
     heldout = tiny.heldout_nats(model, test_ids, seq=seq)
     unigram = tiny.unigram_nats(train_ids, test_ids, len(tok))
     model.save_pretrained(str(out), safe_serialization=True)
