@@ -263,9 +263,9 @@ def _short_params(params: dict) -> str:
 def _describe_row(r: dict, metric: str) -> str:
     value = r.get(metric)
     shown = f"{value:.4f}" if isinstance(value, float) else "–"
-    extra = ""
+    extra = f", {r['params_m']:.2f}M params" if r["params_m"] is not None else ""
     if r["latency_ms_per_token"] is not None:
-        extra = f", {r['params_m']:.2f}M params, {r['latency_ms_per_token']:.2f} ms/token"
+        extra += f", {r['latency_ms_per_token']:.2f} ms/token"
     mark = " [green]winner[/]" if r.get("winner") else ""
     status = r["status"] if r["status"] != "error" else f"[red]error[/]: {r['error']}"
     return f"  #{r['rank']} {r['id']}: {status} at step {r['step']}, {metric} {shown}{extra}{mark}"

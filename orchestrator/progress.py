@@ -225,6 +225,8 @@ class TrainProgress:
         self.tasks = {label: self.bar.add_task(label, total=total, status="starting")
                       for label in labels}
         self.shown = _Shown(self.bar, self.lines)
+        self.done: set[str] = set()  # students whose training ended (the board says)
+        self.said_done: set[str] = set()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._poll, daemon=True)
         self.t0 = time.time()
@@ -252,6 +254,7 @@ class TrainProgress:
             snap = ray.get(self.board.snapshot.remote(), timeout=5)
         except Exception:  # noqa: BLE001 — progress is best effort; training goes on
             return
+        self.done = set(snap.get("done", ()))
         for label, task in self.tasks.items():
             m = snap["metrics"].get(label)
             parts = []
@@ -266,11 +269,18 @@ class TrainProgress:
                 self.bar.update(task, completed=m["step"] if m else 0, status=" · ".join(parts))
 
     def lines(self) -> str:
-        """One plain line per student: `train kd: step 120/300 · loss 2.31 · … · 4m10s`."""
+        """One plain line per student still training (and once when it is done):
+        `train kd: step 120/300 · loss 2.31 · … · 4m10s`."""
         elapsed = duration(time.time() - self.t0)
         out = []
         for task in self.bar.tasks:
-            out.append(f"train {task.description}: step {task.completed:.0f}/{self.total} · "
+            label = task.description
+            if label in self.said_done:
+                continue
+            if label in self.done:
+                self.said_done.add(label)
+            state = "done at" if label in self.done else "step"
+            out.append(f"train {label}: {state} {task.completed:.0f}/{self.total} · "
                        f"{task.fields['status']} · {elapsed}")
         return "\n".join(out)
 

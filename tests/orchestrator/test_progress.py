@@ -97,7 +97,39 @@ def test_training_prints_each_students_step_and_loss_from_the_board(log, ray_ses
     ray.get(board.publish.remote(3))
     with progress.TrainProgress(["kd", "hard"], total=300, board=board, capture_total=10):
         time.sleep(1.6)  # the board is polled every second
-    text = log.getvalue()
-    assert ("train kd: step 40/300 · loss 2.50 · 1,234 tok/s · wait 5% · held-out 4.25 · "
-            "capture 3/10 · ") in text
-    assert "train hard: step 0/300 · starting · " in text
+        text = log.getvalue()
+        assert ("train kd: step 40/300 · loss 2.50 · 1,234 tok/s · wait 5% · held-out 4.25 · "
+                "capture 3/10 · ") in text
+        assert "train hard: step 0/300 · starting · " in text
+        ray.get(board.train_done.remote("kd"))
+        time.sleep(1.6)
+    after = log.getvalue()[len(text):]
+    assert after.count("train kd: done at 40/300 · loss 2.50") == 1  # said once, then quiet
+    assert after.count("train hard: step 0/300") >= 2
+
+
+def test_rays_expected_noise_is_dropped_and_its_other_messages_pass(capsys):
+    """What the raylet publishes to the driver: the worker-pool warning (a run starts that many
+    processes by design) and the Serve controller's self-kill on every normal stop are dropped;
+    anything else, such as a worker killed for memory, still prints."""
+    import ray._private.worker as ray_worker
+
+    progress.quiet_third_party()
+    progress.quiet_third_party()  # idempotent: wrapped once
+
+    def publish(line: str) -> str:
+        ray_worker.print_to_stdstream({"lines": [line], "pid": "raylet", "is_err": False},
+                                      ignore_prefix=False)
+        return capsys.readouterr().out
+
+    assert publish("WARNING: 12 PYTHON worker processes have been started on node: d5988 with "
+                   "address: 192.0.2.2, which is 6x the maximum expected startup concurrency "
+                   "(2). This could be a result of using a large number of actors") == ""
+    assert publish("Task ServeController.graceful_shutdown failed. There are infinite retries "
+                   "remaining, so the task will be retried. Error: The actor is dead because "
+                   "it was killed by `ray.kill`.") == ""
+    oom = ("Task was killed due to the node running low on memory. Memory on the node "
+           "(IP: 192.0.2.2) where the task was running was 22.9GB / 23.5GB")
+    assert oom in publish(oom)
+    assert "graceful_shutdown failed" in publish(
+        "Task ServeController.graceful_shutdown failed. Error: ValueError: boom")
