@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from orchestrator import tiny
-from orchestrator.progress import StepProgress, say
+from orchestrator.progress import StepProgress, quiet_third_party, say
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart.yaml"
 DEMO_PROMPT = "def read_config(path):\n    "
@@ -34,6 +34,7 @@ def run_demo(*, overrides: list[str], teacher_minutes: float, home: str | None,
     from orchestrator.config import load_config
     from orchestrator.pipeline import publish, run, tune
 
+    quiet_third_party()
     root = demo_home(home)
     teacher = root / "demo-teacher"
     if rebuild or not (teacher / "demo.json").exists():

@@ -304,6 +304,12 @@ def quiet_third_party() -> None:
     """Filter the third-party messages every normal run prints and that need no action; each
     filter matches one message exactly, so anything else (errors above all) passes through."""
     _filter_raylet_messages()
+    if not live():
+        # transformers' own tqdm bars ("Writing model shards" on every save) redraw in place
+        # with carriage returns: in a log they are one unreadable line, and say nothing of note
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def _filter_raylet_messages() -> None:

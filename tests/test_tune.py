@@ -206,7 +206,8 @@ def _capture_files(out: str) -> dict:
 
 @pytest.mark.slow
 def test_a_sweep_reuses_the_capture_and_writes_leaderboard_plot_and_winners(captured,
-                                                                             ray_session, capsys):
+                                                                             ray_session, capsys,
+                                                                             monkeypatch):
     import ray
     from transformers import AutoModelForCausalLM
 
@@ -214,6 +215,7 @@ def test_a_sweep_reuses_the_capture_and_writes_leaderboard_plot_and_winners(capt
     from orchestrator.winners import find_models
 
     before = _capture_files(captured["out"])
+    monkeypatch.setenv("RAYDISTILL_PROGRESS_INTERVAL", "2")
     cfg = train_config(captured["out"], captured["model"], captured["data"], **{
         "tune.space": json.dumps({"student": SIZES, "train.temperature": {"grid": [1.0, 2.0]}}),
         "tune.max_concurrent_trials": 1, "tune.latency_tokens": 4, "tune.top": 2})
@@ -236,6 +238,8 @@ def test_a_sweep_reuses_the_capture_and_writes_leaderboard_plot_and_winners(capt
     # one name per trial: progress lines, Tune's folder, the Train run, the leaderboard
     out = "".join(capsys.readouterr())
     assert not re.search(r"\b[0-9a-f]{5}_\d{5}\b", out)  # Tune's trial ids never show
+    assert re.search(r"sweep: [0-3]/4 trials done \(\d finished, \d stopped early, 0 failed\), "
+                     r"1 running, \d pending · ", out)  # the sweep's status every interval
     for r in rows:
         assert f"  {r['id']} " in out and (sweep_dir / r["id"] / "params.json").exists()
         assert (sweep_dir / "trials" / r["id"]).is_dir()

@@ -133,3 +133,21 @@ def test_rays_expected_noise_is_dropped_and_its_other_messages_pass(capsys):
     assert oom in publish(oom)
     assert "graceful_shutdown failed" in publish(
         "Task ServeController.graceful_shutdown failed. Error: ValueError: boom")
+
+
+def test_transformers_bars_are_off_in_a_log_and_kept_on_a_terminal(monkeypatch):
+    """`save_pretrained`'s "Writing model shards" bar redraws with carriage returns: one
+    unreadable line in a log."""
+    from transformers.utils import logging as hf_logging
+
+    try:
+        hf_logging.enable_progress_bar()
+        monkeypatch.setenv("TERM", "xterm-256color")
+        monkeypatch.setattr(progress, "console", Console(file=io.StringIO(), force_terminal=True))
+        progress.quiet_third_party()
+        assert hf_logging.is_progress_bar_enabled()
+        monkeypatch.setattr(progress, "console", progress.make_console(io.StringIO()))
+        progress.quiet_third_party()
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()
