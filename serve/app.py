@@ -73,10 +73,11 @@ def stop() -> None:
 
 @contextlib.contextmanager
 def _serve_info_off():
-    """Serve's INFO lines in this process (`Started Serve in namespace "serve"`, `Connecting to
-    existing Serve app … New http_options/controller_options will not be applied` — untrue here:
-    `serve.run` finds the instance `serve.start` just started with them —, `Application … is ready
-    at …`, `Deleting app …`) only repeat what the caller prints; its warnings and errors pass."""
+    """Serve's INFO lines in this process only repeat what the caller prints: `Started Serve in
+    namespace "serve"`, `Application … is ready at …`, `Deleting app …`, and `Connecting to
+    existing Serve app … New http_options/controller_options will not be applied`, untrue here
+    (`serve.run` finds the instance `serve.start` just started with them). Warnings and errors
+    pass."""
     log = logging.getLogger("ray.serve")
     level = log.level
     log.setLevel(logging.WARNING)
