@@ -52,7 +52,7 @@ def _trial_times(sweep_dir: Path) -> list[dict]:
     for r in rows:
         wall = float(r["wall_s"]) if r["wall_s"] else None
         if wall is None:  # stopped early: Tune's own clock of the trial
-            result = sweep_dir / r["trial_id"] / "result.json"
+            result = sweep_dir / r["id"] / "result.json"  # Tune's folder of the trial
             lines = result.read_text().splitlines() if result.exists() else []
             wall = json.loads(lines[-1])["time_total_s"] if lines else 0.0
         out.append({"id": r["id"], "status": r["status"], "wall_s": wall,

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from orchestrator import tiny
-from orchestrator.progress import console, say
+from orchestrator.progress import StepProgress, quiet_third_party, say
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart.yaml"
 DEMO_PROMPT = "def read_config(path):\n    "
@@ -31,7 +31,6 @@ DEFAULT_TEACHER_STEPS = 1000
 """Steps of 16 × 128 tokens (~2M tokens): held-out ~4.0 nats/token (872 steps measured 3.99 vs a
 unigram 6.61), well below the 1 × 128 students' ~4.7–5.5 after their 300 steps; 338 steps
 (what 8 minutes bought on a loaded machine) gave 4.57 and a KD student worse than hard labels."""
-PROGRESS_EVERY_S = 30.0
 """Seconds between the teacher's progress lines when stderr is not a terminal (a log file)."""
 
 
@@ -46,6 +45,7 @@ def run_demo(*, overrides: list[str], teacher_steps: int | None = None,
     from orchestrator.pipeline import publish, run, tune
     from orchestrator.report import headline
 
+    quiet_third_party()
     root = demo_home(home)
     teacher = root / "demo-teacher"
     steps = teacher_steps or DEFAULT_TEACHER_STEPS
@@ -135,7 +135,8 @@ def build_demo_teacher(out: Path, data_dir: Path, *, steps: int = DEFAULT_TEACHE
     cap = f", stopping at {max_minutes:g} min" if max_minutes else ""
     say(f"training the demo teacher: {steps} steps × {batch} × {seq} tokens{cap}")
     start = time.time()
-    with _TeacherProgress(steps) as progress:
+    with StepProgress("training demo teacher", steps=steps,
+                      seconds=max_minutes * 60 if max_minutes else None) as progress:
         taken = tiny.train_lm(model, train_ids, max_steps=steps,
                               max_seconds=max_minutes * 60 if max_minutes else None, lr=lr,
                               batch=batch, seq=seq, seed=seed, on_step=progress.update)
@@ -153,43 +154,6 @@ def build_demo_teacher(out: Path, data_dir: Path, *, steps: int = DEFAULT_TEACHE
         say(f"[yellow]the demo teacher stopped at --teacher-minutes {max_minutes:g} after {taken} "
             f"of {steps} steps[/]: a weaker teacher than the default gives")
     return metrics
-
-
-class _TeacherProgress:
-    """The teacher's training progress: a live bar on a terminal; otherwise (a log file, a pipe)
-    a plain line every PROGRESS_EVERY_S seconds — step, loss, elapsed and estimated time left."""
-
-    def __init__(self, steps: int):
-        self.steps, self.plain = steps, not console.is_terminal
-        self.start = self.last = time.time()
-        self.bar = None
-
-    def __enter__(self):
-        if not self.plain:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("training demo teacher"), BarColumn(),
-                                TextColumn("step {task.fields[step]} · loss {task.fields[loss]}"),
-                                TimeRemainingColumn(), console=console)
-            self.bar.__enter__()
-            self.task = self.bar.add_task("train", total=1.0, step=0, loss="-")
-        return self
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
-
-    def update(self, step: int, fraction: float, loss: float) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, completed=fraction, step=step, loss=f"{loss:.2f}")
-            return
-        now = time.time()
-        if now - self.last >= PROGRESS_EVERY_S or step == self.steps:
-            self.last = now
-            elapsed = now - self.start
-            left = elapsed / max(fraction, 1e-9) - elapsed
-            say(f"demo teacher: step {step}/{self.steps}, loss {loss:.2f}, "
-                f"{elapsed / 60:.1f} min, ~{left / 60:.1f} min left")
 
 
 def _module_name(path: Path) -> str:

@@ -28,7 +28,7 @@ from orchestrator.config import Config
 from orchestrator.errors import ConfigError, RaydistillError
 from orchestrator.manifest import Manifest, filesystem
 from orchestrator.preflight import check_resources, check_shards, warn_if_not_smaller
-from orchestrator.progress import TrainProgress, say
+from orchestrator.progress import TrainProgress, progress_interval, quiet_third_party, say
 
 EXPERIMENTS_DIR = "experiments"
 SWEEPS_DIR = "sweeps"
@@ -125,7 +125,7 @@ def tune(cfg: Config, *, resume: str | None = None, fresh: bool = False) -> str:
     """Sweep students over `cfg.tune.space` on one capture (`fresh`: delete the captures in
     output_dir and capture again first); returns the sweep directory."""
     from tune_spaces import load_space
-    from tune_spaces.leaderboard import build_rows, measure, write_leaderboard
+    from tune_spaces.leaderboard import build_rows, measure, shape_params, write_leaderboard
     from tune_spaces.sweep import run_sweep
 
     if "://" in cfg.output_dir:
@@ -167,7 +167,9 @@ def tune(cfg: Config, *, resume: str | None = None, fresh: bool = False) -> str:
         measured = {}
         for o in outcomes:
             if o.status == "finished":
-                measured[o.trial_id] = measure(o.model_dir, tokens=cfg.tune.latency_tokens)
+                measured[o.label] = measure(o.model_dir, tokens=cfg.tune.latency_tokens)
+            elif o.settings:  # no model exported: its size from its shape
+                measured[o.label] = {"params": shape_params(cfg.teacher.model, o.settings)}
         rows = build_rows(outcomes, metric=settings.metric, mode=settings.mode, measured=measured)
         paths = write_leaderboard(sweep_dir, rows, metric=settings.metric, mode=settings.mode,
                                   winners=cfg.tune.winners, top=cfg.tune.top,
@@ -262,9 +264,9 @@ def _short_params(params: dict) -> str:
 def _describe_row(r: dict, metric: str) -> str:
     value = r.get(metric)
     shown = f"{value:.4f}" if isinstance(value, float) else "–"
-    extra = ""
+    extra = f", {r['params_m']:.2f}M params" if r["params_m"] is not None else ""
     if r["latency_ms_per_token"] is not None:
-        extra = f", {r['params_m']:.2f}M params, {r['latency_ms_per_token']:.2f} ms/token"
+        extra += f", {r['latency_ms_per_token']:.2f} ms/token"
     mark = " [green]winner[/]" if r.get("winner") else ""
     status = r["status"] if r["status"] != "error" else f"[red]error[/]: {r['error']}"
     return f"  #{r['rank']} {r['id']}: {status} at step {r['step']}, {metric} {shown}{extra}{mark}"
@@ -557,6 +559,8 @@ def _experiment(cfg: Config, resume: str | None) -> str:
 def _init_ray() -> bool:
     from orchestrator.cluster import connect
 
+    progress_interval()  # a bad RAYDISTILL_PROGRESS_INTERVAL fails here, before any compute
+    quiet_third_party()
     return connect()
 
 

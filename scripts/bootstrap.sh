@@ -16,7 +16,12 @@ stamp=".venv/.raydistill-installed-$(sha256sum pyproject.toml | cut -c1-12)-$RAY
 if [ ! -f "$stamp" ]; then
   echo "raydistill: installing into .venv (extra: $RAYDISTILL_EXTRA, dev) ..." >&2
   .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-  .venv/bin/python -m pip install -q -e ".[$RAYDISTILL_EXTRA,dev]" 2>&1 \
+  # HACK: setuptools' editable install of this flat layout (orchestrator/, serve/, … at the
+  # root) always ends with an informational "Editable installation … folders in your working
+  # directory with the same name as your package may take precedence" warning — true and
+  # intended here; only that message (it starts so) is ignored, other build warnings still show
+  PYTHONWARNINGS="ignore:Editable installation" \
+    .venv/bin/python -m pip install -q -e ".[$RAYDISTILL_EXTRA,dev]" 2>&1 \
     | grep -v "^WARNING: Location" || true
   # vLLM's install pulls PyPI torchvision/torchaudio/torchcodec, which do not match the CPU torch
   # build and break `transformers` model imports (README.md, "Install"); text-only vLLM needs none.

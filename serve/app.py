@@ -11,6 +11,8 @@ an existing Ray (tests); `start`/`stop` do the same around a caller's own Ray (t
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import signal
 import socket
@@ -20,6 +22,7 @@ import time
 from orchestrator.cluster import connect, disconnect
 from orchestrator.config import ServeConfig
 from orchestrator.errors import RaydistillError
+from orchestrator.progress import quiet_third_party
 from orchestrator.winners import ServedModel, find_models
 
 APP_NAME = "raydistill"
@@ -47,9 +50,11 @@ def start(models: list[ServedModel], settings: ServeConfig, *, api_key: str | No
     from ray import serve
 
     _check_port(settings.host, settings.port)
-    serve.start(http_options={"host": settings.host, "port": settings.port})
-    serve.run(build_app(models, settings, api_key=api_key), name=APP_NAME, route_prefix="/",
-              blocking=False)
+    quiet_third_party()  # among others, the controller's "failed" task on every normal stop
+    with _serve_info_off():
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+        serve.run(build_app(models, settings, api_key=api_key), name=APP_NAME, route_prefix="/",
+                  blocking=False)
     url = base_url(settings)
     _wait_ready(url)
     return url
@@ -59,10 +64,27 @@ def stop() -> None:
     """Delete the application and shut Serve down (the Ray it ran in stays up)."""
     from ray import serve
 
+    with _serve_info_off():
+        try:
+            serve.delete(APP_NAME)
+        finally:
+            serve.shutdown()
+
+
+@contextlib.contextmanager
+def _serve_info_off():
+    """Serve's INFO lines in this process only repeat what the caller prints: `Started Serve in
+    namespace "serve"`, `Application … is ready at …`, `Deleting app …`, and `Connecting to
+    existing Serve app … New http_options/controller_options will not be applied`, untrue here
+    (`serve.run` finds the instance `serve.start` just started with them). Warnings and errors
+    pass."""
+    log = logging.getLogger("ray.serve")
+    level = log.level
+    log.setLevel(logging.WARNING)
     try:
-        serve.delete(APP_NAME)
+        yield
     finally:
-        serve.shutdown()
+        log.setLevel(level)
 
 
 def run_server(run_dir: str, settings: ServeConfig, *, top: int | None = None) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -94,6 +95,103 @@ def test_tune_settings_are_validated(tiny_teacher, tmp_path):
             train_config(tmp_path, tiny_teacher, "d.jsonl", **{key: value})
 
 
+# ------------------------------------------------- names, status lines, the Pareto plot (no Ray)
+
+def _base_spec(teacher: str = "teacher"):
+    from orchestrator.train_loop import LoopSpec
+
+    return LoopSpec(teacher_model=teacher, shape={}, init_from_teacher=False, shards_uri="s",
+                    units=[], streaming=False, heldout_uri=None, eval_samples=16, expect={},
+                    loss="fkl", temperature=1.0, alpha=0.5, beta=0.5, tail="bucket", lr=1e-3,
+                    warmup_steps=0, batch_size=4, grad_accum=1, max_steps=12, eval_every=6,
+                    log_every=6, seed=0)
+
+
+def _trial(tag: str, config: dict, *, status: str = "PENDING", result: dict | None = None):
+    """A real Tune Trial as the controller holds it (a stub: no trainable looked up)."""
+    from ray.tune.experiment import Trial
+
+    from tune_spaces.sweep import trial_name
+
+    trial = Trial("_trial", stub=True, config=config, experiment_tag=tag,
+                  trial_id=f"af281_{int(tag.split('_')[0]):05d}",
+                  trial_name_creator=lambda t: trial_name(t, base=_base_spec(),
+                                                          student={"preset": "nano"}))
+    trial.status = status
+    if result is not None:
+        trial.update_last_result(result)
+    return trial
+
+
+def test_a_trial_has_one_readable_name_from_tunes_counter():
+    """Tune's own id (`af281_00003`) never shows: the trial's name is its counter, size, loss
+    and temperature, for a grid trial and a searcher's alike."""
+    grid = _trial("3_student=preset=micro,train.temperature=2.0",
+                  {"student": {"preset": "micro"}, "train.temperature": 2.0})
+    searched = _trial("12_train.lr=0.001", {"train.lr": 0.001, "train.loss": "jsd"})
+    assert str(grid) == "t03-2x128-fkl-T2" and str(searched) == "t12-1x128-jsd-T1"
+    bad = _trial("4_student.heads=5", {"student.heads": 5})  # heads must divide hidden
+    assert str(bad) == "t04"
+
+
+def test_the_sweep_status_line_counts_trials_and_names_the_best_so_far():
+    from tune_spaces.sweep import sweep_status
+
+    trials = [
+        _trial("0_a", {}, status="TERMINATED", result={"step": 12, "eval_kl": 0.5, "wall_s": 9}),
+        _trial("1_b", {"train.temperature": 2.0}, status="TERMINATED",
+               result={"step": 6, "eval_kl": 0.4}),  # stopped early: never reached wall_s
+        _trial("2_c", {"student": {"preset": "micro"}}, status="RUNNING",
+               result={"step": 6, "eval_kl": 0.7}),
+        _trial("3_d", {}, status="ERROR", result={"step": 6, "eval_kl": 0.1}),
+        _trial("4_e", {}),
+    ]
+    line = sweep_status(trials, metric="eval_kl", mode="min", elapsed=750)
+    assert line == ("sweep: 3/5 trials done (1 finished, 1 stopped early, 1 failed), 1 running, "
+                    "1 pending · best so far t01-1x128-fkl-T2 eval_kl 0.4000 at step 6 · 12m30s")
+    assert "best so far t02" in sweep_status(trials, metric="eval_kl", mode="max", elapsed=1)
+
+
+def _row(name: str, status: str, *, metric=None, params_m=None, latency=None, step=12,
+         pareto=False, error=None) -> dict:
+    return {"id": name, "status": status, "metric": metric, "params_m": params_m,
+            "latency_ms_per_token": latency, "step": step, "pareto": pareto, "error": error}
+
+
+def test_the_pareto_plot_shows_every_trial_with_its_status_and_axes_in_words():
+    from tune_spaces.leaderboard import pareto_figure
+
+    rows = [_row("t00-1x128-fkl-T1", "finished", metric=0.40, params_m=0.6, latency=2.0,
+                 pareto=True),
+            _row("t01-2x128-fkl-T1", "finished", metric=0.45, params_m=0.9, latency=3.0),
+            _row("t02-1x128-fkl-T2", "stopped", metric=0.70, params_m=0.6, step=6),
+            _row("t03-2x128-fkl-T2", "stopped", metric=0.80, params_m=0.9, step=6),
+            _row("t04-2x256-fkl-T4", "error", error="diverged")]
+    fig = pareto_figure(rows, metric="eval_kl")
+    size, latency = fig.axes
+    assert size.get_ylabel() == "held-out KL(teacher ‖ student), nats/token"
+    assert size.get_xlabel() == "parameters (millions)"
+    assert latency.get_xlabel().startswith("latency (ms/token")
+    assert sum(len(c.get_offsets()) for c in size.collections) == 4  # stopped ones included
+    assert sum(len(c.get_offsets()) for c in latency.collections) == 2  # only they have latency
+    legend = [t.get_text() for t in size.get_legend().get_texts()]
+    assert sorted(legend) == ["Pareto front", "finished", "stopped early (last evaluation)"]
+    notes = " ".join(t.get_text() for t in [*fig.texts, *size.texts])
+    assert "5 trials: 2 finished, 2 stopped early, 1 failed — failed: t04-2x256-fkl-T4" in notes
+    assert "t02-1x128-fkl-T2 (step 6)" in notes
+
+
+def test_a_students_size_is_counted_from_its_shape_alone(tiny_teacher):
+    from transformers import AutoConfig
+
+    from orchestrator.student import build_student, resolve_shape
+    from tune_spaces.leaderboard import shape_params
+
+    shape = resolve_shape(preset="nano")
+    model, info = build_student(AutoConfig.from_pretrained(tiny_teacher), shape)
+    assert shape_params(tiny_teacher, vars(shape)) == model.num_parameters() == info.parameters
+
+
 # --------------------------------------------------------------------------- sweeps (Ray)
 
 def _capture_files(out: str) -> dict:
@@ -108,7 +206,8 @@ def _capture_files(out: str) -> dict:
 
 @pytest.mark.slow
 def test_a_sweep_reuses_the_capture_and_writes_leaderboard_plot_and_winners(captured,
-                                                                             ray_session):
+                                                                             ray_session, capsys,
+                                                                             monkeypatch):
     import ray
     from transformers import AutoModelForCausalLM
 
@@ -116,6 +215,7 @@ def test_a_sweep_reuses_the_capture_and_writes_leaderboard_plot_and_winners(capt
     from orchestrator.winners import find_models
 
     before = _capture_files(captured["out"])
+    monkeypatch.setenv("RAYDISTILL_PROGRESS_INTERVAL", "2")
     cfg = train_config(captured["out"], captured["model"], captured["data"], **{
         "tune.space": json.dumps({"student": SIZES, "train.temperature": {"grid": [1.0, 2.0]}}),
         "tune.max_concurrent_trials": 1, "tune.latency_tokens": 4, "tune.top": 2})
@@ -133,8 +233,18 @@ def test_a_sweep_reuses_the_capture_and_writes_leaderboard_plot_and_winners(capt
         assert r["step"] == "12" and float(r["latency_ms_per_token"]) > 0
         assert float(r["params_m"]) > 0 and Path(r["model_dir"], "model.safetensors").exists()
     for r in rows:
-        if r["status"] == "stopped":
-            assert r["step"] == "6" and r["model_dir"] == ""
+        if r["status"] == "stopped":  # no model, but its size counted from its shape
+            assert r["step"] == "6" and r["model_dir"] == "" and float(r["params_m"]) > 0
+    # one name per trial: progress lines, Tune's folder, the Train run, the leaderboard
+    out = "".join(capsys.readouterr())
+    assert not re.search(r"\b[0-9a-f]{5}_\d{5}\b", out)  # Tune's trial ids never show
+    assert re.search(r"sweep: [0-3]/4 trials done \(\d finished, \d stopped early, 0 failed\), "
+                     r"1 running, \d pending · ", out)  # the sweep's status every interval
+    for r in rows:
+        assert f"  {r['id']} " in out and (sweep_dir / r["id"] / "params.json").exists()
+        assert (sweep_dir / "trials" / r["id"]).is_dir()
+        if r["status"] == "finished":
+            assert r["model_dir"] == str(sweep_dir / "trials" / r["id"] / "model")
     assert (sweep_dir / "pareto.png").read_bytes()[:8] == PNG
     md = (sweep_dir / "leaderboard.md").read_text()
     assert all(r["id"] in md for r in rows) and "teacher NLL" in md

@@ -2,15 +2,17 @@
 in the sweep directory.
 
 Every trial is a row (finished, stopped early by ASHA, or failed) with its student size,
-parameters, held-out metrics and — for finished students — the latency per generated token
-measured on this machine (greedy decoding, batch 1, `torch.get_num_threads()` threads). Winners are
-the Pareto front of (metric, parameters, latency) among finished students, best metric first, or
-simply the best `top` by the metric; `raydistill serve SWEEP_DIR` hosts them.
+parameters (counted from the shape for trials that exported no model), held-out metrics and — for
+finished students — the latency per generated token measured on this machine (greedy decoding,
+batch 1, `torch.get_num_threads()` threads). Winners are the Pareto front of (metric, parameters,
+latency) among finished students, best metric first, or simply the best `top` by the metric;
+`raydistill serve SWEEP_DIR` hosts them. The Pareto plot shows every trial with its status.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import os
 import statistics
@@ -23,6 +25,10 @@ COLUMNS = ("rank", "id", "status", "layers", "hidden", "params_m", "loss", "temp
            "eval_teacher_nll", "latency_ms_per_token", "wall_s", "pareto", "winner",
            "model_dir", "trial_id", "error")
 LATENCY_PROMPT = "def main(argv=None):\n    \"\"\"Parse the command line and"
+METRIC_WORDS = {"eval_kl": "held-out KL(teacher ‖ student), nats/token",
+                "eval_student_nll": "held-out NLL, nats/token",
+                "eval_top1": "held-out top-1 agreement with the teacher"}
+"""Axis labels in words for the metrics a sweep can rank by."""
 
 
 def measure(model_dir: str, *, tokens: int, repeats: int = 5) -> dict:
@@ -51,12 +57,35 @@ def measure(model_dir: str, *, tokens: int, repeats: int = 5) -> dict:
     return {"params": model.num_parameters(), "latency_ms_per_token": statistics.median(times)}
 
 
+def shape_params(teacher_model: str, shape: dict) -> int:
+    """The parameters of a student of this shape (layers, hidden, heads, intermediate), without
+    weights: built on PyTorch's meta device. For trials that stopped before exporting a model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from orchestrator.student import StudentShape, student_config
+
+    fields = {k: int(shape[k]) for k in ("layers", "hidden", "heads", "intermediate")}
+    cfg = student_config(_teacher_config(teacher_model), StudentShape(**fields))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    return model.num_parameters()
+
+
+@functools.lru_cache(maxsize=4)
+def _teacher_config(teacher_model: str):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(teacher_model)
+
+
 def build_rows(outcomes: list, *, metric: str, mode: str, measured: dict) -> list[dict]:
-    """One row per trial, ranked: finished by metric, then stopped by metric, then failed."""
+    """One row per trial, ranked: finished by metric, then stopped by metric, then failed.
+    `measured`: by trial name, `measure`'s dict (or only its `params`)."""
     rows = []
     for o in outcomes:
         st = o.settings
-        m = measured.get(o.trial_id, {})
+        m = measured.get(o.label, {})
         rows.append({
             "id": o.label, "trial_id": o.trial_id, "status": o.status,
             "layers": st.get("layers"), "hidden": st.get("hidden"),
@@ -170,7 +199,7 @@ def _write_md(path: str, rows: list[dict], *, metric: str, mode: str, title: str
             f"{_fmt(r['eval_top1'], 3)} | {_fmt(r['latency_ms_per_token'], 3)} | "
             f"{'★' if r['pareto'] else ''} | {'✓' if r['winner'] else ''} |")
     lines += ["", "Files: `leaderboard.csv` (every column), `pareto.png`, `winners.json`, "
-              "`trials/<trial_id>/model/` (Hugging Face directories).", ""]
+              "`trials/<id>/model/` (Hugging Face directories).", ""]
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write("\n".join(lines))
@@ -178,38 +207,62 @@ def _write_md(path: str, rows: list[dict], *, metric: str, mode: str, title: str
 
 
 def _plot(path: str, rows: list[dict], *, metric: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = pareto_figure(rows, metric=metric)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def pareto_figure(rows: list[dict], *, metric: str):
+    """Quality against size and against latency, every trial with its status: finished (★ on the
+    Pareto front), stopped early (its last evaluation; no latency: it exported no model), failed
+    (named in the caption)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    done = [r for r in rows if r["status"] == "finished" and _num(r["metric"])
-            and r["params_m"] is not None]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, xkey, xlabel in ((axes[0], "params_m", "parameters (M)"),
-                             (axes[1], "latency_ms_per_token", "latency (ms / token, batch 1)")):
-        for r in done:
+    finished = [r for r in rows if r["status"] == "finished" and _num(r["metric"])]
+    stopped = [r for r in rows if r["status"] == "stopped" and _num(r["metric"])]
+    failed = [r for r in rows if r["status"] == "error"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
+    for ax, xkey, xlabel in ((axes[0], "params_m", "parameters (millions)"),
+                             (axes[1], "latency_ms_per_token", "latency (ms/token, batch 1)")):
+        for r in (r for r in stopped if r[xkey] is not None):
+            ax.scatter(r[xkey], r["metric"], s=40, marker="v", facecolors="none",
+                       edgecolors="tab:blue", zorder=2, label="stopped early (last evaluation)")
+            ax.annotate(f"{r['id']} (step {r['step']})", (r[xkey], r["metric"]), fontsize=7,
+                        xytext=(4, -9), textcoords="offset points", color="tab:blue")
+        for r in (r for r in finished if r[xkey] is not None):
             star = r["pareto"]
             ax.scatter(r[xkey], r["metric"], s=70 if star else 35,
                        c="tab:red" if star else "tab:gray", marker="*" if star else "o",
-                       zorder=3 if star else 2)
+                       zorder=3 if star else 2, label="Pareto front" if star else "finished")
             ax.annotate(r["id"], (r[xkey], r["metric"]), fontsize=7, xytext=(4, 3),
                         textcoords="offset points")
-        front = sorted((r for r in done if r["pareto"]), key=lambda r: r[xkey])
+        front = sorted((r for r in finished if r["pareto"] and r[xkey] is not None),
+                       key=lambda r: r[xkey])
         if len(front) > 1:
             ax.plot([r[xkey] for r in front], [r["metric"] for r in front], c="tab:red",
                     lw=1, alpha=0.6)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel(f"held-out {metric}")
+        ax.set_ylabel(METRIC_WORDS.get(metric, f"held-out {metric}"))
         ax.grid(alpha=0.3)
-    axes[0].set_title("quality vs size (★ Pareto front)")
-    axes[1].set_title("quality vs latency")
-    if not done:
-        for ax in axes:
-            ax.text(0.5, 0.5, "no finished trial", ha="center", va="center",
+        if not ax.collections:
+            ax.text(0.5, 0.5, "no trial to show", ha="center", va="center",
                     transform=ax.transAxes)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    handles = dict(zip(*reversed(axes[0].get_legend_handles_labels())))
+    if handles:
+        axes[0].legend(handles.values(), handles.keys(), fontsize=8, loc="best")
+    axes[0].set_title("quality vs size (★ Pareto front)")
+    axes[1].set_title("quality vs latency (finished students)")
+    counts = (f"{len(rows)} trials: {sum(r['status'] == 'finished' for r in rows)} finished, "
+              f"{sum(r['status'] == 'stopped' for r in rows)} stopped early, {len(failed)} failed")
+    if failed:
+        counts += " — failed: " + ", ".join(r["id"] for r in failed)
+    fig.text(0.01, 0.01, counts, fontsize=8, ha="left", va="bottom")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return fig

@@ -5,20 +5,25 @@ Each trial is a Tune function trainable reserving `trial_cpus` that launches a `
 (Train V2 cannot be passed to `Tuner` directly) whose workers reserve their own CPUs; only the
 held-out evaluations are reported to Tune (every `train.eval_every` steps), so ASHA compares
 trials on the metric at equal optimizer steps. A trial's Train run lives in
-`<sweep>/trials/<trial_id>/` under a fixed name, so a resumed sweep (`Tuner.restore`) continues an
+`<sweep>/trials/<name>/` under a fixed name, so a resumed sweep (`Tuner.restore`) continues an
 unfinished trial from its last checkpoint instead of restarting it; a finished one is exported as
-a Hugging Face directory `<sweep>/trials/<trial_id>/model/`.
+a Hugging Face directory `<sweep>/trials/<name>/model/`.
+
+A trial has one name everywhere — its progress lines, Tune's trial folder `<sweep>/<name>/`, its
+Train run, the leaderboard's `id` and the served model: `t03-2x256-jsd-T2` (`trial_label`).
 
 Driven by `raydistill tune CONFIG` (orchestrator/pipeline.py).
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import time
 from dataclasses import dataclass, field, replace
 
 from orchestrator.errors import RaydistillError, remote_cause, remote_errors
-from orchestrator.progress import say
+from orchestrator.progress import duration, progress_interval, say
 from orchestrator.student import resolve_shape
 from orchestrator.train_loop import LoopSpec
 from tune_spaces.spaces import Space, split_params
@@ -75,11 +80,28 @@ def spec_for(base: LoopSpec, *, student: dict, params: dict) -> LoopSpec:
     return replace(base, shape=vars(shape), init_from_teacher=init, **t_fields)
 
 
-def trial_label(trial_id: str, spec: LoopSpec) -> str:
+def trial_label(index: int, spec: LoopSpec) -> str:
     """A short, readable, unique id: `t03-2x256-jsd-T2` (also the served model's name)."""
-    index = int(trial_id.rsplit("_", 1)[-1]) if "_" in trial_id else 0
     s = spec.shape
     return f"t{index:02d}-{s['layers']}x{s['hidden']}-{spec.loss}-T{spec.temperature:g}"
+
+
+def trial_name(trial, *, base: LoopSpec, student: dict) -> str:
+    """Tune's `trial_name_creator` and `trial_dirname_creator`: the trial's `trial_label`.
+    The index is Tune's trial counter (the head of its experiment tag: `3_student=…`), unique in
+    a sweep for the grid and for a searcher alike, unlike the trial id's tail."""
+    head = str(trial.experiment_tag).split("_", 1)[0]
+    index = int(head) if head.isdigit() else 0
+    try:
+        return trial_label(index, spec_for(base, student=student, params=trial.config))
+    except Exception:  # noqa: BLE001 — a combination the trial itself will fail on, naming it
+        return f"t{index:02d}"
+
+
+def _label_of(path: str) -> str:
+    """A trial's name from its Tune folder (`t03-2x256-jsd-T2`, or `…_ab12` when Tune found the
+    folder taken on a resume and added a suffix)."""
+    return os.path.basename(path.rstrip("/")).split("_", 1)[0]
 
 
 def concurrent_trials(settings: SweepSettings, *, reader_cpus: float) -> int:
@@ -119,8 +141,10 @@ def run_sweep(base: LoopSpec, *, space: Space, student: dict, sweep_dir: str,
                                   "sweep without --resume")
         tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True)
     else:
+        namer = functools.partial(trial_name, base=replace(base, units=[]), student=student)
         tuner = _new_tuner(trainable, space=space, sweep_dir=sweep_dir, settings=settings,
-                           max_steps=base.max_steps, concurrent=concurrent_trials(settings, reader_cpus=base.reader_cpus))
+                           max_steps=base.max_steps, namer=namer,
+                           concurrent=concurrent_trials(settings, reader_cpus=base.reader_cpus))
     interrupted = RaydistillError(
         f"interrupted: the sweep's finished trials and checkpoints are kept; continue with "
         f"the same command plus --resume {os.path.basename(sweep_dir.rstrip('/'))}")
@@ -141,7 +165,7 @@ def run_sweep(base: LoopSpec, *, space: Space, student: dict, sweep_dir: str,
 
 
 def _new_tuner(trainable, *, space: Space, sweep_dir: str, settings: SweepSettings,
-               max_steps: int, concurrent: int):
+               max_steps: int, concurrent: int, namer):
     from ray import tune
 
     scheduler, search_alg, samples = None, None, settings.num_samples
@@ -167,11 +191,11 @@ def _new_tuner(trainable, *, space: Space, sweep_dir: str, settings: SweepSettin
         tune_config=tune.TuneConfig(metric=settings.metric, mode=settings.mode,
                                     scheduler=scheduler, search_alg=search_alg,
                                     num_samples=samples, max_concurrent_trials=concurrent,
-                                    trial_dirname_creator=lambda t: t.trial_id),
+                                    trial_name_creator=namer, trial_dirname_creator=namer),
         run_config=tune.RunConfig(name=name, storage_path=parent, verbose=0,
                                   failure_config=tune.FailureConfig(
                                       max_failures=settings.max_failures),
-                                  callbacks=[_Lines(settings.metric)]))
+                                  callbacks=[_Lines(settings.metric, settings.mode)]))
 
 
 def _trial(config: dict, *, base: LoopSpec, student: dict, trials_dir: str,
@@ -188,10 +212,9 @@ def _run_trial(config: dict, *, base: LoopSpec, student: dict, trials_dir: str,
 
     from orchestrator.training import fit_student
 
-    spec = spec_for(base, student=student, params=config)
-    trial_id = tune.get_context().get_trial_id()
-    spec = replace(spec, label=trial_label(trial_id, spec))
-    result = fit_student(spec, storage=trials_dir, name=trial_id,
+    name = tune.get_context().get_trial_name()
+    spec = replace(spec_for(base, student=student, params=config), label=name)
+    result = fit_student(spec, storage=trials_dir, name=name,
                          num_workers=max(1, settings.num_workers), use_gpu=settings.use_gpu,
                          cpus_per_worker=settings.cpus_per_worker,
                          max_failures=settings.train_max_failures,
@@ -219,33 +242,75 @@ def _EvalReports(metric: str, *, last_step: int):
     return EvalReports()
 
 
-def _Lines(metric: str):
-    """One line per evaluation and per finished trial instead of Tune's tables; and the reaper
-    of the Train placement groups of trials Tune stopped."""
+def _Lines(metric: str, mode: str):
+    """One line per evaluation and per finished trial instead of Tune's tables, the sweep's
+    status every RAYDISTILL_PROGRESS_INTERVAL seconds; and the reaper of the Train placement
+    groups of trials Tune stopped."""
     from ray.tune import Callback
 
     class Lines(Callback):
         def __init__(self):
             self.groups: dict[str, str] = {}
+            self.interval = progress_interval()
+            self.t0 = self.last = time.monotonic()
+
+        def setup(self, **info):
+            self.t0 = self.last = time.monotonic()
+
+        def on_step_end(self, iteration, trials, **info):
+            now = time.monotonic()
+            if now - self.last >= self.interval:
+                self.last = now
+                say(sweep_status(trials, metric=metric, mode=mode, elapsed=now - self.t0))
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if result.get("placement_group"):
                 self.groups[trial.trial_id] = result["placement_group"]
-            say(f"  {trial.trial_id} {_params_text(trial.config)}: step {result.get('step')} "
+            say(f"  {trial} {_params_text(trial.config)}: step {result.get('step')} "
                 f"{metric} {result.get(metric, float('nan')):.4f}")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            say(f"  {trial.trial_id} {'finished' if _finished(trial) else 'stopped early'}")
+            say(f"  {trial} {'finished' if _finished(trial) else 'stopped early'}")
             _reap(self.groups.pop(trial.trial_id, None))
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            say(f"  [red]{trial.trial_id} failed[/]: {_trial_error(trial)}")
+            say(f"  [red]{trial} failed[/]: {_trial_error(trial)}")
             _reap(self.groups.pop(trial.trial_id, None))
 
         def on_trial_recover(self, iteration, trials, trial, **info):
             _reap(self.groups.pop(trial.trial_id, None))
 
     return Lines()
+
+
+def sweep_status(trials: list, *, metric: str, mode: str, elapsed: float) -> str:
+    """The sweep in one line: `sweep: 3/8 trials done (2 finished, 1 stopped early, 0 failed),
+    1 running, 4 pending · best so far t01-1x128-fkl-T2 eval_kl 0.4321 at step 12 · 12m30s`."""
+    from ray.tune.experiment import Trial
+
+    count = {"finished": 0, "stopped": 0, "failed": 0, "running": 0, "pending": 0}
+    best = None
+    for t in trials:
+        if t.status == Trial.TERMINATED:
+            count["finished" if _finished(t) else "stopped"] += 1
+        elif t.status == Trial.ERROR:
+            count["failed"] += 1
+        elif t.status == Trial.PENDING:
+            count["pending"] += 1
+        else:
+            count["running"] += 1
+        value = (t.last_result or {}).get(metric)
+        if t.status != Trial.ERROR and isinstance(value, (int, float)) and value == value:
+            if best is None or (value < best[0] if mode == "min" else value > best[0]):
+                best = (value, t)
+    done = count["finished"] + count["stopped"] + count["failed"]
+    line = (f"sweep: {done}/{len(trials)} trials done ({count['finished']} finished, "
+            f"{count['stopped']} stopped early, {count['failed']} failed), {count['running']} "
+            f"running, {count['pending']} pending")
+    if best is not None:
+        value, t = best
+        line += f" · best so far {t} {metric} {value:.4f} at step {t.last_result.get('step')}"
+    return f"{line} · {duration(elapsed)}"
 
 
 def _trial_error(trial) -> str:
@@ -302,20 +367,18 @@ def _params_text(params: dict) -> str:
 def _outcome(result, *, base: LoopSpec, student: dict, trials_dir: str) -> TrialOutcome:
     from orchestrator.training import MODEL_DIR, load_done
 
-    # the trial directory is named by its id, with a suffix if a resumed sweep recreated it
-    trial_id = (result.metrics or {}).get("trial_id") or \
-        "_".join(os.path.basename(result.path.rstrip("/")).split("_")[:2])
+    label = _label_of(result.path)  # Tune's trial folder is named by the trial's name
+    trial_id = str((result.metrics or {}).get("trial_id") or "")
     params = dict(result.config or {})
     try:
         spec = spec_for(base, student=student, params=params)
-        label = trial_label(trial_id, spec)
         settings = {**spec.shape, "loss": spec.loss, "temperature": spec.temperature,
                     "alpha": spec.alpha, "beta": spec.beta, "lr": spec.lr}
     except Exception:  # noqa: BLE001 — a bad combination that failed its trial
-        label, settings = trial_id, {}
+        settings = {}
     metrics = {k: v for k, v in (result.metrics or {}).items()
                if k.startswith("eval_") or k in ("step", "tokens_per_s", "time_total_s")}
-    done = load_done(os.path.join(trials_dir, trial_id))
+    done = load_done(os.path.join(trials_dir, label))
     if result.error is not None:
         return TrialOutcome(trial_id, label, params, "error", metrics,
                             error=_error_text(result.error), settings=settings)
@@ -323,7 +386,7 @@ def _outcome(result, *, base: LoopSpec, student: dict, trials_dir: str) -> Trial
         final = {k: v for k, v in done["final"].items()
                  if k.startswith("eval_") or k in ("step", "tokens_per_s")}
         return TrialOutcome(trial_id, label, params, "finished", final | {"wall_s": done["wall_s"]},
-                            model_dir=os.path.join(trials_dir, trial_id, MODEL_DIR),
+                            model_dir=os.path.join(trials_dir, label, MODEL_DIR),
                             settings=settings)
     return TrialOutcome(trial_id, label, params, "stopped", metrics, settings=settings)
 

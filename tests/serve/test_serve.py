@@ -240,6 +240,9 @@ def test_serve_command_runs_until_interrupted(students, local):
         assert proc.wait(timeout=90) == 0
         printed = proc.stdout.read()
         assert url in printed and "raydistill query" in printed and A in printed
+        # a normal stop prints no noise: Serve's INFO lines, the controller's "failed" task
+        assert "stopping the server" in printed and "graceful_shutdown" not in printed
+        assert "Started Serve" not in printed and "Deleting app" not in printed, printed
     finally:
         if proc.poll() is None:  # only on failure: stop what the test started, by its group id
             os.killpg(proc.pid, signal.SIGKILL)
