@@ -205,7 +205,7 @@ def run(path: str, prompts: list[str], args) -> dict:
     from orchestrator.winners import ServedModel
     from serve import app
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              logging_level=logging.ERROR, object_store_memory=256 * 1024 * 1024)
     settings = ServeConfig(port=_free_port(), replica_cpus=0.5, min_replicas=2, max_replicas=2)
     R = {"settings": {k: getattr(settings, k) for k in (

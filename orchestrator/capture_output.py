@@ -18,6 +18,7 @@ import pyarrow.fs as pafs
 from orchestrator.errors import ConfigError, ShardError
 from orchestrator.manifest import MANIFEST, SHARDS_DIR, Manifest, exists, load_manifest
 from orchestrator.progress import say
+from orchestrator.program import command_name
 
 FRESH_COMMANDS = ("capture", "run", "tune", "demo")
 """The commands that take --fresh (they capture); `train` only reads captures."""
@@ -27,8 +28,9 @@ def fresh_advice(command: str, *, what: str = "that capture") -> str:
     """How to start over, in words the refusing command accepts."""
     if command in FRESH_COMMANDS:
         return f"rerun with --fresh to delete {what} and start over"
-    return (f"recapture with `raydistill capture CONFIG --fresh` (or `raydistill run CONFIG "
-            f"--fresh`), which deletes {what} and starts over")
+    rd = command_name()
+    return (f"recapture with `{rd} capture CONFIG --fresh` (or `{rd} run CONFIG --fresh`), "
+            f"which deletes {what} and starts over")
 
 
 @dataclass(frozen=True)

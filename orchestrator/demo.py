@@ -24,6 +24,7 @@ from pathlib import Path
 
 from orchestrator import tiny
 from orchestrator.progress import StepProgress, quiet_third_party, say
+from orchestrator.program import command_name
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart.yaml"
 DEMO_PROMPT = "def read_config(path):\n    "
@@ -72,8 +73,8 @@ def run_demo(*, overrides: list[str], teacher_steps: int | None = None,
     publish(cfg, [str(experiment), sweep_dir], prompt=DEMO_PROMPT)
     say(f"[green]done[/]: report {report}\n{summary}\n"
         f"  sweep: {Path(sweep_dir) / 'leaderboard.md'}, {Path(sweep_dir) / 'pareto.png'}\n"
-        f"  serve the run's students: raydistill serve {experiment}\n"
-        f"  serve the sweep's winners: raydistill serve {sweep_dir}")
+        f"  serve the run's students: {command_name()} serve {experiment}\n"
+        f"  serve the sweep's winners: {command_name()} serve {sweep_dir}")
     for line in headline(report_doc):  # the last lines: did distillation help, and the doubts
         say(line)
     return 0
@@ -103,7 +104,7 @@ def _describe(teacher: Path) -> str:
             f"{m['steps']} steps, {m['train_minutes']:.1f} min")
     if m["steps"] < DEFAULT_TEACHER_STEPS:
         text += (f"; [yellow]it trained fewer steps than the default {DEFAULT_TEACHER_STEPS}, so "
-                 "it is a weaker teacher[/]: `raydistill demo --rebuild` retrains it")
+                 f"it is a weaker teacher[/]: `{command_name()} demo --rebuild` retrains it")
     return text
 
 

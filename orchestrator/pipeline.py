@@ -29,6 +29,7 @@ from orchestrator.errors import ConfigError, RaydistillError
 from orchestrator.manifest import Manifest, filesystem
 from orchestrator.preflight import check_resources, check_shards, warn_if_not_smaller
 from orchestrator.progress import TrainProgress, progress_interval, quiet_third_party, say
+from orchestrator.program import command_name
 
 EXPERIMENTS_DIR = "experiments"
 SWEEPS_DIR = "sweeps"
@@ -58,8 +59,8 @@ def train(cfg: Config, *, resume: str | None = None) -> str:
             raise ConfigError(
                 f"the {'' if plan.kind is CaptureKind.MAIN else plan.label + ' '}capture in "
                 f"{plan.cfg.output_dir} is incomplete "
-                f"({len(m.shards)}/{m.total_units} shards); run `raydistill capture CONFIG` first, "
-                "or `raydistill run CONFIG` to capture and train together")
+                f"({len(m.shards)}/{m.total_units} shards); run `{command_name()} capture CONFIG` "
+                f"first, or `{command_name()} run CONFIG` to capture and train together")
         check_shards(plan, verify_all=True)
     started_ray = _init_ray()
     try:
@@ -194,7 +195,7 @@ def _sweep_verdict(outcomes: list, *, winner_ids: list[str], sweep_dir: str) -> 
     if failed:
         say(f"[yellow]{len(failed)} of {len(outcomes)} trials failed[/]; {first}")
     if winner_ids:
-        say(f"winners: {', '.join(winner_ids)} — serve them with `raydistill serve {sweep_dir}`")
+        say(f"winners: {', '.join(winner_ids)} — serve them with `{command_name()} serve {sweep_dir}`")
     else:
         say("winners: none — no trial finished its training; nothing to serve")
 

@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass, field
 
 from orchestrator.errors import RaydistillError
+from orchestrator.program import command_name
 
 WINNERS_FILE = "winners.json"
 FORMAT = "raydistill.winners"
@@ -123,7 +124,7 @@ def why_served(served: list[ServedModel], *, found: list[ServedModel],
     if len(dirs) > 1:
         lines.append("  (best first by held-out NLL; a sweep's trials are scored on the first "
                      "tune.eval_samples of the same held-out sequences)")
-    lines += [f"  `raydistill serve {d}` serves {'them' if len(dirs) == 1 else 'its models'} "
+    lines += [f"  `{command_name()} serve {d}` serves {'them' if len(dirs) == 1 else 'its models'} "
               "until Ctrl-C" for d in dirs]
     return lines
 

@@ -2,15 +2,30 @@
 step budget (plain progress lines: the output is not a terminal) and cached, capture streamed into
 a KD student, both baselines, the report with its verdict and warnings as the last lines, a sweep
 on the same capture with its leaderboard, and the best student of the run and the sweep served
-and queried through the openai client."""
+and queried through the openai client.
+
+Then the first hour of a newcomer (issue 12), as the README walks it: the README's next commands on
+the same output_dir with the plain examples/quickstart.yaml — `run`, `train`, `tune`, `inspect`,
+`serve` + `query` — and the user's own data. None may need `--fresh`. HOME points into the test's
+folder, so the quickstart's `~/.cache/raydistill/...` paths are the ones the demo wrote, and
+`runs/...` is relative to the working directory, as for a user in a fresh clone."""
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from orchestrator.cli import main
 from orchestrator.shards import read_shards
+from tests.conftest import free_port, server_up, wait_until, write_jsonl
+
+QUICKSTART = str(Path(__file__).resolve().parent.parent / "examples" / "quickstart.yaml")
+RAYDISTILL = str(Path(sys.executable).with_name("raydistill"))
 
 TINY = ["--set", "data.limit=12", "--set", "teacher.kv_cache_gib=0.25",
         "--set", "train.max_steps=6", "--set", "train.eval_every=3", "--set", "train.log_every=3",
@@ -21,11 +36,12 @@ ONE_TRIAL = ["--set", "tune.space={train.temperature: {grid: [1.0]}}"]
 
 
 @pytest.mark.slow
-def test_demo_builds_teacher_captures_trains_and_reports(tmp_path, ray_session, monkeypatch,
-                                                          capsys):
+def test_demo_then_the_readme_s_next_commands(tmp_path, ray_session, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    home = tmp_path / "home"
-    assert main(["demo", "--home", str(home), "--teacher-steps", "20", *TINY, *TWO_TRIALS]) == 0
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAYDISTILL_HOME", raising=False)
+    home = tmp_path / ".cache" / "raydistill"
+    assert main(["demo", "--teacher-steps", "20", *TINY, *TWO_TRIALS]) == 0
     info = json.loads((home / "demo-teacher" / "demo.json").read_text())
     assert info["steps"] == info["budget_steps"] == 20  # a step budget, whatever the load
     assert info["heldout_nats"] < math.log(info["vocab_size"])
@@ -61,9 +77,66 @@ def test_demo_builds_teacher_captures_trains_and_reports(tmp_path, ray_session, 
     tail = " ".join(err[err.rindex("serve the sweep's winners"):].split())
     assert tail.index("verdict: " + report["verdict"][:40]) < tail.index("warning: Small held-out")
     # a second run reuses the cached teacher (saying it is weaker than the default) and captures
-    assert main(["demo", "--home", str(home), *TINY, *ONE_TRIAL,
+    assert main(["demo", *TINY, *ONE_TRIAL,
                  "--set", "train.baselines=[]"]) == 0  # (no baselines: only a shorter test)
     flat = " ".join(capsys.readouterr().err.split())
     assert "using the cached demo teacher" in flat and "capture: complete" in flat
     assert "it trained fewer steps than the default 1000" in flat
     assert "verdict: No verdict on distillation: no hard-label baseline was trained" in flat
+    _the_first_hour(tmp_path, out, capsys)
+
+
+def _refusals(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "another capture" in line or "--fresh" in line]
+
+
+def _the_first_hour(tmp_path, out, capsys) -> None:
+    """The README's next commands after the demo, on the demo's output_dir, then own data."""
+    quick = [*TINY, "--set", "train.baselines=[]"]  # the baselines ran in the demo
+    assert main(["run", QUICKSTART, *quick]) == 0
+    assert main(["train", QUICKSTART, *quick]) == 0
+    assert main(["tune", QUICKSTART, *TINY, *ONE_TRIAL]) == 0
+    err = capsys.readouterr().err
+    assert not _refusals(err), _refusals(err)
+    assert "no teacher started" in err  # tune reused the demo's capture
+    experiments = sorted(p.name for p in (out / "experiments").iterdir())
+    sweeps = sorted(p.name for p in (out / "sweeps").iterdir())
+    assert len(experiments) == 4 and len(sweeps) == 3
+
+    # inspect: every capture, experiment and sweep of the output_dir
+    assert main(["inspect", "runs/quickstart"]) == 0
+    shown = capsys.readouterr().out
+    for what in ("held-out", "bc", *experiments, *sweeps):
+        assert what in shown, (what, shown)
+
+    # serve the newest sweep's winners as the README says, and query them over HTTP
+    port = free_port()
+    proc = subprocess.Popen([RAYDISTILL, "serve", "runs/quickstart", "--top", "1",
+                             "--set", f"serve.port={port}", "--set", "serve.replica_cpus=0.5"],
+                            env={**os.environ}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: server_up(url) or proc.poll() is not None, timeout_s=180)
+        assert proc.poll() is None, proc.stdout.read()
+        assert main(["query", "def read_config(path):", "--url", url, "--max-tokens", "4"]) == 0
+        assert capsys.readouterr().out.strip()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=90) == 0
+    finally:
+        if proc.poll() is None:  # only on failure: stop what the test started, by its group id
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    # own data: the quickstart with data.path changed. In the demo's output_dir that is another
+    # capture: refused (the demo's shards are kept) with both ways out; in its own output_dir it runs
+    texts = [f"def handler_{i}(event):\n    return event.get('value', {i}) * {i + 1}\n" * 3
+             for i in range(20)]
+    own = write_jsonl(tmp_path / "mine.jsonl", [{"text": t} for t in texts])
+    assert main(["run", QUICKSTART, *quick, "--set", f"data.path={own}"]) == 2
+    err = capsys.readouterr().err
+    assert "another capture" in err and "new output_dir" in err and "--fresh" in err
+    assert main(["run", QUICKSTART, *quick, "--set", f"data.path={own}",
+                 "--set", "output_dir=runs/mine"]) == 0
+    (exp,) = (tmp_path / "runs" / "mine" / "experiments").iterdir()
+    assert "kd" in json.loads((exp / "report.json").read_text())["students"]
