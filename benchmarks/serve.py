@@ -156,8 +156,8 @@ def serve_runs(path: str, prompts: list[str], *, levels: list[int], requests: in
     from orchestrator.winners import ServedModel
     from serve import app
 
-    ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
-             object_store_memory=256 * 1024 * 1024)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False,
+             logging_level=logging.ERROR, object_store_memory=256 * 1024 * 1024)
     settings = ServeConfig(port=_free_port(), replica_cpus=replica_cpus)
     R = {"settings": {k: getattr(settings, k) for k in (
         "max_batch_size", "batch_wait_timeout_s", "max_ongoing_requests", "max_queued_requests",
