@@ -150,6 +150,8 @@ class StepProgress:
 
     def __exit__(self, *exc) -> None:
         self.shown.__exit__(*exc)
+        if self.shown.heartbeat.enabled and exc[0] is None:
+            say(self.line())  # a log ends with where the loop stopped, however short it was
 
     def update(self, step: int, fraction: float, loss: float) -> None:
         self.step, self.fraction, self.loss = step, fraction, loss
@@ -159,7 +161,7 @@ class StepProgress:
         elapsed = time.time() - self.t0
         loss = f", loss {self.loss:.2f}" if self.loss is not None else ""
         left = ""
-        if self.fraction > 0:
+        if 0 < self.fraction < 1:
             left = f", ~{duration(elapsed / self.fraction - elapsed)} left"
         cap = f" (stops at {duration(self.seconds)})" if self.seconds else ""
         return (f"{self.label}: step {self.step}/{self.steps}{loss}, {duration(elapsed)}"
