@@ -250,3 +250,33 @@ def assert_split_main_truncated_heldout(out, model: str, texts: dict[str, str], 
             meta = json.loads(pq.read_schema(shard).metadata[META_KEY])
             assert (meta["long_text"], meta["max_length"], meta["capture"]) == \
                 (policy, max_length, kind), shard
+
+
+def stop_ray_head(head) -> None:
+    """Stop a test's own `ray start --head --block` process (a subprocess.Popen): SIGTERM it (it
+    drains and stops what it started), wait, then kill by pid whatever it started that outlived
+    it. Never `ray stop`, which would stop every cluster on the machine."""
+    import contextlib
+    import signal
+    import subprocess
+
+    import psutil
+
+    if head.poll() is not None:
+        return
+    try:
+        started = psutil.Process(head.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        started = []
+    head.send_signal(signal.SIGTERM)
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        head.kill()
+        head.wait()
+    _, alive = psutil.wait_procs(started, timeout=15)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    _, alive = psutil.wait_procs(alive, timeout=10)
+    assert not alive, f"processes of the test cluster survived: {alive}"

@@ -23,7 +23,6 @@ import tempfile
 import threading
 import time
 import uuid
-import warnings
 from pathlib import Path
 
 import pytest
@@ -32,7 +31,7 @@ from orchestrator import jobs as jobs_mod
 from orchestrator.errors import ConfigError, RaydistillError
 from orchestrator.jobs import jobs, project_root, submit
 from orchestrator.manifest import filesystem, load_manifest
-from tests.conftest import write_jsonl
+from tests.conftest import stop_ray_head, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -70,7 +69,6 @@ def _free_port_range(n: int = 100) -> int:
 @pytest.fixture(scope="module")
 def cluster():
     """A 2-CPU head node with the dashboard and token auth, stopped (only it) at the end."""
-    import psutil
     import requests
 
     tmp = Path(tempfile.mkdtemp(prefix="rdj", dir="/tmp"))  # short: Unix socket paths ≤ 107
@@ -117,32 +115,9 @@ def cluster():
         assert requests.get(f"{address}/api/jobs/", timeout=5).status_code == 401
         yield {"address": address, "token": token, "token_file": str(tmp / "token"), "tmp": tmp}
     finally:
-        _stop_head(head, psutil)
+        stop_ray_head(head)
         log.close()
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _stop_head(head: subprocess.Popen, psutil) -> None:
-    """SIGTERM the `ray start --block` process (it drains and stops what it started), wait, then
-    kill by pid whatever it started that is still alive."""
-    try:
-        started = psutil.Process(head.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        started = []
-    head.send_signal(signal.SIGTERM)
-    try:
-        head.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        head.kill()
-        head.wait()
-    _, alive = psutil.wait_procs(started, timeout=15)
-    if alive:
-        warnings.warn(f"ray start left {len(alive)} process(es) running; killing them by pid")
-        for p in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.kill()
-        _, alive = psutil.wait_procs(alive, timeout=10)
-    assert not alive, f"processes of the test cluster survived: {alive}"
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import pytest
 from orchestrator import cluster
 from orchestrator.cli import main
 from orchestrator.errors import ConfigError
+from tests.conftest import stop_ray_head
 
 ROOT = Path(__file__).resolve().parents[2]
 RAY = Path(sys.executable).with_name("ray")
@@ -138,8 +138,6 @@ def _connect_in_subprocess(ray_tmp: Path, **env) -> tuple[dict, str]:
 def _ray_head(ray_tmp: Path, token_path: Path):
     """`ray start --head --block` in its own session; yields (process, the address it recorded).
     Token authentication on (a token file exists, RAY_AUTH_MODE unset: Ray's default)."""
-    import psutil
-
     ports = {"port": _free_port(), "node-manager-port": _free_port(),
              "object-manager-port": _free_port(), "ray-client-server-port": _free_port(),
              "dashboard-agent-grpc-port": _free_port(),
@@ -166,38 +164,13 @@ def _ray_head(ray_tmp: Path, token_path: Path):
             time.sleep(0.5)
         yield head, address_file.read_text().strip()
     finally:
-        _stop(head, psutil)
+        stop_ray_head(head)
         log.close()
-
-
-def _stop(head: subprocess.Popen, psutil) -> None:
-    """SIGTERM the `ray start --block` process (it stops what it started), then kill by pid
-    whatever it started that outlived it."""
-    if head.poll() is not None:
-        return
-    try:
-        started = psutil.Process(head.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        started = []
-    head.send_signal(signal.SIGTERM)
-    try:
-        head.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        head.kill()
-        head.wait()
-    _, alive = psutil.wait_procs(started, timeout=15)
-    for p in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    _, alive = psutil.wait_procs(alive, timeout=10)
-    assert not alive, f"processes of the test cluster survived: {alive}"
 
 
 @pytest.mark.slow
 def test_a_ray_start_cluster_is_used_and_said_private_mode_is_not_and_stale_after_it_stops(
         ray_tmp):
-    import psutil
-
     token = ray_tmp / "token"
     token.write_text(os.urandom(32).hex())
     with _ray_head(ray_tmp, token) as (head, address):
@@ -211,7 +184,7 @@ def test_a_ray_start_cluster_is_used_and_said_private_mode_is_not_and_stale_afte
             seen, err = _connect_in_subprocess(ray_tmp, RAY_AUTH_TOKEN_PATH=str(token), **env)
             assert seen["gcs"] != address and seen["started"], env
             assert "Ray:" not in err
-        _stop(head, psutil)
+        stop_ray_head(head)
     # the stopped cluster left its address file: ignored, said, a private Ray starts
     assert (ray_tmp / "ray" / "ray_current_cluster").read_text().strip() == address
     seen, err = _connect_in_subprocess(ray_tmp)
