@@ -150,6 +150,9 @@ def test_the_sweep_status_line_counts_trials_and_names_the_best_so_far():
     assert line == ("sweep: 3/5 trials done (1 finished, 1 stopped early, 1 failed), 1 running, "
                     "1 pending · best so far t01-1x128-fkl-T2 eval_kl 0.4000 at step 6 · 12m30s")
     assert "best so far t02" in sweep_status(trials, metric="eval_kl", mode="max", elapsed=1)
+    # Tune creates trials as it goes: the planned ones not created yet are pending
+    assert sweep_status(trials[:2], metric="eval_kl", mode="min", elapsed=1, total=4).startswith(
+        "sweep: 2/4 trials done (1 finished, 1 stopped early, 0 failed), 0 running, 2 pending")
 
 
 def _row(name: str, status: str, *, metric=None, params_m=None, latency=None, step=12,

@@ -186,6 +186,7 @@ def _new_tuner(trainable, *, space: Space, sweep_dir: str, settings: SweepSettin
         search_alg = OptunaSearch(seed=0)
         samples = settings.num_samples * space.grid_size()  # grid axes are sampled, not enumerated
     parent, name = os.path.split(sweep_dir.rstrip("/"))
+    lines = _Lines(settings.metric, settings.mode, total=settings.num_samples * space.grid_size())
     return tune.Tuner(
         trainable, param_space=param_space,
         tune_config=tune.TuneConfig(metric=settings.metric, mode=settings.mode,
@@ -195,7 +196,7 @@ def _new_tuner(trainable, *, space: Space, sweep_dir: str, settings: SweepSettin
         run_config=tune.RunConfig(name=name, storage_path=parent, verbose=0,
                                   failure_config=tune.FailureConfig(
                                       max_failures=settings.max_failures),
-                                  callbacks=[_Lines(settings.metric, settings.mode)]))
+                                  callbacks=[lines]))
 
 
 def _trial(config: dict, *, base: LoopSpec, student: dict, trials_dir: str,
@@ -242,7 +243,7 @@ def _EvalReports(metric: str, *, last_step: int):
     return EvalReports()
 
 
-def _Lines(metric: str, mode: str):
+def _Lines(metric: str, mode: str, *, total: int):
     """One line per evaluation and per finished trial instead of Tune's tables, the sweep's
     status every RAYDISTILL_PROGRESS_INTERVAL seconds; and the reaper of the Train placement
     groups of trials Tune stopped."""
@@ -261,7 +262,8 @@ def _Lines(metric: str, mode: str):
             now = time.monotonic()
             if now - self.last >= self.interval:
                 self.last = now
-                say(sweep_status(trials, metric=metric, mode=mode, elapsed=now - self.t0))
+                say(sweep_status(trials, metric=metric, mode=mode, elapsed=now - self.t0,
+                                 total=total))
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if result.get("placement_group"):
@@ -283,9 +285,12 @@ def _Lines(metric: str, mode: str):
     return Lines()
 
 
-def sweep_status(trials: list, *, metric: str, mode: str, elapsed: float) -> str:
+def sweep_status(trials: list, *, metric: str, mode: str, elapsed: float,
+                 total: int | None = None) -> str:
     """The sweep in one line: `sweep: 3/8 trials done (2 finished, 1 stopped early, 0 failed),
-    1 running, 4 pending · best so far t01-1x128-fkl-T2 eval_kl 0.4321 at step 12 · 12m30s`."""
+    1 running, 4 pending · best so far t01-1x128-fkl-T2 eval_kl 0.4321 at step 12 · 12m30s`.
+    total: the trials the sweep plans (Tune creates them as it goes); those not created yet count
+    as pending."""
     from ray.tune.experiment import Trial
 
     count = {"finished": 0, "stopped": 0, "failed": 0, "running": 0, "pending": 0}
@@ -303,10 +308,11 @@ def sweep_status(trials: list, *, metric: str, mode: str, elapsed: float) -> str
         if t.status != Trial.ERROR and isinstance(value, (int, float)) and value == value:
             if best is None or (value < best[0] if mode == "min" else value > best[0]):
                 best = (value, t)
+    count["pending"] += max(0, (total or 0) - len(trials))
     done = count["finished"] + count["stopped"] + count["failed"]
-    line = (f"sweep: {done}/{len(trials)} trials done ({count['finished']} finished, "
-            f"{count['stopped']} stopped early, {count['failed']} failed), {count['running']} "
-            f"running, {count['pending']} pending")
+    line = (f"sweep: {done}/{max(total or 0, len(trials))} trials done "
+            f"({count['finished']} finished, {count['stopped']} stopped early, "
+            f"{count['failed']} failed), {count['running']} running, {count['pending']} pending")
     if best is not None:
         value, t = best
         line += f" · best so far {t} {metric} {value:.4f} at step {t.last_result.get('step')}"
