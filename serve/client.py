@@ -64,7 +64,16 @@ def _status_message(e, url: str) -> str:
     text = f"the server at {url} answered {e.status_code}: {_server_message(e)}"
     if e.status_code == 401:
         text += f" (pass --api-key or set ${API_KEY_ENV})"
+    elif e.status_code == 404 and not _has_error_body(e):  # Serve's proxy, before the app is up
+        text += (" — if `raydistill serve` is still starting, wait for its \"serving N model(s)\" "
+                 "line; otherwise check --url names a raydistill server")
     return text
+
+
+def _has_error_body(e) -> bool:
+    """The answer carries an OpenAI error body (raydistill's routes always send one)."""
+    body = getattr(e, "body", None)
+    return isinstance(body, dict) and bool(body.get("error", body))
 
 
 def _server_message(e) -> str:

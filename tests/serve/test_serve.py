@@ -247,3 +247,20 @@ def test_serve_command_runs_until_interrupted(students, local):
         if proc.poll() is None:  # only on failure: stop what the test started, by its group id
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_a_404_without_an_error_body_says_the_server_may_still_be_starting():
+    """Serve's HTTP proxy answers a bare 404 until the app is deployed; raydistill's own 404s
+    (an unknown model) carry an OpenAI error body and get no such hint."""
+    import openai
+
+    from serve.client import _status_message
+
+    request = httpx.Request("POST", "http://127.0.0.1:8123/v1/completions")
+    bare = openai.NotFoundError("Error code: 404", response=httpx.Response(404, request=request),
+                                body=None)
+    assert "still starting" in _status_message(bare, "http://127.0.0.1:8123")
+    ours = openai.NotFoundError("Error code: 404", response=httpx.Response(404, request=request),
+                                body={"error": {"message": "model 'nope' is not served"}})
+    text = _status_message(ours, "http://127.0.0.1:8123")
+    assert "model 'nope' is not served" in text and "still starting" not in text
