@@ -184,6 +184,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_range(n: int) -> int:
+    """First of `n` consecutive free ports (a test's own `ray start` head's worker ports), drawn
+    from 20000-39999, away from Ray's default worker range (10002-19999) other Rays use."""
+    import secrets
+
+    for _ in range(50):
+        base = 20000 + secrets.randbelow(20000 // n) * n
+        socks = []
+        try:
+            for port in range(base, base + n):
+                socks.append(socket.socket())
+                socks[-1].bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError("no free range of worker ports")
+
+
 def serve_settings(**overrides):
     """ServeConfig for tests: a free port, half a CPU per replica, small limits."""
     from orchestrator.config import ServeConfig

@@ -16,7 +16,6 @@ import queue
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,39 +30,13 @@ from orchestrator import jobs as jobs_mod
 from orchestrator.errors import ConfigError, RaydistillError
 from orchestrator.jobs import jobs, project_root, submit
 from orchestrator.manifest import filesystem, load_manifest
-from tests.conftest import stop_ray_head, write_jsonl
+from tests.conftest import free_port, free_port_range, stop_ray_head, write_jsonl
 
 pytestmark = pytest.mark.slow
 
 PROJECT = project_root()
 RAY = Path(sys.executable).with_name("ray")
 RAYDISTILL = Path(sys.executable).with_name("raydistill")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _free_port_range(n: int = 100) -> int:
-    """First port of `n` consecutive free ports (for Ray's worker ports), away from Ray's
-    defaults (10002-19999) that another local Ray uses."""
-    for _ in range(50):
-        base = 20000 + secrets.randbelow(200) * n
-        try:
-            socks = []
-            for port in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free range of worker ports")
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +47,12 @@ def cluster():
     tmp = Path(tempfile.mkdtemp(prefix="rdj", dir="/tmp"))  # short: Unix socket paths ≤ 107
     token = secrets.token_hex(32)
     (tmp / "token").write_text(token)
-    dash, base = _free_port(), _free_port_range()
-    ports = {"port": _free_port(), "dashboard-port": dash, "node-manager-port": _free_port(),
-             "object-manager-port": _free_port(), "ray-client-server-port": _free_port(),
-             "dashboard-agent-grpc-port": _free_port(),
-             "dashboard-agent-listen-port": _free_port(), "runtime-env-agent-port": _free_port(),
-             "metrics-export-port": _free_port(), "min-worker-port": base,
+    dash, base = free_port(), free_port_range(100)
+    ports = {"port": free_port(), "dashboard-port": dash, "node-manager-port": free_port(),
+             "object-manager-port": free_port(), "ray-client-server-port": free_port(),
+             "dashboard-agent-grpc-port": free_port(),
+             "dashboard-agent-listen-port": free_port(), "runtime-env-agent-port": free_port(),
+             "metrics-export-port": free_port(), "min-worker-port": base,
              "max-worker-port": base + 99}
     cmd = [str(RAY), "start", "--head", "--block", "--num-cpus=2", f"--temp-dir={tmp / 'ray'}",
            "--include-dashboard=true", *[f"--{k}={v}" for k, v in ports.items()]]
@@ -281,7 +254,7 @@ def test_token_from_the_default_file_missing_or_wrong(cluster, monkeypatch, tmp_
 
 
 def test_unreachable_or_missing_address(monkeypatch):
-    port = _free_port()
+    port = free_port()
     with pytest.raises(RaydistillError, match=rf"no Ray dashboard at http://127.0.0.1:{port} "
                                               r".*ray start --head.*--address"):
         jobs("list", job_id=None, address=f"127.0.0.1:{port}")
@@ -293,7 +266,7 @@ def test_unreachable_or_missing_address(monkeypatch):
 
 
 def test_config_errors_never_reach_the_cluster(scratch, tiny_teacher, tmp_path):
-    nowhere = f"http://127.0.0.1:{_free_port()}"  # would fail later: these fail first
+    nowhere = f"http://127.0.0.1:{free_port()}"  # would fail later: these fail first
     outside = _config(tmp_path, tmp_path / "out", model=tiny_teacher, data="d.jsonl", name="c")
     with pytest.raises(RaydistillError, match="outside the project.*under the project, e.g. "):
         submit(str(outside), address=nowhere, command=[], overrides=[], follow=False, pip=False)

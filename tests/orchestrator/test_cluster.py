@@ -13,8 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,7 +24,7 @@ import pytest
 from orchestrator import cluster
 from orchestrator.cli import main
 from orchestrator.errors import ConfigError
-from tests.conftest import stop_ray_head
+from tests.conftest import free_port, free_port_range, stop_ray_head
 
 ROOT = Path(__file__).resolve().parents[2]
 RAY = Path(sys.executable).with_name("ray")
@@ -37,31 +35,6 @@ started = connect()
 print(json.dumps({"gcs": ray.get_runtime_context().gcs_address, "started": started}))
 disconnect(started)
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _free_port_range(n: int = 50) -> int:
-    """First of `n` consecutive free ports for the head's workers, away from Ray's default range
-    (10002-19999) that the other Rays on this machine draw from."""
-    for _ in range(50):
-        base = 30000 + secrets.randbelow(400) * n
-        socks = []
-        try:
-            for port in range(base, base + n):
-                socks.append(socket.socket())
-                socks[-1].bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free range of worker ports")
 
 
 @pytest.fixture
@@ -91,7 +64,7 @@ def test_the_mode_variable_is_checked(monkeypatch):
 
 
 def test_ray_address_wins(ray_tmp, monkeypatch):
-    _write_address(ray_tmp, f"127.0.0.1:{_free_port()}")
+    _write_address(ray_tmp, f"127.0.0.1:{free_port()}")
     monkeypatch.setenv("RAY_ADDRESS", "10.1.2.3:6379")
     for mode in ("private", "auto"):
         monkeypatch.setenv("RAYDISTILL_RAY", mode)
@@ -101,7 +74,7 @@ def test_ray_address_wins(ray_tmp, monkeypatch):
 def test_a_stale_address_file_is_ignored(ray_tmp, monkeypatch):
     """An address file whose cluster is gone (nothing serves that port): a private Ray, and one
     line naming the file; RAYDISTILL_RAY=private never even mentions it."""
-    dead = f"127.0.0.1:{_free_port()}"
+    dead = f"127.0.0.1:{free_port()}"
     path = _write_address(ray_tmp, dead)
     monkeypatch.setenv("RAYDISTILL_RAY", "auto")
     target = cluster.choose()
@@ -138,12 +111,12 @@ def _connect_in_subprocess(ray_tmp: Path, **env) -> tuple[dict, str]:
 def _ray_head(ray_tmp: Path, token_path: Path):
     """`ray start --head --block` in its own session; yields (process, the address it recorded).
     Token authentication on (a token file exists, RAY_AUTH_MODE unset: Ray's default)."""
-    ports = {"port": _free_port(), "node-manager-port": _free_port(),
-             "object-manager-port": _free_port(), "ray-client-server-port": _free_port(),
-             "dashboard-agent-grpc-port": _free_port(),
-             "dashboard-agent-listen-port": _free_port(), "runtime-env-agent-port": _free_port(),
-             "metrics-export-port": _free_port()}
-    base = _free_port_range()
+    ports = {"port": free_port(), "node-manager-port": free_port(),
+             "object-manager-port": free_port(), "ray-client-server-port": free_port(),
+             "dashboard-agent-grpc-port": free_port(),
+             "dashboard-agent-listen-port": free_port(), "runtime-env-agent-port": free_port(),
+             "metrics-export-port": free_port()}
+    base = free_port_range(50)
     ports |= {"min-worker-port": base, "max-worker-port": base + 49}
     cmd = [str(RAY), "start", "--head", "--block", "--num-cpus=1", "--include-dashboard=false",
            "--disable-usage-stats", f"--temp-dir={ray_tmp / 'ray'}",
