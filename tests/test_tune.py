@@ -135,7 +135,7 @@ def test_a_trial_has_one_readable_name_from_tunes_counter():
 
 
 def test_the_sweep_status_line_counts_trials_and_names_the_best_so_far():
-    from tune_spaces.sweep import sweep_status
+    from tune_spaces.sweep_lines import sweep_status
 
     trials = [
         _trial("0_a", {}, status="TERMINATED", result={"step": 12, "eval_kl": 0.5, "wall_s": 9}),
