@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from orchestrator.softlabels import SoftLabels
+from orchestrator.kd.softlabels import SoftLabels
 
 
 class TeacherBackend(Protocol):

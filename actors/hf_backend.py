@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from orchestrator.softlabels import SoftLabels, head_transform, topk_from_hidden, topk_from_logits
+from orchestrator.kd.softlabels import SoftLabels, head_transform, topk_from_hidden, topk_from_logits
 
 
 class HFBackend:

@@ -22,10 +22,11 @@ from collections.abc import Callable, Iterable
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from actors.teacher import CaptureSpec, TeacherWorker, WorkerSpec
+from orchestrator.shards.specs import CaptureSpec, WorkerSpec
+from actors.teacher import TeacherWorker
 from orchestrator.errors import (ConfigError, RaydistillError, ShardError, is_transient,
                                  remote_cause, remote_errors)
-from orchestrator.manifest import ShardInfo
+from orchestrator.shards.manifest import ShardInfo
 
 
 class _Teacher:

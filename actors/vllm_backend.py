@@ -22,8 +22,7 @@ import numpy as np
 import torch
 
 from orchestrator.errors import RaydistillError
-from orchestrator.softlabels import (SoftLabels, TopK, flat_logprobs_to_arrays, head_transform,
-                                     topk_from_hidden)
+from orchestrator.kd.softlabels import SoftLabels, TopK, flat_logprobs_to_arrays, head_transform, topk_from_hidden
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -35,7 +34,7 @@ class HeadCheckError(RaydistillError):
 SELF_CHECK_TOLERANCE = 0.01
 """Nats, max over the top-k log-probs of the self-check sequence. Both sides start from the same
 bf16 hidden states and the same head weights; the fast path's only other difference is its
-log-sum-exp over bf16 exponentials (~1e-3 nat, orchestrator/softlabels.py), so anything above
+log-sum-exp over bf16 exponentials (~1e-3 nat, orchestrator/kd/softlabels.py), so anything above
 0.01 nat — the shards' own storage step is 1/51 nat — is a different head (a dropped bias, scale,
 soft cap or a wrong weight), not rounding."""
 _CHECK_K = 20

@@ -29,7 +29,7 @@ def shard_sizes(sls, seqs) -> dict:
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
-    from orchestrator import shards
+    from orchestrator.shards import format as shards
 
     rows = [(f"s{i}", sl) for i, sl in enumerate(sls)]
     tokens = sum(len(s) for s in seqs)
@@ -38,7 +38,7 @@ def shard_sizes(sls, seqs) -> dict:
     tlp = stack(sls, "target_logprobs").astype(np.float32)
     result: dict = {"tokens": tokens, "k": K, "naive": NAIVE_BYTES, "encodings": []}
 
-    # ---- the product: orchestrator.shards.write_shard, read back with load_shard + decode_rows
+    # ---- the product: orchestrator.shards.format.write_shard, read back with load_shard + decode_rows
     with tempfile.TemporaryDirectory() as tmp:
         info = shards.write_shard(pafs.LocalFileSystem(), tmp, 0, rows, {"k": K})
         data = Path(tmp, info.file).read_bytes()
@@ -57,7 +57,7 @@ def shard_sizes(sls, seqs) -> dict:
             per_col[name] = per_col.get(name, 0) + col.total_compressed_size
     smeta = shards.shard_metadata(table)
     product = {
-        "name": f"`orchestrator.shards.write_shard` (format {smeta.get('format_version')}, "
+        "name": f"`orchestrator.shards.format.write_shard` (format {smeta.get('format_version')}, "
                 f"log-prob step 1/{smeta.get('logprob_scale')} nat)",
         "product": True, "bytes": info.bytes, "bytes_per_token": info.bytes / info.tokens,
         "info_tokens": info.tokens, "labelled_tokens": info.labelled_tokens,

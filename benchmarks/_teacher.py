@@ -26,7 +26,7 @@ def build_teacher(out: Path, *, steps: int, max_seconds: float, seed: int = 0) -
 
     import torch
 
-    from orchestrator import tiny
+    from orchestrator.driver import tiny
 
     torch.manual_seed(seed)
     torch.set_num_threads(os.cpu_count() or 1)

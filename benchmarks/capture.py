@@ -11,7 +11,7 @@ In one process and on the same model and token batch it measures tokens/s of
   (c) raydistill's `HFBackend.score(k=64)`,
   (d) raydistill's `VLLMBackend(scoring="hidden").score(k=64)` in bf16 and fp32
       (and its `scoring="prompt_logprobs"` fallback),
-then the bytes/token of the soft-label shard written from (c) with `orchestrator.shards.write_shard`
+then the bytes/token of the soft-label shard written from (c) with `orchestrator.shards.format.write_shard`
 (read back and checked) next to alternative encodings explored here only, and the peak RSS of HF
 scoring runs in fresh subprocesses (bounded by batch_tokens/chunk_rows, not by the batch).
 
@@ -158,7 +158,7 @@ def bench_vllm_prompt_logprobs(path: Path, seqs, repeats: int, ref: Reference):
         res, outs = timed(lambda: llm.generate(prompts, params, use_tqdm=False),
                           tokens=sum(map(len, seqs)), repeats=repeats, ref=ref)
         res["engine_start_s"] = start_s
-        from orchestrator.softlabels import flat_logprobs_to_arrays
+        from orchestrator.kd.softlabels import flat_logprobs_to_arrays
 
         arrays = [flat_logprobs_to_arrays(o.prompt_logprobs, range(1, len(s)), k=K)
                   for s, o in zip(seqs, outs)]
@@ -213,7 +213,7 @@ def bench_head(hidden_list, head, seqs, repeats: int, *, chunks=(512,)) -> dict:
     Measured on at most 16 sequences (tokens/s does not depend on the count)."""
     import torch
 
-    from orchestrator.softlabels import topk_from_hidden
+    from orchestrator.kd.softlabels import topk_from_hidden
 
     hidden_list, seqs = hidden_list[:16], seqs[:16]
     tokens = sum(map(len, seqs))

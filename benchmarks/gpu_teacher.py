@@ -34,7 +34,7 @@ def main() -> None:
     from transformers import LlamaForCausalLM
 
     from actors.hf_backend import HFBackend
-    from orchestrator import tiny
+    from orchestrator.driver import tiny
 
     cfg = tiny.llama_config(args.vocab, layers=args.layers, hidden=args.hidden,
                             heads=args.hidden // 64, max_positions=4096)

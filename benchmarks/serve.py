@@ -36,7 +36,7 @@ def build_student(out: Path) -> str:
     head is zeroed so greedy decoding never stops early (every request makes max_tokens)."""
     import torch
 
-    from orchestrator import tiny
+    from orchestrator.driver import tiny
 
     texts = list(tiny.chunks_of_text(tiny.stdlib_sources()[:80]))
     tok = tiny.train_tokenizer(texts, out, vocab_size=4096)
@@ -51,7 +51,7 @@ def build_student(out: Path) -> str:
 
 def make_prompts(student, n: int, tokens: int) -> list[str]:
     """`n` prompts of about `tokens` tokens: pieces of held-out stdlib modules."""
-    from orchestrator import tiny
+    from orchestrator.driver import tiny
     from serve.generate import decode_text
 
     files = [f for f in tiny.stdlib_sources() if tiny.held_out(f)]

@@ -47,8 +47,9 @@ def _setup(seed: int = 0):
     """A 2 × 256 student over a 32k vocabulary and one batch with sparse top-64 teacher labels."""
     import torch
 
-    from orchestrator import tiny
-    from orchestrator.student import build_student, resolve_shape
+    from orchestrator.driver import tiny
+    from orchestrator.kd.student import build_student
+    from orchestrator.shapes import resolve_shape
 
     torch.manual_seed(seed)
     teacher_cfg = tiny.llama_config(VOCAB, layers=4, hidden=512, heads=8, max_positions=SEQ)
@@ -70,7 +71,7 @@ def _step(variant: str, model, opt, batch) -> None:
     import torch
     import torch.nn.functional as F
 
-    from orchestrator.losses import distill_loss
+    from orchestrator.kd.losses import distill_loss
 
     logits = model(input_ids=batch["ids"]).logits.reshape(-1, VOCAB)
     if variant == "ce":

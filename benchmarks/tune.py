@@ -32,7 +32,7 @@ SECTION = "## Sweeps (issue 4)"
 
 def _config(out: Path, records: int):
     from orchestrator.config import load_config
-    from orchestrator.demo import QUICKSTART, demo_home
+    from orchestrator.driver.demo import QUICKSTART, demo_home
 
     home = demo_home(None)
     if not (home / "demo-teacher" / "demo.json").exists():
@@ -62,7 +62,7 @@ def _trial_times(sweep_dir: Path) -> list[dict]:
 
 
 def run(records: int) -> dict:
-    from orchestrator import pipeline
+    from orchestrator.driver import pipeline
 
     tmp = Path(tempfile.mkdtemp(prefix="raydistill-bench-tune-"))
     try:

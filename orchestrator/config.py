@@ -116,7 +116,7 @@ class CaptureConfig:
 @dataclass
 class StudentConfig:
     preset: str | None = "nano"
-    """Named size (orchestrator.student.PRESETS); explicit fields below override it."""
+    """Named size (orchestrator.shapes.PRESETS); explicit fields below override it."""
     layers: int | None = None
     """Decoder layers."""
     hidden: int | None = None

@@ -120,7 +120,7 @@ def _check_tail_temperatures(cfg: Config) -> None:
 
 
 def _validate_training(cfg: Config) -> None:
-    from orchestrator.student import resolve_shape
+    from orchestrator.shapes import resolve_shape
 
     s, tr = cfg.student, cfg.train
     resolve_shape(preset=s.preset, layers=s.layers, hidden=s.hidden, heads=s.heads,

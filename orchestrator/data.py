@@ -8,6 +8,7 @@ unit i always holds the same records, which is what makes resume exactly-once.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,3 +200,9 @@ def units(records, size: int):
             index, batch = index + 1, []
     if batch:
         yield index, batch
+
+
+def stable_fraction(sample_id: str) -> float:
+    """A sample id's fixed place in [0, 1): decides the held-out split the same way everywhere."""
+    digest = hashlib.sha256(sample_id.encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64

@@ -112,7 +112,7 @@ def carried(error: BaseException) -> BaseException:
 def remote_errors(where: str):
     """`with remote_errors("train"):` — the code inside raises only errors that unpickle on the
     driver (`carried`). Used where work is handed to Ray: teacher actor methods (actors/pool.py),
-    the Train worker function (orchestrator/training.py), a Tune trial (tune_spaces/sweep.py).
+    the Train worker function (orchestrator/train/launch.py), a Tune trial (tune_spaces/sweep.py).
     KeyboardInterrupt / SystemExit pass through untouched."""
     try:
         _test_fault(where)

@@ -1,6 +1,6 @@
 """How the user can call this program: what help texts and hints print in place of a bare
 `raydistill`, which works only where the venv is activated or raydistill is installed on PATH.
-A root module, so every layer's messages can use it (orchestrator.cli re-exports it).
+A root module, so every layer's messages can use it (orchestrator.driver.cli re-exports it).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ def command_name() -> str:
     """How the user can call this program, for the commands that help texts and hints print:
     `raydistill` when that name on PATH is this program (an activated venv, a pip install), else
     the path it was invoked by (`.venv/bin/raydistill` after `./scripts/bootstrap.sh`), else the
-    script beside this Python (`python -m orchestrator.cli`, tests)."""
+    script beside this Python (`python -m orchestrator.driver.cli`, tests)."""
     on_path = shutil.which("raydistill")
     argv0 = sys.argv[0] if sys.argv and sys.argv[0] else ""
     if os.path.basename(argv0) == "raydistill":

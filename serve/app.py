@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import signal
 import socket
 import threading
 import time
 
-from orchestrator.cluster import connect, disconnect
 from orchestrator.config import ServeConfig
 from orchestrator.errors import RaydistillError
-from orchestrator.progress import quiet_third_party
-from orchestrator.winners import ServedModel, find_models
+from orchestrator.console import quiet_third_party
+from orchestrator.winners import ServedModel
 
 APP_NAME = "raydistill"
 READY_TIMEOUT_S = 120.0
@@ -49,7 +47,7 @@ def start(models: list[ServedModel], settings: ServeConfig, *, api_key: str | No
     answers. The HTTP port must be free (RaydistillError otherwise)."""
     from ray import serve
 
-    _check_port(settings.host, settings.port)
+    check_port(settings.host, settings.port)
     quiet_third_party()  # among others, the controller's "failed" task on every normal stop
     with _serve_info_off():
         serve.start(http_options={"host": settings.host, "port": settings.port})
@@ -87,23 +85,6 @@ def _serve_info_off():
         log.setLevel(level)
 
 
-def run_server(run_dir: str, settings: ServeConfig, *, top: int | None = None) -> int:
-    """`raydistill serve`: serve the best `top` (default serve.top) students until interrupted."""
-    models = find_models(run_dir, top=top or settings.top)
-    api_key = os.environ.get(settings.api_key_env) or None
-    _check_port(settings.host, settings.port)
-    started_ray = connect()
-    try:
-        url = start(models, settings, api_key=api_key)
-        print(banner(url, models, settings, keyed=api_key is not None), flush=True)
-        _wait_for_signal()
-        print("stopping the server ...", flush=True)
-        stop()
-    finally:
-        disconnect(started_ray)
-    return 0
-
-
 def base_url(settings: ServeConfig) -> str:
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
     return f"http://{host}:{settings.port}"
@@ -130,7 +111,7 @@ def _metrics(m: ServedModel) -> str:
     return ", ".join(shown)
 
 
-def _check_port(host: str, port: int) -> None:
+def check_port(host: str, port: int) -> None:
     """RaydistillError naming the port and the fix when something already listens on it."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
@@ -162,7 +143,7 @@ def _wait_ready(url: str, *, timeout_s: float = READY_TIMEOUT_S) -> None:
                           f"({last}); see the Ray Serve logs under /tmp/ray/session_latest/logs")
 
 
-def _wait_for_signal() -> None:
+def wait_for_signal() -> None:
     """Block until SIGINT or SIGTERM; the previous handlers are restored afterwards."""
     stop_event = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop_event.set())

@@ -17,7 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 # Hermetic: every Ray these tests start is their own, whatever runs beside them — never a cluster
 # that `ray start` runs on this machine, nor one a leftover RAY_ADDRESS names (the CLI and the
-# pipeline read these in-process and in the subprocesses tests spawn; orchestrator/cluster.py).
+# pipeline read these in-process and in the subprocesses tests spawn; orchestrator/driver/cluster.py).
 os.environ["RAYDISTILL_RAY"] = "private"
 os.environ.pop("RAY_ADDRESS", None)
 # As if the venv were activated (README): `raydistill` on PATH is this program, so the hints the
@@ -29,7 +29,7 @@ os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.enviro
 def tiny_teacher(tmp_path_factory):
     """A 2-layer, 128-wide Llama (head_dim 64, as vLLM's CPU kernels need) with a 1024-token BPE
     tokenizer trained on a few stdlib modules; LM head sharpened so top-k has few ties."""
-    from orchestrator import tiny
+    from orchestrator.driver import tiny
 
     out = tmp_path_factory.mktemp("tiny-teacher")
     texts = list(tiny.chunks_of_text(tiny.stdlib_sources()[:60]))
@@ -66,7 +66,7 @@ def write_jsonl(path, rows) -> str:
 @pytest.fixture(scope="session")
 def texts():
     """~100 short real texts (stdlib source pieces)."""
-    from orchestrator import tiny
+    from orchestrator.driver import tiny
 
     pieces = list(tiny.chunks_of_text(tiny.stdlib_sources()[60:90], max_chars=600))
     return pieces[:100]
@@ -138,7 +138,7 @@ def train_config(out_dir, model, data, **overrides):
 def captured(tmp_path_factory, tiny_teacher, texts, ray_session):
     """One finished capture (main, held-out split, behaviour-cloning samples) that training tests
     share read-only; each test trains into its own experiment directory."""
-    from orchestrator.pipeline import capture
+    from orchestrator.driver.pipeline import capture
 
     root = tmp_path_factory.mktemp("captured")
     data = write_jsonl(root / "data.jsonl", [{"id": i, "text": t} for i, t in enumerate(texts)])
@@ -155,7 +155,7 @@ def students(tmp_path_factory):
     1024-token BPE, context 256."""
     import shutil
 
-    from orchestrator import tiny
+    from orchestrator.driver import tiny
     from orchestrator.winners import write_winners
 
     sweep = tmp_path_factory.mktemp("sweep")
@@ -244,7 +244,7 @@ def assert_split_main_truncated_heldout(out, model: str, texts: dict[str, str], 
 
     import pyarrow.parquet as pq
 
-    from orchestrator.shards import META_KEY, read_shards
+    from orchestrator.shards.format import META_KEY, read_shards
     from orchestrator.teacher_info import load_tokenizer
 
     tok = load_tokenizer(model)

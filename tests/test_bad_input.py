@@ -1,6 +1,6 @@
 """Bad input, everywhere: every row of docs/bad-input.md run through the real CLI.
 
-Each case runs `orchestrator.cli.main([...])` in-process and checks the exit code, the message's
+Each case runs `orchestrator.driver.cli.main([...])` in-process and checks the exit code, the message's
 key phrase (the problem and the fix), that no traceback is printed, and that nothing already
 written changed: the commands point at a copy of a finished capture (the session's `captured`)
 whose every file is compared byte for byte afterwards. Two subprocess runs show the real
@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 from tests.conftest import free_port, train_config, write_jsonl
-from orchestrator.cli import main
+from orchestrator.driver.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "bad-input.md"
@@ -314,7 +314,7 @@ def test_skipped_lines_are_counted_and_the_rest_captured(tiny_teacher, ray_sessi
     """on_bad_line=skip: bad lines (not UTF-8, malformed, non-string text) are named and counted;
     every good line is captured, including the ones next to a line that is not UTF-8 and a
     first line with a UTF-8 byte-order mark."""
-    from orchestrator.shards import read_shards
+    from orchestrator.shards.format import read_shards
 
     lines = [b"\xef\xbb\xbf" + json.dumps({"text": "def a(): pass"}).encode(),
              json.dumps({"text": "x = 1"}).encode(), b'{"text": "caf\xe9"}',
@@ -415,7 +415,7 @@ def test_an_empty_capture_of_other_settings_is_replaced(captured, tmp_path, caps
     """A first attempt that failed after its manifests were written (a teacher that did not
     start; an older raydistill that wrote before checking) left captures without a shard: the
     corrected config replaces them, saying so, instead of asking for --fresh."""
-    from orchestrator.capture_plan import plan_captures
+    from orchestrator.shards.plan import plan_captures
     from orchestrator.config import load_config
 
     out = tmp_path / "out"
@@ -438,7 +438,7 @@ def test_another_capture_advice_is_one_the_command_accepts(command, captured, tm
     """`raydistill COMMAND` on an output_dir holding another capture: refused, nothing changed,
     and each way out the message names parses as a command line of this raydistill (`train`
     has no --fresh: it names `capture`/`run --fresh`)."""
-    from orchestrator.cli import _parser
+    from orchestrator.driver.cli import _parser
 
     out = _copy_capture(captured, tmp_path / "out")
     cfg = _write_config(tmp_path / "c.yaml", _good_config(captured, out))
@@ -461,7 +461,7 @@ def test_another_capture_advice_is_one_the_command_accepts(command, captured, tm
 def test_tune_fresh_recaptures_then_sweeps(captured, tmp_path, capsys):
     """The advice followed: `raydistill tune CONFIG --fresh` on an output_dir holding another
     capture deletes it (the old capture's bc samples with it), captures again, then sweeps."""
-    from orchestrator.shards import read_shards
+    from orchestrator.shards.format import read_shards
 
     out = _copy_capture(captured, tmp_path / "out")
     cfg = _good_config(captured, out)
@@ -484,7 +484,7 @@ def test_tune_fresh_recaptures_then_sweeps(captured, tmp_path, capsys):
 def _rewrite_shard(out: Path, name: str, **meta_changes) -> None:
     """Rewrite one shard with changed schema metadata, and record its new checksum (as a capture
     of another teacher or format would have it)."""
-    from orchestrator.shards import META_KEY
+    from orchestrator.shards.format import META_KEY
 
     path = out / "shards" / name
     table = pq.read_table(path)

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cli import main
-from orchestrator.shards import read_shards
+from orchestrator.driver.cli import main
+from orchestrator.shards.format import read_shards
 from tests.conftest import free_port, server_up, wait_until, write_jsonl
 
 QUICKSTART = str(Path(__file__).resolve().parent.parent / "examples" / "quickstart.yaml")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator import tiny
+from orchestrator.driver import tiny
 from tests.conftest import agree, capture_config, serve_settings, write_jsonl
 
 FAMILIES = tiny.FAMILIES
@@ -57,7 +57,7 @@ class Matrix:
     def capture(self, family: str) -> dict:
         """A real capture (pipeline.capture, hf backend in a Ray actor) of 24 texts, 3 shards."""
         if family not in self._captures:
-            from orchestrator.pipeline import capture
+            from orchestrator.driver.pipeline import capture
 
             root = self.root / family / "capture"
             root.mkdir(parents=True, exist_ok=True)
@@ -72,10 +72,10 @@ class Matrix:
         """A 1-layer, 128-wide student trained 4 steps by Ray Train (local mode) on the capture;
         returns its exported Hugging Face directory."""
         if (family, init) not in self._students:
-            from orchestrator.student import resolve_shape
+            from orchestrator.shapes import resolve_shape
             from orchestrator.teacher_info import inspect_teacher
-            from orchestrator.train_loop import LoopSpec
-            from orchestrator.training import fit_student
+            from orchestrator.train.loop import LoopSpec
+            from orchestrator.train.launch import fit_student
 
             teacher, cap = self.teacher(family), self.capture(family)
             spec = LoopSpec(
@@ -140,7 +140,8 @@ def test_student_trains_saves_and_reloads(matrix, family, init):
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from orchestrator.student import build_student, resolve_shape
+    from orchestrator.kd.student import build_student
+    from orchestrator.shapes import resolve_shape
 
     path = matrix.student(family, init=init)
     loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

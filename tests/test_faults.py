@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cli import main
+from orchestrator.driver.cli import main
 from tests.conftest import write_jsonl
 from tests.test_capture import assert_exactly_once
 

@@ -26,10 +26,11 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import jobs as jobs_mod
+from orchestrator.driver import jobs as jobs_mod
 from orchestrator.errors import ConfigError, RaydistillError
-from orchestrator.jobs import jobs, project_root, submit
-from orchestrator.manifest import filesystem, load_manifest
+from orchestrator.driver.jobs import jobs, project_root, submit
+from orchestrator.storage import filesystem
+from orchestrator.shards.manifest import load_manifest
 from tests.conftest import free_port, free_port_range, stop_ray_head, write_jsonl
 
 pytestmark = pytest.mark.slow

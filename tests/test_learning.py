@@ -53,7 +53,7 @@ def _char_tokenizer(out_dir):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from orchestrator.tiny import SPECIAL_TOKENS
+    from orchestrator.driver.tiny import SPECIAL_TOKENS
 
     vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
     vocab.update({c: len(SPECIAL_TOKENS) + i for i, c in enumerate(CHARS)})
@@ -72,7 +72,7 @@ def _teacher_and_texts(tmp_path, family: str):
     from transformers import AutoModelForCausalLM
 
     from orchestrator.teacher_info import load_tokenizer
-    from orchestrator.tiny import SPECIAL_TOKENS, sharpen
+    from orchestrator.driver.tiny import SPECIAL_TOKENS, sharpen
 
     out = tmp_path / "teacher"
     tok = _char_tokenizer(out)
@@ -100,7 +100,7 @@ def _teacher_and_texts(tmp_path, family: str):
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_kd_student_beats_the_hard_label_student_on_teacher_sampled_text(family, tmp_path,
                                                                        ray_session):
-    from orchestrator import pipeline
+    from orchestrator.driver import pipeline
 
     teacher, texts = _teacher_and_texts(tmp_path, family)
     train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": t}

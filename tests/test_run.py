@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_split_main_truncated_heldout, train_config, write_jsonl
-from orchestrator.cli import main
+from orchestrator.driver.cli import main
 
 
 def _dataset(tmp_path, texts):
@@ -26,7 +26,7 @@ def _report(path) -> dict:
 @pytest.mark.slow
 def test_students_train_while_a_slow_teacher_is_still_capturing(tmp_path, tiny_teacher, texts,
                                                                 ray_session, monkeypatch):
-    from orchestrator import pipeline
+    from orchestrator.driver import pipeline
 
     monkeypatch.setenv("RAYDISTILL_TEST_TEACHER_DELAY_S", "1.0")  # a real teacher, made slow
     cfg = train_config(tmp_path / "out", tiny_teacher, _dataset(tmp_path, texts), **{
@@ -48,7 +48,7 @@ def test_students_train_while_a_slow_teacher_is_still_capturing(tmp_path, tiny_t
 
 @pytest.mark.slow
 def test_a_fast_teacher_pauses_for_the_students(tmp_path, tiny_teacher, texts, ray_session):
-    from orchestrator import pipeline
+    from orchestrator.driver import pipeline
 
     cfg = train_config(tmp_path / "out", tiny_teacher, _dataset(tmp_path, texts), **{
         "capture.samples_per_shard": 4, "train.max_shards_ahead": 2, "train.baselines": "[]",
@@ -67,7 +67,7 @@ def test_run_splits_the_training_texts_the_heldout_capture_started_the_engine_fo
     main capture then streams through: the main capture's long texts are still split into
     `#p<j>` pieces, none truncated, and the students train on them and evaluate on the
     held-out shards (both checked against what their shards say was done)."""
-    from orchestrator import pipeline
+    from orchestrator.driver import pipeline
 
     main = {str(i): t for i, t in enumerate(texts[:24])}
     sets = {"data.long_text": "split", "data.max_length": 64, "train.baselines": "[]",

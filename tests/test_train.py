@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import train_config, write_jsonl
-from orchestrator.cli import main
+from orchestrator.driver.cli import main
 from orchestrator.errors import RaydistillError
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -31,7 +31,7 @@ def test_local_mode_trains_kd_and_baselines_with_report_and_loadable_students(ca
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from orchestrator import pipeline
+    from orchestrator.driver import pipeline
 
     cfg = train_config(captured["out"], captured["model"], captured["data"],
                        **{"train.num_workers": 0})
@@ -61,7 +61,7 @@ def test_local_mode_trains_kd_and_baselines_with_report_and_loadable_students(ca
 
 
 def test_two_ddp_workers(captured):
-    from orchestrator import pipeline
+    from orchestrator.driver import pipeline
 
     cfg = train_config(captured["out"], captured["model"], captured["data"],
                        **{"train.num_workers": 2, "train.baselines": "[]"})
@@ -71,8 +71,8 @@ def test_two_ddp_workers(captured):
     assert kd[-1]["step"] == 12 and kd[-1]["workers"] == 2
     assert report["students"]["kd"]["student_nll"] < 10
     # the last evaluation's per-sequence sums, gathered from both workers' held-out slices
-    from orchestrator.evaluate import SEQUENCES_KEY
-    from orchestrator.training import load_done
+    from orchestrator.kd.evaluate import SEQUENCES_KEY
+    from orchestrator.train.launch import load_done
 
     sequences = load_done(str(Path(path).parent / "kd"))["final"][SEQUENCES_KEY]
     assert len(sequences) == report["settings"]["captures"]["held-out"]["rows"] > 1
@@ -83,8 +83,8 @@ def test_two_ddp_workers(captured):
 def test_fewer_heldout_samples_than_workers_does_not_hang(captured, tmp_path):
     """Rank 1 holds no held-out sample but enters the evaluation's all-reduce with zeros (it used
     to skip it, and rank 0 waited there for ever)."""
-    from orchestrator.train_data import ShardWatcher, heldout_samples
-    from orchestrator.training import fit_student
+    from orchestrator.train.stream import ShardWatcher, heldout_samples
+    from orchestrator.train.launch import fit_student
 
     spec = _spec(captured, eval_samples=1, max_steps=4, eval_every=2, log_every=2,
                  warmup_steps=1)
@@ -101,10 +101,11 @@ def test_fewer_heldout_samples_than_workers_does_not_hang(captured, tmp_path):
 
 
 def _spec(captured, **kw):
-    from orchestrator.manifest import filesystem, load_manifest
-    from orchestrator.student import resolve_shape
+    from orchestrator.storage import filesystem
+    from orchestrator.shards.manifest import load_manifest
+    from orchestrator.shapes import resolve_shape
     from orchestrator.teacher_info import inspect_teacher
-    from orchestrator.train_loop import LoopSpec
+    from orchestrator.train.loop import LoopSpec
 
     fs, root = filesystem(captured["out"])
     m = load_manifest(fs, root)
@@ -125,8 +126,8 @@ def test_killed_worker_resumes_from_checkpoint_and_matches_an_uninterrupted_run(
                                                                                  tmp_path):
     import ray
 
-    from orchestrator.board import ShardBoard
-    from orchestrator.training import fit_student
+    from orchestrator.train.board import ShardBoard
+    from orchestrator.train.launch import fit_student
 
     board = ray.remote(ShardBoard).options(num_cpus=0).remote(max_ahead=1)
     killed = []
@@ -163,9 +164,9 @@ def test_a_killed_worker_with_no_retries_left_advises_resume(captured, tmp_path)
     tests/orchestrator/test_errors.py)."""
     import ray
 
-    from orchestrator.board import ShardBoard
+    from orchestrator.train.board import ShardBoard
     from orchestrator.errors import RaydistillError
-    from orchestrator.training import fit_student
+    from orchestrator.train.launch import fit_student
 
     board = ray.remote(ShardBoard).options(num_cpus=0).remote(max_ahead=1)
     killed = []
@@ -205,7 +206,7 @@ def test_interrupted_driver_resumes_the_experiment(captured, ray_session, tmp_pa
                   "baselines": [], "eval_samples": 16, "bc_prompt_tokens": 8},
         "output_dir": captured["out"]}))
     env = dict(os.environ, RAY_ADDRESS=ray_session.address_info["address"])
-    exe = [sys.executable, "-m", "orchestrator.cli"]
+    exe = [sys.executable, "-m", "orchestrator.driver.cli"]
     (Path(captured["out"]) / "experiments").mkdir(exist_ok=True)
     before = set(os.listdir(Path(captured["out"]) / "experiments"))
     proc = subprocess.Popen([*exe, "train", str(cfg)], env=env, stderr=subprocess.PIPE, text=True)
@@ -259,7 +260,7 @@ def test_resume_with_another_batch_layout_is_refused(captured, copied_capture, c
     stream: resuming with another batch size, accumulation or worker count would silently train
     on other samples. The driver refuses before any work; the worker refuses a checkpoint of
     another layout however it was reached."""
-    from orchestrator.training import fit_student
+    from orchestrator.train.launch import fit_student
 
     short = ("train.max_steps=3", "train.eval_every=3", "train.log_every=3", "train.baselines=[]")
     assert _train_cli(captured, copied_capture, *short) == 0
@@ -300,8 +301,8 @@ def test_corrupt_shard_is_named_and_nothing_trains(captured, copied_capture, cap
 
 
 def test_shards_of_another_tokenizer_are_refused(captured, tmp_path, ray_session, capsys):
-    from orchestrator import tiny
-    from orchestrator.pipeline import capture
+    from orchestrator.driver import tiny
+    from orchestrator.driver.pipeline import capture
 
     teacher = tmp_path / "teacher"
     shutil.copytree(captured["model"], teacher)
@@ -343,8 +344,8 @@ def test_bad_training_settings_fail_before_any_work(captured, tmp_path, override
 
 
 def test_a_student_larger_than_the_teacher_is_warned_about(captured, capsys):
-    from orchestrator.preflight import warn_if_not_smaller
-    from orchestrator.student import resolve_shape
+    from orchestrator.driver.preflight import warn_if_not_smaller
+    from orchestrator.shapes import resolve_shape
 
     warn_if_not_smaller(captured["model"], resolve_shape(preset="small"))
     assert "the student (4×512) is about" in capsys.readouterr().err

@@ -26,7 +26,7 @@ SIZES = {"grid": [{"preset": "nano"}, {"preset": "micro"}]}
 # --------------------------------------------------------------------------- spaces (no Ray)
 
 def test_shipped_spaces_load_and_every_combination_is_a_valid_config(tiny_teacher, tmp_path):
-    from orchestrator.pipeline import _check_space
+    from orchestrator.driver.pipeline import _check_space
     from tune_spaces import available, load_space
 
     assert {"default", "sizes", "temperature", "loss"} <= set(available())
@@ -71,7 +71,7 @@ def test_malformed_spaces_are_refused_with_the_fix(spec, message):
 
 
 def test_invalid_combinations_are_rejected_before_any_trial_starts(tiny_teacher, tmp_path):
-    from orchestrator import pipeline
+    from orchestrator.driver import pipeline
 
     space = {"student.hidden": {"grid": [128, 192]}, "student.heads": {"grid": [2, 5]},
              "train.temperature": {"uniform": [0.0, 2.0]}}
@@ -98,7 +98,7 @@ def test_tune_settings_are_validated(tiny_teacher, tmp_path):
 # ------------------------------------------------- names, status lines, the Pareto plot (no Ray)
 
 def _base_spec(teacher: str = "teacher"):
-    from orchestrator.train_loop import LoopSpec
+    from orchestrator.train.loop import LoopSpec
 
     return LoopSpec(teacher_model=teacher, shape={}, init_from_teacher=False, shards_uri="s",
                     units=[], streaming=False, heldout_uri=None, eval_samples=16, expect={},
@@ -187,7 +187,8 @@ def test_the_pareto_plot_shows_every_trial_with_its_status_and_axes_in_words():
 def test_a_students_size_is_counted_from_its_shape_alone(tiny_teacher):
     from transformers import AutoConfig
 
-    from orchestrator.student import build_student, resolve_shape
+    from orchestrator.kd.student import build_student
+    from orchestrator.shapes import resolve_shape
     from tune_spaces.leaderboard import shape_params
 
     shape = resolve_shape(preset="nano")
@@ -214,7 +215,7 @@ def test_a_sweep_reuses_the_capture_and_writes_leaderboard_plot_and_winners(capt
     import ray
     from transformers import AutoModelForCausalLM
 
-    from orchestrator import pipeline
+    from orchestrator.driver import pipeline
     from orchestrator.winners import find_models
 
     before = _capture_files(captured["out"])
@@ -268,7 +269,7 @@ def test_a_sweep_reuses_the_capture_and_writes_leaderboard_plot_and_winners(capt
 
 @pytest.mark.slow
 def test_an_optuna_sweep(captured, ray_session):
-    from orchestrator import pipeline
+    from orchestrator.driver import pipeline
 
     cfg = train_config(captured["out"], captured["model"], captured["data"], **{
         "tune.space": json.dumps({"train.lr": {"loguniform": [0.001, 0.01]}}),
@@ -302,7 +303,7 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(sig, captu
                  "scheduler": "fifo", "max_concurrent_trials": 1, "latency_tokens": 2},
         "output_dir": captured["out"]}))
     env = dict(os.environ, RAY_ADDRESS=ray_session.address_info["address"])
-    exe = [sys.executable, "-m", "orchestrator.cli"]
+    exe = [sys.executable, "-m", "orchestrator.driver.cli"]
     sweeps = Path(captured["out"]) / "sweeps"
     sweeps.mkdir(exist_ok=True)
     before = set(os.listdir(sweeps))
@@ -337,7 +338,7 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(sig, captu
 def test_a_crashing_trial_is_reported_and_the_sweep_continues(captured, ray_session, capsys):
     """An lr of 1e30 makes the student's loss non-finite at its second step: that trial fails
     (training stops before the NaN is checkpointed), the other one finishes and wins."""
-    from orchestrator import pipeline
+    from orchestrator.driver import pipeline
 
     cfg = train_config(captured["out"], captured["model"], captured["data"], **{
         "tune.space": json.dumps({"train.lr": {"grid": [1e30, 0.002]}}),
@@ -363,7 +364,7 @@ def test_a_sweep_whose_trials_all_failed_fails_naming_the_first_cause(captured, 
                                                                       capsys):
     """Every trial diverges (lr 1e30): `tune` is an error naming the first trial's cause, the
     leaderboard still lists them, and serving is never suggested."""
-    from orchestrator import pipeline
+    from orchestrator.driver import pipeline
     from orchestrator.errors import DivergedError, RaydistillError
 
     cfg = train_config(captured["out"], captured["model"], captured["data"], **{

@@ -63,7 +63,8 @@ def shape_params(teacher_model: str, shape: dict) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from orchestrator.student import StudentShape, student_config
+    from orchestrator.shapes import StudentShape
+    from orchestrator.kd.student import student_config
 
     fields = {k: int(shape[k]) for k in ("layers", "hidden", "heads", "intermediate")}
     cfg = student_config(_teacher_config(teacher_model), StudentShape(**fields))

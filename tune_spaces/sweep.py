@@ -12,7 +12,7 @@ a Hugging Face directory `<sweep>/trials/<name>/model/`.
 A trial has one name everywhere — its progress lines, Tune's trial folder `<sweep>/<name>/`, its
 Train run, the leaderboard's `id` and the served model: `t03-2x256-jsd-T2` (`trial_label`).
 
-Driven by `raydistill tune CONFIG` (orchestrator/pipeline.py).
+Driven by `raydistill tune CONFIG` (orchestrator/driver/pipeline.py).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import os
 from dataclasses import dataclass, field, replace
 
 from orchestrator.errors import RaydistillError, remote_errors
-from orchestrator.student import resolve_shape
-from orchestrator.train_loop import LoopSpec
+from orchestrator.shapes import resolve_shape
+from orchestrator.train.loop import LoopSpec
 from tune_spaces.spaces import Space, split_params
 from tune_spaces.sweep_lines import error_text, sweep_lines
 
@@ -210,7 +210,7 @@ def _run_trial(config: dict, *, base: LoopSpec, student: dict, trials_dir: str,
                settings: SweepSettings) -> None:
     from ray import tune
 
-    from orchestrator.training import fit_student
+    from orchestrator.train.launch import fit_student
 
     name = tune.get_context().get_trial_name()
     spec = replace(spec_for(base, student=student, params=config), label=name)
@@ -243,7 +243,7 @@ def _EvalReports(metric: str, *, last_step: int):
 
 
 def _outcome(result, *, base: LoopSpec, student: dict, trials_dir: str) -> TrialOutcome:
-    from orchestrator.training import MODEL_DIR, load_done
+    from orchestrator.train.launch import MODEL_DIR, load_done
 
     label = _label_of(result.path)  # Tune's trial folder is named by the trial's name
     trial_id = str((result.metrics or {}).get("trial_id") or "")

@@ -9,7 +9,7 @@ import os
 import time
 
 from orchestrator.errors import RaydistillError, remote_cause
-from orchestrator.progress import duration, progress_interval, say
+from orchestrator.console import duration, progress_interval, say
 
 
 def sweep_lines(metric: str, mode: str, *, total: int):

@@ -18,7 +18,7 @@ K = 8
 def build_teacher(family: str, out: str) -> str:
     import transformers as tf
 
-    from orchestrator import tiny
+    from orchestrator.driver import tiny
 
     texts = list(tiny.chunks_of_text(tiny.stdlib_sources()[:20]))
     tok = tiny.train_tokenizer(texts, out, vocab_size=512)

@@ -97,7 +97,7 @@ def test_vllm_sample_seeded_and_agrees_with_hf_scoring(tiny_teacher, hf, seqs):
 def test_hf_scores_a_softcapped_head_as_the_model_does(tmp_path):
     """Gemma 2 caps its logits (cap · tanh(logits / cap)): the hf backend scores through the
     model's own head, so its top-k equals the dense forward's (it refused such teachers before)."""
-    from orchestrator import tiny
+    from orchestrator.driver import tiny
 
     cfg = tiny.family_config("gemma2", 256, layers=2)
     cfg.final_logit_softcapping = 2.0  # small enough to change every log-prob visibly

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator.batches import collate
-from orchestrator.losses import distill_loss
+from orchestrator.kd.batches import collate
+from orchestrator.kd.losses import distill_loss
 
 
 def sample(T, k, prompt_len=0, start=0, n=None):

@@ -1,6 +1,6 @@
 """The streaming board's backpressure rule (plain class, no Ray)."""
 
-from orchestrator.board import ShardBoard
+from orchestrator.train.board import ShardBoard
 
 
 def test_capture_pauses_when_ahead_of_the_readers_and_runs_free_after_training():

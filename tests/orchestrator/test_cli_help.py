@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import cli
-from orchestrator.cli import main
+from orchestrator.driver import cli
+from orchestrator.driver.cli import main
 from orchestrator.program import command_name
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,7 +85,7 @@ def test_command_name_is_the_bare_name_only_when_path_finds_this_program(tmp_pat
 
 
 def test_command_name_outside_the_script_is_the_venvs_program(tmp_path, monkeypatch):
-    """`python -m orchestrator.cli`, tests, the demo's helpers: the script beside this Python."""
+    """`python -m orchestrator.driver.cli`, tests, the demo's helpers: the script beside this Python."""
     venv_bin = tmp_path / "venv" / "bin"
     _fake_program(venv_bin)
     monkeypatch.chdir(tmp_path)
@@ -117,8 +117,8 @@ def test_hints_name_the_program_as_called(tmp_path, monkeypatch):
     import socket
 
     from orchestrator.errors import RaydistillError
-    from orchestrator.inspect import describe
-    from orchestrator.jobs import jobs
+    from orchestrator.driver.inspect import describe
+    from orchestrator.driver.jobs import jobs
     from serve.client import query
 
     _fake_program(tmp_path / ".venv" / "bin")

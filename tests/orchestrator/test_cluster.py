@@ -1,4 +1,4 @@
-"""Where a command's Ray runs (orchestrator/cluster.py), by Ray's convention: RAY_ADDRESS, else a
+"""Where a command's Ray runs (orchestrator/driver/cluster.py), by Ray's convention: RAY_ADDRESS, else a
 `ray start` cluster on this machine (said in one line), else a private Ray; a stale address file is
 ignored; RAYDISTILL_RAY=private / --local-ray always start a private one.
 
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import cluster
-from orchestrator.cli import main
+from orchestrator.driver import cluster
+from orchestrator.driver.cli import main
 from orchestrator.errors import ConfigError
 from tests.conftest import free_port, free_port_range, stop_ray_head
 
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RAY = Path(sys.executable).with_name("ray")
 CONNECT = """
 import json, ray
-from orchestrator.cluster import connect, disconnect
+from orchestrator.driver.cluster import connect, disconnect
 started = connect()
 print(json.dumps({"gcs": ray.get_runtime_context().gcs_address, "started": started}))
 disconnect(started)

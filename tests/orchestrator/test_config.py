@@ -7,7 +7,7 @@ BASE = ["teacher.model=/m", "data.path=/d.jsonl", "output_dir=/o"]
 
 
 def test_quickstart_example_loads():
-    from orchestrator.demo import QUICKSTART
+    from orchestrator.driver.demo import QUICKSTART
 
     cfg = load_config(QUICKSTART)
     assert cfg.teacher.backend == "vllm" and cfg.teacher.k == 64 and cfg.teacher.mode == "score"
@@ -168,7 +168,7 @@ def test_fingerprint_follows_the_teacher_not_the_spelling_of_its_path(tmp_path, 
 
 def _plan_fingerprints(cfg) -> dict[str, str]:
     """capture kind → fingerprint of the main and held-out captures (reads only)."""
-    from orchestrator.capture_plan import scan_captures
+    from orchestrator.shards.plan import scan_captures
     from orchestrator.teacher_info import inspect_teacher
 
     info = inspect_teacher(cfg.teacher.model)
@@ -201,7 +201,7 @@ def test_the_heldout_file_is_in_the_heldout_capture_s_fingerprint_only(tiny_teac
 def test_errors_about_the_heldout_file_name_data_eval_path(tiny_teacher, texts, tmp_path):
     """The held-out capture reads the file data.eval_path names; its errors say so (gone
     between planning and capturing, here)."""
-    from orchestrator.capture_plan import CaptureKind, plan_captures
+    from orchestrator.shards.plan import CaptureKind, plan_captures
     from orchestrator.errors import DataError
     from tests.conftest import write_jsonl
 
@@ -229,9 +229,9 @@ def test_the_demo_and_the_quickstart_plan_the_same_captures(tiny_teacher, texts,
     import json
     import shutil
 
-    from orchestrator import pipeline
-    from orchestrator.capture_plan import CaptureKind, plan_captures
-    from orchestrator.demo import QUICKSTART, run_demo
+    from orchestrator.driver import pipeline
+    from orchestrator.shards.plan import CaptureKind, plan_captures
+    from orchestrator.driver.demo import QUICKSTART, run_demo
     from tests.conftest import write_jsonl
 
     home = tmp_path / "home"

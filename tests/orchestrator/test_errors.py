@@ -142,10 +142,10 @@ def test_only_lost_processes_and_connections_are_transient():
 
 
 def test_train_failure_advice_fits_the_cause():
-    """`--resume` only when a rerun can get past the error (orchestrator/training.py)."""
+    """`--resume` only when a rerun can get past the error (orchestrator/train/launch.py)."""
     from ray.exceptions import ActorDiedError
 
-    from orchestrator.training import _failure
+    from orchestrator.train.launch import _failure
 
     def message(cause: BaseException) -> str:
         outer = RuntimeError("Training failed due to worker errors")
@@ -166,7 +166,7 @@ def test_train_failure_advice_fits_the_cause():
 
 
 def test_debug_prints_the_worker_s_traceback(capsys):
-    from orchestrator.cli import _print_worker_traceback
+    from orchestrator.driver.cli import _print_worker_traceback
 
     remote = carried(_raised(Nasty("bad config", cause=1)))
     try:
@@ -209,7 +209,7 @@ def _nasty_env(tmp_path: Path, where: str) -> dict:
 def _cli(args: list[str], env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
     """The real CLI in its own process and its own local Ray (whose workers inherit `env`)."""
     full = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | env
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], env=full, cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "orchestrator.driver.cli", *args], env=full, cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -228,7 +228,7 @@ def test_a_teacher_engine_that_fails_to_start_is_named(tmp_path, tiny_teacher, d
                                                        ray_session):
     """A real teacher actor (runtime_env carries the hook) whose start raises Nasty."""
     from actors.pool import TeacherPool
-    from orchestrator.capture_plan import plan_captures
+    from orchestrator.shards.plan import plan_captures
 
     cfg = capture_config(tmp_path, tiny_teacher, dataset)
     spec = plan_captures(cfg)[0].engine_spec()

@@ -7,15 +7,16 @@ import math
 
 import pytest
 
-from orchestrator.evaluate import evaluate, finish, gap_recovered
-from orchestrator.shards import read_shards
+from orchestrator.kd.evaluate import evaluate, finish, gap_recovered
+from orchestrator.shards.format import read_shards
 
 
 def test_teacher_against_its_own_labels(captured):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from orchestrator.student import build_student, resolve_shape
+    from orchestrator.kd.student import build_student
+    from orchestrator.shapes import resolve_shape
 
     samples = list(read_shards(captured["out"] + "/heldout"))
     teacher = AutoModelForCausalLM.from_pretrained(captured["model"], dtype=torch.float32)

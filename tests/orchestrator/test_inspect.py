@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cli import main
+from orchestrator.driver.cli import main
 from orchestrator.program import command_name
 from orchestrator.errors import ShardError
-from orchestrator.inspect import describe
-from orchestrator.manifest import filesystem, load_manifest, save_manifest
+from orchestrator.driver.inspect import describe
+from orchestrator.storage import filesystem
+from orchestrator.shards.manifest import load_manifest, save_manifest
 from orchestrator.winners import write_winners
 from tune_spaces.leaderboard import COLUMNS
 

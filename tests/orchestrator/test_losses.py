@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from orchestrator.losses import LOSS_KINDS, TAIL_MODES, distill_loss, divergence
+from orchestrator.kd.losses import LOSS_KINDS, TAIL_MODES, distill_loss, divergence
 
 V = 50
 

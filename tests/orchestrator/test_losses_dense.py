@@ -22,10 +22,10 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from orchestrator import shards
-from orchestrator.losses import LOSS_KINDS, TAIL_MODES, divergence, distill_loss, tail_at
-from orchestrator.manifest import Manifest, save_manifest
-from orchestrator.softlabels import SoftLabels, topk_from_logits
+from orchestrator.shards import format as shards
+from orchestrator.kd.losses import LOSS_KINDS, TAIL_MODES, divergence, distill_loss, tail_at
+from orchestrator.shards.manifest import Manifest, save_manifest
+from orchestrator.kd.softlabels import SoftLabels, topk_from_logits
 
 V, K, N, BETA = 60, 8, 12, 0.3
 
@@ -149,7 +149,7 @@ def test_bucket_at_an_uncaptured_temperature_is_refused_before_training(tmp_path
     other settings), each naming teacher.tail_temperatures and train.tail=renormalize."""
     from orchestrator.config import load_config
     from orchestrator.errors import ConfigError, ShardError
-    from orchestrator.train_data import check_shard_origin
+    from orchestrator.train.stream import check_shard_origin
 
     base = ["teacher.model=m", "data.path=d", f"output_dir={tmp_path}", "train.tail=bucket"]
     with pytest.raises(ConfigError, match="teacher.tail_temperatures.*train.tail=renormalize"):

@@ -10,9 +10,10 @@ import time
 import pytest
 from rich.console import Console
 
-from orchestrator import progress
+from orchestrator import console as term
+from orchestrator.driver import progress
 from orchestrator.errors import ConfigError
-from orchestrator.manifest import ShardInfo
+from orchestrator.shards.manifest import ShardInfo
 
 LONG_PATH = "/home/someone/.cache/raydistill/runs/quickstart/experiments/" \
             "exp-20261203-101500-ab12/plots/loss.png"
@@ -22,14 +23,14 @@ LONG_PATH = "/home/someone/.cache/raydistill/runs/quickstart/experiments/" \
 def log(monkeypatch):
     """The module's console writing to a file (not a terminal), progress lines every 0.1 s."""
     out = io.StringIO()
-    monkeypatch.setattr(progress, "console", progress.make_console(out))
-    monkeypatch.setenv(progress.INTERVAL_ENV, "0.1")
+    monkeypatch.setattr(term, "console", term.make_console(out))
+    monkeypatch.setenv(term.INTERVAL_ENV, "0.1")
     return out
 
 
 def test_a_long_path_is_never_wrapped_when_output_is_not_a_terminal():
     out = io.StringIO()
-    console = progress.make_console(out)
+    console = term.make_console(out)
     assert not console.is_terminal
     line = f"  plots: {LONG_PATH}, {LONG_PATH.replace('loss', 'metrics')}"
     assert len(line) > 2 * console.width
@@ -38,14 +39,14 @@ def test_a_long_path_is_never_wrapped_when_output_is_not_a_terminal():
 
 
 def test_the_progress_interval_comes_from_the_environment(monkeypatch):
-    monkeypatch.delenv(progress.INTERVAL_ENV, raising=False)
-    assert progress.progress_interval() == progress.DEFAULT_INTERVAL_S == 30
-    monkeypatch.setenv(progress.INTERVAL_ENV, "5")
-    assert progress.progress_interval() == 5.0
+    monkeypatch.delenv(term.INTERVAL_ENV, raising=False)
+    assert term.progress_interval() == term.DEFAULT_INTERVAL_S == 30
+    monkeypatch.setenv(term.INTERVAL_ENV, "5")
+    assert term.progress_interval() == 5.0
     for bad in ("soon", "0", "-3", "inf"):
-        monkeypatch.setenv(progress.INTERVAL_ENV, bad)
+        monkeypatch.setenv(term.INTERVAL_ENV, bad)
         with pytest.raises(ConfigError, match=rf"RAYDISTILL_PROGRESS_INTERVAL .*{bad!r}.*=30"):
-            progress.progress_interval()
+            term.progress_interval()
 
 
 def test_a_time_budgeted_loop_prints_plain_lines_at_a_steady_interval(log):
@@ -64,8 +65,8 @@ def test_a_time_budgeted_loop_prints_plain_lines_at_a_steady_interval(log):
 def test_a_terminal_gets_the_live_bar_and_no_plain_lines(monkeypatch):
     out = io.StringIO()
     monkeypatch.setenv("TERM", "xterm-256color")  # rich draws no live bars on a dumb terminal
-    monkeypatch.setattr(progress, "console", Console(file=out, force_terminal=True, width=100))
-    monkeypatch.setenv(progress.INTERVAL_ENV, "0.1")
+    monkeypatch.setattr(term, "console", Console(file=out, force_terminal=True, width=100))
+    monkeypatch.setenv(term.INTERVAL_ENV, "0.1")
     with progress.StepProgress("training demo teacher", steps=1000, seconds=480) as bar:
         bar.update(12, 0.1, 5.4321)
         time.sleep(0.35)
@@ -91,7 +92,7 @@ def test_a_quiet_capture_prints_nothing(log):
 def test_training_prints_each_students_step_and_loss_from_the_board(log, ray_session):
     import ray
 
-    from orchestrator.board import ShardBoard
+    from orchestrator.train.board import ShardBoard
 
     board = ray.remote(ShardBoard).options(num_cpus=0).remote(max_ahead=1)
     ray.get(board.train_update.remote("kd", {"step": 40, "loss": 2.5, "tokens_per_s": 1234.0,
@@ -117,8 +118,8 @@ def test_rays_expected_noise_is_dropped_and_its_other_messages_pass(capsys):
     anything else, such as a worker killed for memory, still prints."""
     import ray._private.worker as ray_worker
 
-    progress.quiet_third_party()
-    progress.quiet_third_party()  # idempotent: wrapped once
+    term.quiet_third_party()
+    term.quiet_third_party()  # idempotent: wrapped once
 
     def publish(line: str) -> str:
         ray_worker.print_to_stdstream({"lines": [line], "pid": "raylet", "is_err": False},
@@ -146,11 +147,11 @@ def test_transformers_bars_are_off_in_a_log_and_kept_on_a_terminal(monkeypatch):
     try:
         hf_logging.enable_progress_bar()
         monkeypatch.setenv("TERM", "xterm-256color")
-        monkeypatch.setattr(progress, "console", Console(file=io.StringIO(), force_terminal=True))
-        progress.quiet_third_party()
+        monkeypatch.setattr(term, "console", Console(file=io.StringIO(), force_terminal=True))
+        term.quiet_third_party()
         assert hf_logging.is_progress_bar_enabled()
-        monkeypatch.setattr(progress, "console", progress.make_console(io.StringIO()))
-        progress.quiet_third_party()
+        monkeypatch.setattr(term, "console", term.make_console(io.StringIO()))
+        term.quiet_third_party()
         assert not hf_logging.is_progress_bar_enabled()
     finally:
         hf_logging.enable_progress_bar()

@@ -11,9 +11,8 @@ import re
 
 import pytest
 
-from orchestrator.evaluate import SEQUENCES_KEY, gap_recovered
-from orchestrator.verdict import (IMPROVING_NATS, MIN_SEQUENCES, MIN_TOKENS, Paired,
-                                  paired_difference, repeated_texts, verdict, warnings)
+from orchestrator.kd.evaluate import SEQUENCES_KEY, gap_recovered
+from orchestrator.driver.verdict import IMPROVING_NATS, MIN_SEQUENCES, MIN_TOKENS, Paired, paired_difference, repeated_texts, verdict, warnings
 
 
 def _row(nll: float | None, teacher: float = 2.72, hard: float | None = None) -> dict:
@@ -145,7 +144,7 @@ def test_warning_still_improving_at_the_last_evaluation():
 # ---- the report files ---------------------------------------------------------------------
 
 def _result(label, nlls: list[float], *, teacher=4.0, sequences=None):
-    from orchestrator.training import StudentResult
+    from orchestrator.train.launch import StudentResult
 
     history = [{"step": 10 * (i + 1), "ce": 5.0, "loss": 5.0, "step_time_s": 1.0,
                 "data_wait_s": 0.1, "eval_student_nll": v, "eval_student_ppl": math.exp(v),
@@ -179,7 +178,7 @@ def _dashes_have_reasons(md: str) -> None:
 
 
 def test_report_files_hold_verdict_warnings_and_reasons(tmp_path):
-    from orchestrator.report import headline, write_report
+    from orchestrator.driver.report import headline, write_report
 
     kd_seqs = {f"s{i}": [150, 150 * (5.0 - 0.3 + 0.01 * (i % 3))] for i in range(10)}
     hard_seqs = {f"s{i}": [150, 150 * 5.0] for i in range(10)}
@@ -209,7 +208,7 @@ def test_report_files_hold_verdict_warnings_and_reasons(tmp_path):
 
 
 def test_report_without_hard_baseline_explains_each_dash(tmp_path):
-    from orchestrator.report import write_report
+    from orchestrator.driver.report import write_report
 
     results = {"kd": _result("kd", [4.5]), "bc": _result("bc", [4.6])}
     _, report = write_report(str(tmp_path), results=results, settings=_settings(["bc"]))
@@ -223,7 +222,7 @@ def test_report_without_hard_baseline_explains_each_dash(tmp_path):
 
 
 def test_report_when_the_teacher_is_not_better_than_hard_labels(tmp_path):
-    from orchestrator.report import write_report
+    from orchestrator.driver.report import write_report
 
     results = {"kd": _result("kd", [4.5], teacher=5.5), "hard": _result("hard", [0.5], teacher=5.5)}
     _, report = write_report(str(tmp_path), results=results, settings=_settings(["hard"]))
@@ -240,8 +239,8 @@ def test_report_when_the_teacher_is_not_better_than_hard_labels(tmp_path):
 def test_evaluate_records_per_sequence_sums_that_add_up():
     import numpy as np
 
-    from orchestrator import tiny
-    from orchestrator.evaluate import evaluate
+    from orchestrator.driver import tiny
+    from orchestrator.kd.evaluate import evaluate
 
     vocab, k = 64, 4
     model = tiny.build_model(tiny.llama_config(vocab, layers=1, hidden=64, heads=1,
@@ -273,9 +272,9 @@ def test_evaluate_records_per_sequence_sums_that_add_up():
 def test_repeated_texts_of_real_plans(tmp_path, tiny_teacher, texts):
     from conftest import train_config, write_jsonl
 
-    from orchestrator.capture_plan import plan_captures
-    from orchestrator.train_data import stable_fraction
-    from orchestrator.verdict import repeated_in_plans
+    from orchestrator.shards.plan import plan_captures
+    from orchestrator.data import stable_fraction
+    from orchestrator.driver.verdict import repeated_in_plans
 
     distinct = texts[:20]
     records = [{"id": f"r{i}", "text": distinct[i % 20]} for i in range(60)]  # each text 3×

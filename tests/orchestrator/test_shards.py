@@ -5,10 +5,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator import shards
+from orchestrator.shards import format as shards
 from orchestrator.errors import ShardError
-from orchestrator.manifest import Manifest, load_manifest, save_manifest
-from orchestrator.softlabels import SoftLabels
+from orchestrator.shards.manifest import Manifest, load_manifest, save_manifest
+from orchestrator.kd.softlabels import SoftLabels
 
 
 def fake_labels(rng, T, k, vocab=5000, label_start=0, n=None):

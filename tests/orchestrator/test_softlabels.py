@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator.softlabels import head_transform, topk_from_hidden
+from orchestrator.kd.softlabels import head_transform, topk_from_hidden
 
 
 def test_chunked_topk_matches_dense_log_softmax():

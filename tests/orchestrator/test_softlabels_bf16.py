@@ -1,6 +1,6 @@
 import torch
 
-from orchestrator.softlabels import topk_from_hidden
+from orchestrator.kd.softlabels import topk_from_hidden
 
 
 def test_bf16_head_close_to_fp32_reference():

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from orchestrator.errors import ConfigError
-from orchestrator.student import PRESETS, build_student, resolve_shape
+from orchestrator.shapes import PRESETS, resolve_shape
+from orchestrator.kd.student import build_student
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,7 @@ def test_larger_student_warns(teacher):
                                         "phi3", "olmo2"])
 def family_teacher(request):
     """A random 3-layer teacher of each family (no tokenizer needed: config + weights only)."""
-    from orchestrator import tiny
+    from orchestrator.driver import tiny
 
     return tiny.build_model(tiny.family_config(request.param, 256, layers=3), seed=1)
 
@@ -72,7 +73,7 @@ def test_every_family_student_round_trips(family_teacher, init, layers, hidden, 
     config and model — giving the same logits (Qwen2's config refused to save before)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from orchestrator.student import layer_mapping
+    from orchestrator.kd.student import layer_mapping
 
     t_cfg = family_teacher.config
     shape = resolve_shape(layers=layers, hidden=hidden, heads=heads)
@@ -107,8 +108,8 @@ def test_every_family_student_round_trips(family_teacher, init, layers, hidden, 
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma2", "phi3"])
 def test_size_ratio_on_family_configs(family):
-    from orchestrator import tiny
-    from orchestrator.student import size_ratio
+    from orchestrator.driver import tiny
+    from orchestrator.shapes import size_ratio
 
     cfg = tiny.family_config(family, 256, layers=4)
     assert 0 < size_ratio(cfg, resolve_shape(layers=1, hidden=128, heads=2)) < 0.5

@@ -4,7 +4,7 @@ their vocabulary by model_type, silently changing the ids)."""
 
 import pytest
 
-from orchestrator import tiny
+from orchestrator.driver import tiny
 
 TEXT = "def f(x):\n\n    return x  # héllo\n\tclass A:  pass\n"
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.errors import ShardError
-from orchestrator.manifest import filesystem, load_manifest
-from orchestrator.train_data import (SampleStream, ShardWatcher, check_shard_origin, epoch_order,
-                                     stable_fraction)
+from orchestrator.storage import filesystem
+from orchestrator.shards.manifest import load_manifest
+from orchestrator.train.stream import SampleStream, ShardWatcher, check_shard_origin, epoch_order
+from orchestrator.data import stable_fraction
 
 
 def test_epoch_order_is_seeded_and_streaming_first_epoch_keeps_capture_order():

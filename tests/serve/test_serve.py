@@ -209,7 +209,7 @@ def test_query_command_without_a_server():
 
 
 def test_busy_port_is_a_clear_error(students):
-    from serve.app import run_server
+    from orchestrator.driver.serving import run_server
 
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -22,13 +22,15 @@ import os
 import threading
 from dataclasses import replace
 
-from orchestrator.capture_plan import CaptureKind, CapturePlan, heldout_config, plan_captures
-from orchestrator.capture_run import Teachers
+from orchestrator.shards.plan import CaptureKind, CapturePlan, heldout_config, plan_captures
+from orchestrator.driver.capture_run import Teachers
 from orchestrator.config import Config
 from orchestrator.errors import ConfigError, RaydistillError
-from orchestrator.manifest import Manifest, filesystem
-from orchestrator.preflight import check_resources, check_shards, warn_if_not_smaller
-from orchestrator.progress import TrainProgress, progress_interval, quiet_third_party, say
+from orchestrator.shards.manifest import Manifest
+from orchestrator.storage import filesystem
+from orchestrator.driver.preflight import check_resources, check_shards, warn_if_not_smaller
+from orchestrator.driver.progress import TrainProgress
+from orchestrator.console import progress_interval, quiet_third_party, say
 from orchestrator.program import command_name
 
 EXPERIMENTS_DIR = "experiments"
@@ -77,7 +79,7 @@ def run(cfg: Config, *, fresh: bool = False, resume: str | None = None) -> str:
     """Capture and train together: the KD student consumes shards as the teachers publish them."""
     import ray
 
-    from orchestrator.board import ShardBoard
+    from orchestrator.train.board import ShardBoard
 
     experiment = _experiment(cfg, resume)
     plans = plan_captures(cfg, fresh=fresh, command="run")
@@ -286,7 +288,7 @@ def _save_config(cfg: Config, path: str) -> None:
 
 
 def _new_name(prefix: str) -> str:
-    from orchestrator.training import experiment_name
+    from orchestrator.train.launch import experiment_name
 
     return experiment_name(prefix)
 
@@ -384,8 +386,8 @@ def _train_students(cfg: Config, plans: list[CapturePlan], experiment: str, *, b
     """Train the KD student and/or the baselines (same budget, seed, student); label → result."""
     import ray
 
-    from orchestrator.student import resolve_shape
-    from orchestrator.training import fit_student
+    from orchestrator.shapes import resolve_shape
+    from orchestrator.train.launch import fit_student
 
     t, s, tr = cfg.teacher, cfg.student, cfg.train
     by_kind = {p.kind: p for p in plans}
@@ -398,7 +400,7 @@ def _train_students(cfg: Config, plans: list[CapturePlan], experiment: str, *, b
     runs = {"kd": (main, tr.alpha), "hard": (main, 0.0), "bc": (bc, 0.0)}
     storage = f"{cfg.output_dir.rstrip('/')}/{EXPERIMENTS_DIR}/{experiment}"
     if board is None:
-        from orchestrator.board import ShardBoard
+        from orchestrator.train.board import ShardBoard
 
         board = ray.remote(ShardBoard).options(num_cpus=0).remote(max_ahead=1)
     specs = {}
@@ -453,8 +455,8 @@ def _train_students(cfg: Config, plans: list[CapturePlan], experiment: str, *, b
 def _loop_spec(cfg: Config, *, plan: CapturePlan, held: CapturePlan | None, alpha: float, board,
                streaming: bool, label: str):
     """The plain values one student run needs (no config object crosses into workers)."""
-    from orchestrator.student import resolve_shape
-    from orchestrator.train_loop import LoopSpec
+    from orchestrator.shapes import resolve_shape
+    from orchestrator.train.loop import LoopSpec
 
     t, s, tr = cfg.teacher, cfg.student, cfg.train
     shape = resolve_shape(preset=s.preset, layers=s.layers, hidden=s.hidden, heads=s.heads,
@@ -495,8 +497,8 @@ def _describe_result(r) -> str:
 
 def _report(cfg: Config, plans: list[CapturePlan], experiment: str, results: dict,
             streaming: dict | None = None) -> str:
-    from orchestrator.report import headline, write_report
-    from orchestrator.verdict import repeated_in_plans
+    from orchestrator.driver.report import headline, write_report
+    from orchestrator.driver.verdict import repeated_in_plans
 
     out = f"{cfg.output_dir.rstrip('/')}/{EXPERIMENTS_DIR}/{experiment}"
     settings = _settings(cfg, plans) | {"experiment": experiment}
@@ -540,9 +542,9 @@ class _interruptible:
 
 def _experiment(cfg: Config, resume: str | None) -> str:
     """A new unique experiment name, or the one to resume (it must exist)."""
-    from orchestrator.manifest import exists
-    from orchestrator.train_loop import batch_layout
-    from orchestrator.training import check_experiment_layout, experiment_name
+    from orchestrator.storage import exists
+    from orchestrator.train.loop import batch_layout
+    from orchestrator.train.launch import check_experiment_layout, experiment_name
 
     if resume is None:
         return experiment_name("exp")
@@ -558,7 +560,7 @@ def _experiment(cfg: Config, resume: str | None) -> str:
 
 
 def _init_ray() -> bool:
-    from orchestrator.cluster import connect
+    from orchestrator.driver.cluster import connect
 
     progress_interval()  # a bad RAYDISTILL_PROGRESS_INTERVAL fails here, before any compute
     quiet_third_party()
@@ -566,6 +568,6 @@ def _init_ray() -> bool:
 
 
 def _stop_ray(started: bool) -> None:
-    from orchestrator.cluster import disconnect
+    from orchestrator.driver.cluster import disconnect
 
     disconnect(started)

@@ -2,7 +2,7 @@
 teacher metrics) comparing the KD student with the baselines on the held-out split.
 
 It opens with the verdict — one sentence on whether distillation helped, with the margin against
-evaluation noise — and the warnings that qualify it (`orchestrator.verdict`); the command prints
+evaluation noise — and the warnings that qualify it (`orchestrator.driver.verdict`); the command prints
 both as its last lines (`headline`).
 
 "% of the gap recovered" = (NLL of the from-scratch hard-label student − NLL of the student) /
@@ -15,9 +15,9 @@ import json
 import os
 import tempfile
 
-from orchestrator.evaluate import SEQUENCES_KEY, gap_recovered
-from orchestrator.manifest import filesystem
-from orchestrator.verdict import NAMES, Z, paired_difference, verdict, warnings
+from orchestrator.kd.evaluate import SEQUENCES_KEY, gap_recovered
+from orchestrator.storage import filesystem
+from orchestrator.driver.verdict import NAMES, Z, paired_difference, verdict, warnings
 
 __all__ = ["NAMES", "headline", "summarise", "write_report"]
 
@@ -205,7 +205,7 @@ def _markdown(report: dict, plots: list[str]) -> str:
 
 
 def _shape(student: dict) -> str:
-    from orchestrator.student import resolve_shape
+    from orchestrator.shapes import resolve_shape
 
     s = resolve_shape(preset=student["preset"], layers=student["layers"], hidden=student["hidden"],
                       heads=student["heads"], intermediate=student["intermediate"])

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from orchestrator.errors import ConfigError, DivergedError
-from orchestrator.evaluate import SEQUENCES_KEY
+from orchestrator.kd.evaluate import SEQUENCES_KEY
 
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"
@@ -103,10 +103,11 @@ def train_worker(config: dict) -> None:
     import ray.train.torch
     from transformers import AutoConfig
 
-    from orchestrator.losses import distill_loss
-    from orchestrator.student import StudentShape, build_student
+    from orchestrator.kd.losses import distill_loss
+    from orchestrator.shapes import StudentShape
+    from orchestrator.kd.student import build_student
     from orchestrator.teacher_info import load_tokenizer
-    from orchestrator.train_data import SampleStream, ShardWatcher, heldout_samples
+    from orchestrator.train.stream import SampleStream, ShardWatcher, heldout_samples
 
     spec: LoopSpec = config["spec"]
     if spec.torch_threads and not spec.local:
@@ -221,7 +222,7 @@ def _check_finite(loss: float, spec: LoopSpec, *, step: int) -> None:
 
 
 def _collate(rows: list[dict], spec: LoopSpec):
-    from orchestrator.batches import collate
+    from orchestrator.kd.batches import collate
 
     return collate(rows, hard_labels_from_prompt=spec.hard_labels_from_prompt)
 
@@ -248,7 +249,7 @@ def _evaluate(model, heldout: list[dict], *, device, world: int,
     """Held-out metrics over every rank's slice, and (if `per_sequence`) every held-out
     sequence's own sums, gathered from all ranks ({sample_id: [positions, NLL sum]}). Each rank
     enters the collectives, also one whose slice is empty (fewer held-out samples than workers)."""
-    from orchestrator.evaluate import SUM_KEYS, evaluate, finish
+    from orchestrator.kd.evaluate import SUM_KEYS, evaluate, finish
 
     sequences = {} if per_sequence else None
     sums = evaluate(model, heldout, device=str(device), per_sequence=sequences)

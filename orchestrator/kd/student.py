@@ -10,24 +10,7 @@ import warnings
 from dataclasses import dataclass
 
 from orchestrator.errors import ConfigError
-
-PRESETS: dict[str, dict[str, int]] = {
-    # head_dim 64 throughout: vLLM's CPU attention kernels reject smaller heads
-    "nano": {"layers": 1, "hidden": 128, "heads": 2, "intermediate": 512},
-    "micro": {"layers": 2, "hidden": 128, "heads": 2, "intermediate": 512},
-    "mini": {"layers": 2, "hidden": 256, "heads": 4, "intermediate": 1024},
-    "small": {"layers": 4, "hidden": 512, "heads": 8, "intermediate": 2048},
-    "base": {"layers": 8, "hidden": 1024, "heads": 16, "intermediate": 4096},
-}
-
-
-@dataclass(frozen=True)
-class StudentShape:
-    layers: int
-    hidden: int
-    heads: int
-    intermediate: int
-
+from orchestrator.shapes import StudentShape, param_estimate
 
 @dataclass(frozen=True)
 class StudentInfo:
@@ -40,30 +23,6 @@ class StudentInfo:
         init = (f", layers {self.initialised_layers} of the teacher copied"
                 if self.initialised_layers else "")
         return f"{self.parameters / 1e6:.2f}M parameters, {self.bytes_bf16 / 2**20:.1f} MiB in bf16{init}"
-
-
-def resolve_shape(*, preset: str | None = None, layers: int | None = None,
-                  hidden: int | None = None, heads: int | None = None,
-                  intermediate: int | None = None) -> StudentShape:
-    """A preset, with any explicit field overriding it; raises ConfigError on impossible sizes."""
-    if preset is not None and preset not in PRESETS:
-        raise ConfigError(f"student.preset must be one of {', '.join(PRESETS)}, got {preset!r}")
-    base = dict(PRESETS[preset]) if preset else {}
-    for name, value in (("layers", layers), ("hidden", hidden), ("heads", heads),
-                        ("intermediate", intermediate)):
-        if value is not None:
-            base[name] = value
-    missing = [n for n in ("layers", "hidden", "heads") if n not in base]
-    if missing:
-        raise ConfigError(f"student needs a preset ({', '.join(PRESETS)}) or student.{missing[0]}")
-    base.setdefault("intermediate", 4 * base["hidden"])
-    for name, value in base.items():
-        if value < 1:
-            raise ConfigError(f"student.{name} must be at least 1, got {value}")
-    if base["hidden"] % base["heads"]:
-        raise ConfigError(f"student.heads ({base['heads']}) must divide student.hidden "
-                          f"({base['hidden']}); e.g. heads={base['hidden'] // 64 or 1} for head_dim 64")
-    return StudentShape(**base)
 
 
 def build_student(teacher_config, shape: StudentShape, *, init_from_teacher=None, seed: int = 0):
@@ -83,7 +42,7 @@ def build_student(teacher_config, shape: StudentShape, *, init_from_teacher=None
     if init_from_teacher is not None:
         copied = _copy_from_teacher(model, init_from_teacher)
     params = sum(p.numel() for p in model.parameters())
-    t_params = _param_estimate(teacher_config)
+    t_params = param_estimate(teacher_config)
     if params >= t_params:
         warnings.warn(f"the student ({params / 1e6:.1f}M parameters) is not smaller than the "
                       f"teacher (~{t_params / 1e6:.1f}M); distillation normally shrinks the model",
@@ -169,21 +128,3 @@ def _copy_from_teacher(student, teacher) -> list[int]:
                 if layer is not None:
                     copied.add(layer)
     return sorted(copied)
-
-
-def size_ratio(teacher_config, shape: StudentShape) -> float:
-    """Estimated student parameters / teacher parameters (checked before training starts)."""
-    student = _param_estimate(teacher_config, layers=shape.layers, hidden=shape.hidden,
-                              intermediate=shape.intermediate)
-    return student / max(1, _param_estimate(teacher_config))
-
-
-def _param_estimate(config, *, layers: int | None = None, hidden: int | None = None,
-                    intermediate: int | None = None) -> int:
-    """Rough parameter count (attention 4·h², MLP 3·h·inter, embeddings) of `config`, or of its
-    family at another depth/width; reads the config only (no copy, no validation)."""
-    h = hidden or config.hidden_size
-    layers = layers or config.num_hidden_layers
-    inter = intermediate or getattr(config, "intermediate_size", None) or 4 * h
-    tied = getattr(config, "tie_word_embeddings", False)
-    return layers * (4 * h * h + 3 * h * inter) + config.vocab_size * h * (1 if tied else 2)

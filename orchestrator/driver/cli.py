@@ -15,7 +15,7 @@ User errors print one message (no traceback unless --debug) and exit with status
 inside a Ray worker (teacher actor, Train worker, Tune trial) is one of them, naming the original
 type and text (--debug adds the worker's traceback). Commands that start Ray use the cluster
 RAY_ADDRESS names, else one `ray start` runs on this machine, else a private one (--local-ray:
-always private); see orchestrator/cluster.py. Help texts and hints print the program the way the
+always private); see orchestrator/driver/cluster.py. Help texts and hints print the program the way the
 user can call it (orchestrator/program.py: `.venv/bin/raydistill` when the venv is not
 activated).
 """
@@ -26,7 +26,7 @@ import argparse
 import os
 import sys
 
-from orchestrator.cluster import PRIVATE_RAY_ENV
+from orchestrator.driver.cluster import PRIVATE_RAY_ENV
 from orchestrator.errors import RaydistillError
 from orchestrator.program import command_name
 
@@ -214,17 +214,17 @@ def main(argv: list[str] | None = None) -> int:
     if job_command and args.command != "submit":
         _parser().error(f"only `{command_name()} submit` takes a command after --")
     if getattr(args, "local_ray", False):
-        os.environ[PRIVATE_RAY_ENV] = "private"  # read by orchestrator.cluster.connect()
+        os.environ[PRIVATE_RAY_ENV] = "private"  # read by orchestrator.driver.cluster.connect()
     try:
         if args.command == "capture":
             from orchestrator.config import load_config
-            from orchestrator.pipeline import capture
+            from orchestrator.driver.pipeline import capture
 
             cfg = load_config(args.config, args.set)
             manifest = capture(cfg, fresh=args.fresh, repair=args.repair)
             return 0 if manifest.complete else 1
         if args.command in ("train", "run"):
-            from orchestrator import pipeline
+            from orchestrator.driver import pipeline
             from orchestrator.config import load_config
 
             cfg = load_config(args.config, args.set)
@@ -234,13 +234,13 @@ def main(argv: list[str] | None = None) -> int:
                 pipeline.run(cfg, fresh=args.fresh, resume=args.resume)
             return 0
         if args.command == "demo":
-            from orchestrator.demo import run_demo
+            from orchestrator.driver.demo import run_demo
 
             return run_demo(overrides=args.set, teacher_steps=args.teacher_steps,
                             teacher_minutes=args.teacher_minutes, home=args.home,
                             rebuild=args.rebuild, fresh=args.fresh)
         if args.command == "tune":
-            from orchestrator import pipeline
+            from orchestrator.driver import pipeline
             from orchestrator.config import load_config
 
             overrides = list(args.set)
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "serve":
             from orchestrator.config import load_serve_config
-            from serve.app import run_server
+            from orchestrator.driver.serving import run_server
 
             config = args.config
             if config is None and os.path.isfile(os.path.join(args.run_dir, "config.yaml")):
@@ -263,16 +263,16 @@ def main(argv: list[str] | None = None) -> int:
             return query(args.prompt, url=args.url, model=args.model, max_tokens=args.max_tokens,
                          temperature=args.temperature, stream=args.stream, api_key=args.api_key)
         if args.command == "submit":
-            from orchestrator.jobs import submit
+            from orchestrator.driver.jobs import submit
 
             return submit(args.config, address=args.address, command=job_command,
                           overrides=args.set, follow=not args.no_wait, pip=args.pip)
         if args.command == "jobs":
-            from orchestrator.jobs import jobs
+            from orchestrator.driver.jobs import jobs
 
             return jobs(args.action, job_id=args.job_id, address=args.address)
         if args.command == "inspect":
-            from orchestrator.inspect import describe
+            from orchestrator.driver.inspect import describe
 
             print(describe(args.output_dir))
             return 0

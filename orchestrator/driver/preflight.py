@@ -7,12 +7,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from orchestrator.errors import ConfigError, ShardError
-from orchestrator.manifest import SHARDS_DIR
-from orchestrator.progress import say
-from orchestrator.shards import load_shard, read_bytes, shard_metadata
+from orchestrator.shards.manifest import SHARDS_DIR
+from orchestrator.console import say
+from orchestrator.shards.format import load_shard, read_bytes, shard_metadata
 
 if TYPE_CHECKING:
-    from orchestrator.capture_plan import CapturePlan
+    from orchestrator.shards.plan import CapturePlan
     from orchestrator.config import Config
 
 
@@ -22,7 +22,7 @@ def check_shards(plan: CapturePlan, *, verify_all: bool) -> None:
     `train`) every one must match its checksum — a bad shard is named, never trained on."""
     import hashlib as _h
 
-    from orchestrator.train_data import check_shard_origin
+    from orchestrator.train.stream import check_shard_origin
 
     expect = plan.expect()  # the teacher's tokenizer and how the capture was made
     if plan.cfg.train.tail == "bucket":
@@ -65,7 +65,7 @@ def check_resources(cfg: Config, *, teachers: bool, extra: float = 0.0) -> None:
 def warn_if_not_smaller(teacher: str, shape) -> None:
     from transformers import AutoConfig
 
-    from orchestrator.student import size_ratio
+    from orchestrator.shapes import size_ratio
 
     ratio = size_ratio(AutoConfig.from_pretrained(teacher), shape)
     if ratio >= 1.0:

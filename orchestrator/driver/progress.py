@@ -1,76 +1,24 @@
-"""Terminal output: one `say` for messages, and the progress of the long steps (the demo
-teacher's build, a capture, the students' training, a sweep's trials).
+"""The progress of the driver's long steps (the demo teacher's build, a capture, the students'
+training, a sweep's trials).
 
-On a terminal the progress shows as rich's live bars. When output is not a terminal
-(`raydistill demo 2>&1 | tee log`, a CI log, a job's log) the bars would print nothing until
-they end, so a plain line is printed instead every `RAYDISTILL_PROGRESS_INTERVAL` seconds
-(default 30), and long lines — paths above all — are never broken at rich's default 80 columns.
+On a terminal the progress shows as rich's live bars. When output is not a terminal the bars would
+print nothing until they end, so a plain line is printed instead every
+`RAYDISTILL_PROGRESS_INTERVAL` seconds (default 30); `orchestrator.console` holds `say` and the
+rest every layer shares.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import re
 import threading
 import time
 from collections.abc import Callable
 
-from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
-from orchestrator.errors import ConfigError
-from orchestrator.manifest import ShardInfo
-
-INTERVAL_ENV = "RAYDISTILL_PROGRESS_INTERVAL"
-DEFAULT_INTERVAL_S = 30.0
-
-
-def make_console(file=None) -> Console:
-    """A console on stderr (or `file`). When it is not a terminal, lines are never hard-wrapped:
-    rich would otherwise break them at 80 columns, paths included (`plots/loss.pn⏎g`)."""
-    out = Console(file=file, stderr=file is None, highlight=False)
-    out.soft_wrap = not out.is_terminal
-    return out
-
-
-console = make_console()
-
-
-def say(message: str) -> None:
-    console.print(message)
-
-
-def live() -> bool:
-    """Whether progress shows as live bars (an interactive terminal) or as plain lines."""
-    return console.is_terminal and not console.is_dumb_terminal
-
-
-def progress_interval() -> float:
-    """Seconds between plain progress lines (RAYDISTILL_PROGRESS_INTERVAL, default 30)."""
-    raw = os.environ.get(INTERVAL_ENV, "").strip()
-    if not raw:
-        return DEFAULT_INTERVAL_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise ConfigError(f"{INTERVAL_ENV} must be a number of seconds greater than 0, got "
-                          f"{raw!r}; e.g. {INTERVAL_ENV}=30, or unset it for the default "
-                          f"({DEFAULT_INTERVAL_S:g} s)")
-    return value
-
-
-def duration(seconds: float) -> str:
-    """`42s`, `7m05s`, `1h02m`."""
-    s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+from orchestrator import console as term
+from orchestrator.console import duration, live, progress_interval, say
+from orchestrator.shards.manifest import ShardInfo
 
 
 class Heartbeat:
@@ -139,7 +87,7 @@ class StepProgress:
         self.step, self.fraction, self.loss, self.t0 = 0, 0.0, None, time.time()
         self.bar = Progress(TextColumn(label), BarColumn(),
                             TextColumn("step {task.fields[step]} · loss {task.fields[loss]}"),
-                            TimeRemainingColumn(), console=console)
+                            TimeRemainingColumn(), console=term.console)
         self.task = self.bar.add_task(label, total=1.0, step=0, loss="-")
         self.shown = _Shown(self.bar, self.line)
 
@@ -178,7 +126,7 @@ class CaptureProgress:
         self.bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(),
                             TextColumn("shards · {task.fields[samples]} samples · "
                                        "{task.fields[rate]} tok/s"),
-                            TimeElapsedColumn(), console=console, transient=False)
+                            TimeElapsedColumn(), console=term.console, transient=False)
         self.task = self.bar.add_task("capture", total=total_units, completed=done_units,
                                       samples=0, rate="-")
         self.shown = _Shown(self.bar, self.line, quiet=quiet)
@@ -229,7 +177,7 @@ class TrainProgress:
         self.board, self.capture_total, self.total = board, capture_total, total
         self.bar = Progress(TextColumn("train {task.description}"), BarColumn(),
                             MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
-                            TimeElapsedColumn(), console=console, transient=False)
+                            TimeElapsedColumn(), console=term.console, transient=False)
         self.tasks = {label: self.bar.add_task(label, total=total, status="starting")
                       for label in labels}
         self.shown = _Shown(self.bar, self.lines)
@@ -291,54 +239,3 @@ class TrainProgress:
             out.append(f"train {label}: {state} {task.completed:.0f}/{self.total} · "
                        f"{task.fields['status']} · {elapsed}")
         return "\n".join(out)
-
-
-# --------------------------------------------------------------------------- third-party noise
-
-RAYLET_NOISE = (
-    # the raylet, each time a node's worker processes pass another multiple of 4× its CPUs (8 on
-    # 2 cores): a run's teacher actors, status board, shard readers, Train controllers and workers
-    # and Tune trials are that many processes by design
-    re.compile(r"WARNING: \d+ PYTHON worker processes have been started on node"),
-    # Ray core, on every normal `serve.shutdown()`: Serve's controller ends its graceful shutdown
-    # by `ray.kill`ing itself (ray/serve/_private/controller.py), so its own pending
-    # `graceful_shutdown` task "fails" and, the controller being retried forever, is reported
-    re.compile(r"Task ServeController\.graceful_shutdown failed\. .*killed by `ray\.kill`"),
-)
-"""Messages Ray publishes to the driver that need no action; each matches one message."""
-
-
-def quiet_third_party() -> None:
-    """Filter the third-party messages every normal run prints and that need no action; each
-    filter matches one message exactly, so anything else (errors above all) passes through."""
-    _filter_raylet_messages()
-    if not live():
-        # transformers' own tqdm bars ("Writing model shards" on every save) redraw in place
-        # with carriage returns: in a log they are one unreadable line, and say nothing of note
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-
-
-def _filter_raylet_messages() -> None:
-    """HACK (Ray 2.60): the driver prints what the raylet and Ray core publish to it (`(raylet)
-    …` lines on stdout) from `ray._private.worker.print_to_stdstream`, with no logger or setting
-    to filter them by, so that function is wrapped to drop the `RAYLET_NOISE` messages; the
-    others (a worker killed for memory, a node that died) still print."""
-    import ray._private.worker as ray_worker
-
-    original = ray_worker.print_to_stdstream
-    if getattr(original, "raydistill_filter", False):
-        return
-
-    def print_to_stdstream(data, ignore_prefix: bool):
-        if data.get("pid") == "raylet":
-            lines = [ln for ln in data.get("lines", [])
-                     if not any(p.search(ln) for p in RAYLET_NOISE)]
-            if not lines:
-                return None
-            data = {**data, "lines": lines}
-        return original(data, ignore_prefix=ignore_prefix)
-
-    print_to_stdstream.raydistill_filter = True
-    ray_worker.print_to_stdstream = print_to_stdstream

@@ -1,13 +1,13 @@
-"""Capture planning and execution for the pipeline (driver-internal: only `orchestrator.pipeline`
+"""Capture planning and execution for the pipeline (driver-internal: only `orchestrator.driver.pipeline`
 imports it). A plan is one capture — the main one, the held-out split, or the behaviour-cloning
 samples (`CaptureKind`) — with its derived config, output, manifest and the units still to do.
-`orchestrator.capture_run.Teachers` runs them.
+`orchestrator.driver.capture_run.Teachers` runs them.
 
 Captures are content-addressed: the fingerprint covers the sha256 of the data files' bytes
 (`orchestrator.data.content_digest`), not their path, so an edited dataset is refused (with the
 --fresh hint) and a moved or copied one resumes. Every input of the main and held-out captures is
 read and checked, and every output checked, before anything is written (`scan_captures`,
-`orchestrator.capture_output`).
+`orchestrator.shards.output`).
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from orchestrator import data as data_mod
 from orchestrator.config import Config
-from orchestrator.capture_output import Found, check_output, delete_capture, open_output
+from orchestrator.shards.output import Found, check_output, delete_capture, open_output
 from orchestrator.errors import ConfigError, ShardError
-from orchestrator.manifest import (MANIFEST, SHARDS_DIR, Manifest, ShardInfo, exists, filesystem,
-                                   reconcile, save_manifest)
-from orchestrator.progress import say
-from orchestrator.shards import FORMAT_VERSION, load_shard, read_bytes, shard_metadata
+from orchestrator.shards.manifest import MANIFEST, SHARDS_DIR, Manifest, ShardInfo, reconcile, save_manifest
+from orchestrator.storage import exists, filesystem
+from orchestrator.console import say
+from orchestrator.shards.format import FORMAT_VERSION, load_shard, read_bytes, shard_metadata
 from orchestrator.teacher_info import TeacherInfo, inspect_teacher
 
 HELDOUT_DIR = "heldout"
@@ -64,7 +64,7 @@ class Split:
     fraction: float
 
     def __call__(self, sample_id: str) -> bool:
-        from orchestrator.train_data import stable_fraction
+        from orchestrator.data import stable_fraction
 
         return (stable_fraction(sample_id) < self.fraction) == self.heldout
 
@@ -107,7 +107,7 @@ class CapturePlan:
 
     def capture_spec(self):
         """This capture's own settings, sent with each of its units (`actors.teacher`)."""
-        from actors.teacher import CaptureSpec
+        from orchestrator.shards.specs import CaptureSpec
 
         t, d = self.cfg.teacher, self.cfg.data
         return CaptureSpec(output_dir=self.cfg.output_dir, mode=t.mode, k=t.k,
@@ -123,7 +123,7 @@ class CapturePlan:
 
     def engine_spec(self):
         """The engine this capture needs (captures with equal specs share a pool)."""
-        from actors.teacher import WorkerSpec
+        from orchestrator.shards.specs import WorkerSpec
 
         t = self.cfg.teacher
         return WorkerSpec(

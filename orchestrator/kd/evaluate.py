@@ -11,7 +11,7 @@ On every held-out position that has a teacher label and a next token:
 `evaluate` returns sums, so data-parallel workers can add theirs before `finish` divides. It can
 also record each held-out sequence's own sums (`per_sequence`): students evaluated on the same
 sequences are then compared pairwise, sequence by sequence, which gives the difference of their
-NLLs a standard error (`orchestrator.verdict.paired_difference`).
+NLLs a standard error (`orchestrator.driver.verdict.paired_difference`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import math
 
 import torch
 
-from orchestrator.batches import collate
-from orchestrator.losses import divergence, tail_at
+from orchestrator.kd.batches import collate
+from orchestrator.kd.losses import divergence, tail_at
 
 SUM_KEYS = ("positions", "student_nll", "teacher_nll", "teacher_positions", "kl", "top1")
 SEQUENCES_KEY = "heldout_sequences"

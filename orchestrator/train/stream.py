@@ -19,7 +19,6 @@ which pauses the capture — while Ray Data's own read-ahead can never wait on a
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Iterator
@@ -27,8 +26,9 @@ from collections.abc import Iterator
 import numpy as np
 
 from orchestrator.errors import ShardError
-from orchestrator.manifest import MANIFEST, SHARDS_DIR, ShardInfo, exists, filesystem, load_manifest
-from orchestrator.shards import decode_rows, load_shard, read_bytes, shard_metadata
+from orchestrator.shards.manifest import MANIFEST, SHARDS_DIR, ShardInfo, load_manifest
+from orchestrator.storage import exists, filesystem
+from orchestrator.shards.format import decode_rows, load_shard, read_bytes, shard_metadata
 
 _FIELDS = ("sample_id", "input_ids", "prompt_len", "topk_ids", "topk_logprobs", "tail_mass",
            "tail_temperatures")
@@ -224,9 +224,3 @@ def heldout_samples(watcher: ShardWatcher, *, rank: int, world: int, limit: int 
             break
     samples = samples[:limit] if limit is not None else samples
     return samples[rank::world]
-
-
-def stable_fraction(sample_id: str) -> float:
-    """A sample id's fixed place in [0, 1): decides the held-out split the same way everywhere."""
-    digest = hashlib.sha256(sample_id.encode()).digest()
-    return int.from_bytes(digest[:8], "little") / 2**64

@@ -21,9 +21,8 @@ from dataclasses import dataclass, replace
 
 from orchestrator.errors import (DivergedError, RaydistillError, RemoteError, remote_cause,
                                  remote_errors)
-from orchestrator.manifest import exists, filesystem
-from orchestrator.train_loop import (HISTORY_FILE, STATE_FILE, LoopSpec, batch_layout,
-                                     refuse_changed_layout)
+from orchestrator.storage import exists, filesystem
+from orchestrator.train.loop import HISTORY_FILE, STATE_FILE, LoopSpec, batch_layout, refuse_changed_layout
 
 MODEL_DIR = "model"
 LAYOUT_FILE = "layout.json"
@@ -116,7 +115,7 @@ def _fit(trainer, spec: LoopSpec, *, storage: str, name: str):
 def _guarded_worker(config: dict) -> None:
     """The Ray Train worker function: `train_worker`, raising only errors that unpickle on the
     driver (a transformers / huggingface_hub error may not: see RemoteError)."""
-    from orchestrator.train_loop import train_worker
+    from orchestrator.train.loop import train_worker
 
     with remote_errors("train"):
         train_worker(config)
@@ -179,7 +178,7 @@ def _load_done(fs, run_root: str) -> dict | None:
 
 
 def _save_done(fs, run_root: str, record: dict) -> None:
-    from orchestrator.manifest import write_atomic
+    from orchestrator.storage import write_atomic
 
     write_atomic(fs, _done_path(run_root), json.dumps(record).encode())
 
@@ -194,7 +193,7 @@ def _last_line(error: BaseException) -> str:
 def check_layout(fs, run_root: str, layout: dict, *, what: str) -> None:
     """Refuse to resume the run at `run_root` with another batch layout (`batch_layout`) than it
     started with — its data position would silently shift; record the layout at the run's start."""
-    from orchestrator.manifest import write_atomic
+    from orchestrator.storage import write_atomic
 
     path = f"{run_root}/{LAYOUT_FILE}"
     if exists(fs, path):

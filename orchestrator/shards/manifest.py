@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
-import uuid
 from dataclasses import dataclass, field
 
-import pyarrow as pa
 import pyarrow.fs as pafs
 
 from orchestrator.errors import ShardError
+from orchestrator.storage import exists, write_atomic
 
 MANIFEST = "manifest.json"
 SHARDS_DIR = "shards"
@@ -47,7 +45,7 @@ class Manifest:
     shards: dict[int, ShardInfo] = field(default_factory=dict)
     complete: bool = False
     format_version: int = 2
-    """The shard format of this capture (orchestrator.shards.FORMAT_VERSION)."""
+    """The shard format of this capture (orchestrator.shards.format.FORMAT_VERSION)."""
     updated: float = 0.0
 
     def to_json(self) -> str:
@@ -69,21 +67,6 @@ class Manifest:
         return cls(shards=shards, **d)
 
 
-def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) for a local path or a URI such as `s3://bucket/prefix`."""
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), os.path.abspath(uri)
-    try:
-        fs, path = pafs.FileSystem.from_uri(uri)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise ShardError(f"output_dir {uri} cannot be opened: {e}") from None
-    return fs, path.rstrip("/")
-
-
-def exists(fs: pafs.FileSystem, path: str) -> bool:
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
-
-
 def load_manifest(fs: pafs.FileSystem, root: str) -> Manifest | None:
     path = f"{root}/{MANIFEST}"
     if not exists(fs, path):
@@ -102,33 +85,6 @@ def save_manifest(fs: pafs.FileSystem, root: str, manifest: Manifest) -> None:
     """Atomic on local disks (tmp + rename) and on S3 (one PUT)."""
     manifest.updated = time.time()
     write_atomic(fs, f"{root}/{MANIFEST}", manifest.to_json().encode())
-
-
-def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Publish `data` at `path` all at once: on a local disk as `<path>.<pid>-<random>.tmp`, fsync,
-    rename; on an object store as one PUT. A failed write (disk full, no permission) leaves any
-    previous file at `path` as it was, removes the partial `.tmp`, and raises a ShardError saying
-    what happened."""
-    local = isinstance(fs, pafs.LocalFileSystem)
-    tmp = f"{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"  # two writers never share a .tmp
-    try:
-        if local:
-            with open(tmp, "wb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, path)
-        else:
-            with fs.open_output_stream(path) as out:
-                out.write(data)
-    except OSError as e:
-        if local:
-            try:
-                os.remove(tmp)
-            except OSError:  # never written, or the disk went read-only: resume deletes it
-                pass
-        raise ShardError(f"could not write {path} ({e.strerror or e}); files written before it are "
-                         "intact — free space or fix permissions, then rerun to resume") from None
 
 
 def reconcile(fs: pafs.FileSystem, root: str, manifest: Manifest, *, verify) -> tuple[int, int]:

@@ -12,7 +12,7 @@
 `ray start` runs one. `RAY_ADDRESS` still wins, so a Ray Job's driver (Ray sets it there) stays on
 its cluster.
 
-Used by the driver (orchestrator/pipeline.py) and by `raydistill serve` (serve/app.py).
+Used by the driver (orchestrator/driver/pipeline.py) and by `raydistill serve` (serve/app.py).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def connect() -> bool:
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     target = choose()
     if target.note and target.note not in _SAID:  # once per process (the demo connects 3 times)
-        from orchestrator.progress import say
+        from orchestrator.console import say
 
         _SAID.add(target.note)
         say(target.note)

@@ -14,14 +14,15 @@ from collections import Counter
 
 import pyarrow.fs as pafs
 
-from orchestrator.capture_plan import BC_DIR, HELDOUT_DIR, CaptureKind
+from orchestrator.shards.plan import BC_DIR, HELDOUT_DIR, CaptureKind
 from orchestrator.program import command_name
 from orchestrator.errors import ShardError
-from orchestrator.manifest import SHARDS_DIR, Manifest, exists, filesystem, load_manifest
-from orchestrator.shards import load_shard, read_bytes, shard_metadata
+from orchestrator.shards.manifest import SHARDS_DIR, Manifest, load_manifest
+from orchestrator.storage import exists, filesystem
+from orchestrator.shards.format import load_shard, read_bytes, shard_metadata
 from orchestrator.winners import WINNERS_FILE
 
-# the pipeline's layout (orchestrator/pipeline.py EXPERIMENTS_DIR, SWEEPS_DIR; tune_spaces/sweep.py)
+# the pipeline's layout (orchestrator/driver/pipeline.py EXPERIMENTS_DIR, SWEEPS_DIR; tune_spaces/sweep.py)
 EXPERIMENTS = "experiments"
 SWEEPS = "sweeps"
 _CAPTURES = ((CaptureKind.MAIN, ""), (CaptureKind.HELDOUT, HELDOUT_DIR), (CaptureKind.BC, BC_DIR))
@@ -116,7 +117,7 @@ def _student(label: str, row) -> str:
 
 def _unreported(fs, run: str, label: str) -> str:
     """One student of an experiment without a report: finished (done.json) or its checkpoints."""
-    done = _json(fs, f"{run}/done.json")  # orchestrator/training.py: a finished run's record
+    done = _json(fs, f"{run}/done.json")  # orchestrator/train/launch.py: a finished run's record
     if isinstance(done, dict):
         return f"{label}: finished, {done.get('final', {}).get('step', '?')} steps"
     checkpoints = [d for d in _subdirs(fs, run) if d.startswith("checkpoint_")]  # Ray Train's

@@ -23,9 +23,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from orchestrator.errors import ShardError
-from orchestrator.manifest import (MANIFEST, SHARDS_DIR, ShardInfo, exists, filesystem,
-                                   load_manifest, write_atomic)
-from orchestrator.softlabels import SoftLabels
+from orchestrator.shards.manifest import MANIFEST, SHARDS_DIR, ShardInfo, load_manifest
+from orchestrator.storage import exists, filesystem, write_atomic
+from orchestrator.kd.softlabels import SoftLabels
 
 FORMAT_VERSION = 3
 LOGPROB_SCALE = 51

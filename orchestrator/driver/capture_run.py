@@ -1,5 +1,5 @@
-"""Capture execution for the pipeline (driver-internal: only `orchestrator.pipeline` imports it):
-`Teachers` runs planned captures (`orchestrator.capture_plan`) on teacher pools.
+"""Capture execution for the pipeline (driver-internal: only `orchestrator.driver.pipeline` imports it):
+`Teachers` runs planned captures (`orchestrator.shards.plan`) on teacher pools.
 
 The engine and the captures are apart: a pool is started for an engine (`WorkerSpec`: model,
 backend, dtype, resources, mode) and reused by every capture of one command that needs the same
@@ -14,10 +14,11 @@ from __future__ import annotations
 import os
 import time
 
-from orchestrator.capture_plan import CapturePlan
+from orchestrator.shards.plan import CapturePlan
 from orchestrator.errors import RaydistillError
-from orchestrator.manifest import ShardInfo, save_manifest
-from orchestrator.progress import CaptureProgress, say
+from orchestrator.shards.manifest import ShardInfo, save_manifest
+from orchestrator.driver.progress import CaptureProgress
+from orchestrator.console import say
 
 
 class Teachers:

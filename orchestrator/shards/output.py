@@ -1,6 +1,6 @@
 """A capture's output folder, checked before anything is written: new, this capture (resume), an
 empty leftover of other settings (replaced), or another capture (refused, with advice the refusing
-command accepts). Driver-internal: `orchestrator.capture_plan` first checks every capture's output
+command accepts). Driver-internal: `orchestrator.shards.plan` first checks every capture's output
 (`check_output` only reads), then opens them (`open_output`).
 
 An output that holds no shard holds nothing to protect: a first attempt that failed after its
@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 
 from orchestrator.errors import ConfigError, ShardError
-from orchestrator.manifest import MANIFEST, SHARDS_DIR, Manifest, exists, load_manifest
-from orchestrator.progress import say
+from orchestrator.shards.manifest import MANIFEST, SHARDS_DIR, Manifest, load_manifest
+from orchestrator.storage import exists
+from orchestrator.console import say
 from orchestrator.program import command_name
 
 FRESH_COMMANDS = ("capture", "run", "tune", "demo")

@@ -24,7 +24,7 @@ header ourselves with the token found, as Ray's C++ loader finds it, in:
 (what `ray start`/`ray get-auth-token --generate` write; on the head node `ray get-auth-token`
 prints it). On the machine that runs the head nothing is needed; elsewhere copy the token there.
 
-The job runs `python -m orchestrator.cli ...` with the `python` on the cluster's PATH: start the
+The job runs `python -m orchestrator.driver.cli ...` with the `python` on the cluster's PATH: start the
 head (`ray start --head`) with the environment that has raydistill's dependencies activated, or
 use pip below.
 
@@ -92,7 +92,7 @@ def submit(config: str, *, address: str | None, command: list[str], overrides: l
     _warn_relative_output(config, overrides)
     client, address = _connect(address)
     job_id = f"raydistill-{command[0]}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-    entrypoint = shlex.join(["python", "-m", "orchestrator.cli", command[0], rel,
+    entrypoint = shlex.join(["python", "-m", "orchestrator.driver.cli", command[0], rel,
                              *[a for o in overrides for a in ("--set", o)], *command[1:]])
     env = runtime_env(project=project, output_dir=cfg.output_dir, pip=pip)
     try:

@@ -22,11 +22,12 @@ import random
 import time
 from pathlib import Path
 
-from orchestrator import tiny
-from orchestrator.progress import StepProgress, quiet_third_party, say
+from orchestrator.driver import tiny
+from orchestrator.driver.progress import StepProgress
+from orchestrator.console import quiet_third_party, say
 from orchestrator.program import command_name
 
-QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart.yaml"
+QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml"
 DEMO_PROMPT = "def read_config(path):\n    "
 DEFAULT_TEACHER_STEPS = 1000
 """Steps of 16 × 128 tokens (~2M tokens): held-out ~4.0 nats/token (872 steps measured 3.99 vs a
@@ -43,8 +44,8 @@ def run_demo(*, overrides: list[str], teacher_steps: int | None = None,
              teacher_minutes: float | None = None, home: str | None, rebuild: bool,
              fresh: bool = False) -> int:
     from orchestrator.config import load_config
-    from orchestrator.pipeline import publish, run, tune
-    from orchestrator.report import headline
+    from orchestrator.driver.pipeline import publish, run, tune
+    from orchestrator.driver.report import headline
 
     quiet_third_party()
     root = demo_home(home)
@@ -82,7 +83,7 @@ def run_demo(*, overrides: list[str], teacher_steps: int | None = None,
 
 def _summary(report: dict, plots: Path) -> str:
     """The report's students in a few lines for the terminal."""
-    from orchestrator.report import NAMES
+    from orchestrator.driver.report import NAMES
 
     lines = []
     for label, r in report["students"].items():
