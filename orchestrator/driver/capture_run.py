@@ -1,5 +1,5 @@
-"""Capture execution for the pipeline (driver-internal: only `orchestrator.driver.pipeline` imports it):
-`Teachers` runs planned captures (`orchestrator.shards.plan`) on teacher pools.
+"""Capture execution for the recipes (driver-internal: `pipeline` and its `streaming` and `sweeps`
+helpers import it): `Teachers` runs planned captures (`orchestrator.shards.plan`) on teacher pools.
 
 The engine and the captures are apart: a pool is started for an engine (`WorkerSpec`: model,
 backend, dtype, resources, mode) and reused by every capture of one command that needs the same

@@ -1,5 +1,5 @@
-"""Capture planning and execution for the pipeline (driver-internal: only `orchestrator.driver.pipeline`
-imports it). A plan is one capture — the main one, the held-out split, or the behaviour-cloning
+"""Capture planning for the pipeline (only the driver imports it: the recipes and their helpers,
+inspect). A plan is one capture — the main one, the held-out split, or the behaviour-cloning
 samples (`CaptureKind`) — with its derived config, output, manifest and the units still to do.
 `orchestrator.driver.capture_run.Teachers` runs them.
 
