@@ -51,7 +51,9 @@ def resolve_shape(*, preset: str | None = None, layers: int | None = None,
 
 
 def size_ratio(teacher_config, shape: StudentShape) -> float:
-    """Estimated student parameters / teacher parameters (checked before training starts)."""
+    """Estimated student parameters / teacher parameters, both by `param_estimate`: the one size
+    estimator of every "student not smaller than the teacher" check (the driver's preflight, the
+    student builder), so two checks never disagree."""
     student = param_estimate(teacher_config, layers=shape.layers, hidden=shape.hidden,
                               intermediate=shape.intermediate)
     return student / max(1, param_estimate(teacher_config))

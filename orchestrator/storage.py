@@ -1,6 +1,7 @@
 """Where outputs live and how they are written, for every layer: `filesystem` opens a local path
 or an object-store URI (pyarrow.fs), `write_atomic` publishes a file all at once (readers never see
-half of it)."""
+half of it; `write_atomic_local` for a local path), `storage_env` is what carries the object-store
+credentials and endpoint to processes the driver starts (teacher actors, Ray Jobs)."""
 
 from __future__ import annotations
 
@@ -53,3 +54,19 @@ def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
                 pass
         raise ShardError(f"could not write {path} ({e.strerror or e}); files written before it are "
                          "intact — free space or fix permissions, then rerun to resume") from None
+
+
+def write_atomic_local(path: str, data: bytes | str) -> None:
+    """`write_atomic` for a local path; `data` as bytes or text (written as UTF-8)."""
+    write_atomic(pafs.LocalFileSystem(), path, data.encode() if isinstance(data, str) else data)
+
+
+STORAGE_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
+               "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE")
+"""The environment variables that carry object-store credentials and settings (pyarrow's S3
+filesystem reads them) — the one list every process the driver starts gets forwarded."""
+
+
+def storage_env() -> dict[str, str]:
+    """The `STORAGE_ENV` variables set in this process (only those set, empty ones skipped)."""
+    return {k: os.environ[k] for k in STORAGE_ENV if os.environ.get(k)}

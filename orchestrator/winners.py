@@ -20,7 +20,9 @@ import os
 from dataclasses import dataclass, field
 
 from orchestrator.errors import RaydistillError
+from orchestrator.names import EXPERIMENTS_DIR, SWEEPS_DIR
 from orchestrator.program import command_name
+from orchestrator.storage import write_atomic_local
 
 WINNERS_FILE = "winners.json"
 FORMAT = "raydistill.winners"
@@ -48,11 +50,8 @@ class ServedModel:
 def write_winners(sweep_dir: str, models: list[dict], *, metric: str, mode: str) -> str:
     """Write `winners.json` atomically; `models` are dicts as in the module docstring."""
     path = os.path.join(sweep_dir, WINNERS_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"format": FORMAT, "version": VERSION, "metric": metric, "mode": mode,
-                   "models": models}, f, indent=1)
-    os.replace(tmp, path)
+    write_atomic_local(path, json.dumps({"format": FORMAT, "version": VERSION, "metric": metric,
+                                         "mode": mode, "models": models}, indent=1))
     return path
 
 
@@ -136,7 +135,7 @@ def _from_dir(root: str) -> list[ServedModel]:
         return _from_report(root)
     if os.path.isfile(os.path.join(root, "config.json")):
         return [ServedModel(id=os.path.basename(root.rstrip("/")), path=root)]
-    for sub in ("sweeps", "experiments"):
+    for sub in (SWEEPS_DIR, EXPERIMENTS_DIR):
         newest = _newest(os.path.join(root, sub))
         if newest is not None:
             found = _from_dir(newest)

@@ -5,8 +5,9 @@
 
 Public: `run_server`, `build_app`, `start`, `stop` (serve.app) and `query` (serve.client).
 Modules: app (start/stop, the CLI entry), openai_api (the deployment: routes, multiplexing,
-batching), admission (per-replica limits and the 429), protocol (OpenAI wire format), generate
-(the batched decode loop, pure torch), client (the `openai`-based command-line client). Importing this package imports nothing heavy.
+batching), replica (a replica's jobs, counters and merged streams), admission (per-replica limits
+and the 429), protocol (OpenAI wire format), generate (the batched decode loop, pure torch),
+client (the `openai`-based command-line client). Importing this package imports nothing heavy.
 """
 
 __all__ = ["build_app", "query", "run_server", "start", "stop"]

@@ -48,7 +48,6 @@ import os
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -62,6 +61,7 @@ from orchestrator.winners import ServedModel
 from serve import protocol
 from serve.admission import RETRY_AFTER_S, Admission, Ticket
 from serve.generate import Delta, Sampling, Student, decode_batch, encode_prompt, load_student
+from serve.replica import Job, Stats, merged
 from serve.protocol import ApiError
 
 log = logging.getLogger("ray.serve")
@@ -99,73 +99,6 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
                         status_code=400)
 
 
-# Module-level helpers the deployment uses stand above it: Ray Serve pickles the class when
-# it is decorated, so names defined below it would be missing in the replicas.
-
-
-@dataclass(frozen=True)
-class _Job:
-    """One prompt of one request, validated and tokenized, waiting for its batch."""
-
-    model_id: str
-    student: Student
-    prompt_ids: list[int]
-    sampling: Sampling
-
-
-class _Stats:
-    """Counters this replica reports on /health (batch sizes show that batching happens)."""
-
-    def __init__(self):
-        self.requests = self.prompts = self.batches = self.batched_rows = 0
-        self.max_batch_size = self.completion_tokens = self.errors = 0
-        self.started = time.time()
-
-    def batch(self, size: int) -> None:
-        self.batches += 1
-        self.batched_rows += size
-        self.max_batch_size = max(self.max_batch_size, size)
-
-    def as_dict(self) -> dict:
-        return {"requests": self.requests, "prompts": self.prompts, "batches": self.batches,
-                "max_batch_size": self.max_batch_size,
-                "mean_batch_size": round(self.batched_rows / self.batches, 2) if self.batches else 0,
-                "completion_tokens": self.completion_tokens, "errors": self.errors,
-                "uptime_s": round(time.time() - self.started, 1)}
-
-
-async def _merged(streams: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int, Delta]]:
-    """(index, delta) from several streams as they arrive (a request with a list of prompts)."""
-    if len(streams) == 1:
-        async for d in streams[0]:
-            yield 0, d
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(index: int, stream: AsyncIterator[Delta]) -> None:
-        try:
-            async for d in stream:
-                await queue.put((index, d))
-            await queue.put((index, None))
-        except Exception as e:  # noqa: BLE001 - re-raised by the reader
-            await queue.put((index, e))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        left = len(streams)
-        while left:
-            index, item = await queue.get()
-            if item is None:
-                left -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield index, item
-    finally:
-        for t in tasks:
-            t.cancel()
-
-
 @serve.deployment(name=DEPLOYMENT)
 @serve.ingress(api)
 class StudentServer:
@@ -183,7 +116,7 @@ class StudentServer:
         torch.set_num_threads(self._threads)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raydistill-decode")
         self._batchers: dict[str, object] = {}
-        self._stats = _Stats()
+        self._stats = Stats()
         self._admission = Admission(working=settings.max_ongoing_requests,
                                      waiting=settings.max_queued_requests)
         self._created = int(time.time())
@@ -281,7 +214,7 @@ class StudentServer:
         except Exception as e:  # noqa: BLE001
             raise self._internal(e, what=f"loading model {model_id!r}") from None
 
-    def _job(self, req: protocol.CompletionRequest, student: Student, prompt: str) -> _Job:
+    def _job(self, req: protocol.CompletionRequest, student: Student, prompt: str) -> Job:
         s = self._settings
         if req.max_tokens > s.max_tokens:
             raise ApiError(400, f"max_tokens={req.max_tokens} is above this server's limit of "
@@ -304,7 +237,7 @@ class StudentServer:
                            code="context_length_exceeded")
         sampling = Sampling(max_tokens=req.max_tokens, temperature=req.temperature,
                             top_p=req.top_p, seed=req.seed, stop=req.stops())
-        return _Job(model_id=req.model, student=student, prompt_ids=ids, sampling=sampling)
+        return Job(model_id=req.model, student=student, prompt_ids=ids, sampling=sampling)
 
     def _internal(self, e: Exception, *, what: str = "decoding") -> ApiError:
         self._stats.errors += 1
@@ -317,10 +250,10 @@ class StudentServer:
     # ------------------------------------------------------------------------------------------
 
     def _batcher(self, model_id: str):
-        """The student's `@serve.batch` queue: call it with one _Job, iterate its deltas."""
+        """The student's `@serve.batch` queue: call it with one Job, iterate its deltas."""
         fn = self._batchers.get(model_id)
         if fn is None:
-            async def decode_together(jobs: list[_Job]):
+            async def decode_together(jobs: list[Job]):
                 async for step in self._decode(jobs):
                     yield step
 
@@ -330,7 +263,7 @@ class StudentServer:
             self._batchers[model_id] = fn
         return fn
 
-    async def _decode(self, jobs: list[_Job]):
+    async def _decode(self, jobs: list[Job]):
         """One batch: per step one entry per job (a Delta, or StopIteration once it ended)."""
         loop = asyncio.get_running_loop()
         self._stats.batch(len(jobs))
@@ -345,13 +278,13 @@ class StudentServer:
                     self._stats.completion_tokens += d.tokens
             yield [StopIteration if d is None else d for d in out]
 
-    async def _deltas(self, job: _Job) -> AsyncIterator[Delta]:
+    async def _deltas(self, job: Job) -> AsyncIterator[Delta]:
         # Read to the end (the StopIteration one step after the last delta): leaving early
         # would leave Ray Serve's next future unread ("Future exception was never retrieved").
         async for delta in self._batcher(job.model_id)(job):
             yield delta
 
-    async def _collect(self, job: _Job) -> tuple[str, str, int]:
+    async def _collect(self, job: Job) -> tuple[str, str, int]:
         parts, last = [], None
         async for last in self._deltas(job):
             parts.append(last.text)
@@ -359,12 +292,12 @@ class StudentServer:
             raise RuntimeError("the batch ended without producing any token")
         return "".join(parts), last.finish_reason, last.tokens
 
-    async def _stream(self, jobs: list[_Job], model: str, cid: str, created: int,
+    async def _stream(self, jobs: list[Job], model: str, cid: str, created: int,
                       include_usage: bool, ticket: Ticket) -> AsyncIterator[str]:
         """Server-sent events: one chunk per non-empty delta, then usage (if asked), [DONE]."""
         tokens = 0
         try:
-            async for index, d in _merged([self._deltas(j) for j in jobs]):
+            async for index, d in merged([self._deltas(j) for j in jobs]):
                 if d.text or d.finish_reason:
                     yield protocol.chunk(cid, model, [protocol.choice(index, d.text,
                                                                       d.finish_reason)],

@@ -26,7 +26,7 @@ SIZES = {"grid": [{"preset": "nano"}, {"preset": "micro"}]}
 # --------------------------------------------------------------------------- spaces (no Ray)
 
 def test_shipped_spaces_load_and_every_combination_is_a_valid_config(tiny_teacher, tmp_path):
-    from orchestrator.driver.pipeline import _check_space
+    from orchestrator.driver.sweeps import check_space as _check_space
     from tune_spaces import available, load_space
 
     assert {"default", "sizes", "temperature", "loss"} <= set(available())

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import math
 import os
 import statistics
 import time
 
+from orchestrator.storage import write_atomic_local
 from orchestrator.winners import write_winners
 
 COLUMNS = ("rank", "id", "status", "layers", "hidden", "params_m", "loss", "temperature",
@@ -160,12 +162,11 @@ def write_leaderboard(sweep_dir: str, rows: list[dict], *, metric: str, mode: st
 
 
 def _write_csv(path: str, rows: list[dict]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    write_atomic_local(path, text.getvalue())
 
 
 def _fmt(value, digits: int = 4) -> str:
@@ -201,20 +202,17 @@ def _write_md(path: str, rows: list[dict], *, metric: str, mode: str, title: str
             f"{'★' if r['pareto'] else ''} | {'✓' if r['winner'] else ''} |")
     lines += ["", "Files: `leaderboard.csv` (every column), `pareto.png`, `winners.json`, "
               "`trials/<id>/model/` (Hugging Face directories).", ""]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines))
-    os.replace(tmp, path)
+    write_atomic_local(path, "\n".join(lines))
 
 
 def _plot(path: str, rows: list[dict], *, metric: str) -> None:
     import matplotlib.pyplot as plt
 
     fig = pareto_figure(rows, metric=metric)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
+    write_atomic_local(path, png.getvalue())
 
 
 def pareto_figure(rows: list[dict], *, metric: str):

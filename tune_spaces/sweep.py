@@ -21,6 +21,7 @@ import functools
 import os
 from dataclasses import dataclass, field, replace
 
+from orchestrator import names
 from orchestrator.errors import RaydistillError, remote_errors
 from orchestrator.shapes import resolve_shape
 from orchestrator.train.loop import LoopSpec
@@ -81,8 +82,8 @@ def spec_for(base: LoopSpec, *, student: dict, params: dict) -> LoopSpec:
 
 def trial_label(index: int, spec: LoopSpec) -> str:
     """A short, readable, unique id: `t03-2x256-jsd-T2` (also the served model's name)."""
-    s = spec.shape
-    return f"t{index:02d}-{s['layers']}x{s['hidden']}-{spec.loss}-T{spec.temperature:g}"
+    return names.trial_label(index, layers=spec.shape["layers"], hidden=spec.shape["hidden"],
+                             loss=spec.loss, temperature=spec.temperature)
 
 
 def trial_name(trial, *, base: LoopSpec, student: dict) -> str:
@@ -94,7 +95,7 @@ def trial_name(trial, *, base: LoopSpec, student: dict) -> str:
     try:
         return trial_label(index, spec_for(base, student=student, params=trial.config))
     except Exception:  # noqa: BLE001 — a combination the trial itself will fail on, naming it
-        return f"t{index:02d}"
+        return names.trial_label(index)
 
 
 def _label_of(path: str) -> str:

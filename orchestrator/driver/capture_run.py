@@ -1,5 +1,5 @@
-"""Capture execution for the pipeline (driver-internal: only `orchestrator.driver.pipeline` imports it):
-`Teachers` runs planned captures (`orchestrator.shards.plan`) on teacher pools.
+"""Capture execution for the recipes (driver-internal: `pipeline` and its `streaming` and `sweeps`
+helpers import it): `Teachers` runs planned captures (`orchestrator.shards.plan`) on teacher pools.
 
 The engine and the captures are apart: a pool is started for an engine (`WorkerSpec`: model,
 backend, dtype, resources, mode) and reused by every capture of one command that needs the same
@@ -19,6 +19,7 @@ from orchestrator.errors import RaydistillError
 from orchestrator.shards.manifest import ShardInfo, save_manifest
 from orchestrator.driver.progress import CaptureProgress
 from orchestrator.console import say
+from orchestrator.storage import storage_env
 
 
 class Teachers:
@@ -94,15 +95,11 @@ class Teachers:
         say(progress.summary())
 
 
-_STORAGE_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
-                "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE")
-
-
 def _actor_env(output_dir: str) -> dict | None:
     """Teacher actors write the shards themselves, possibly on other nodes: for an object-store
     output_dir, forward the storage credentials and endpoint the driver has (only those set)."""
     hook = {k: os.environ[k] for k in ("RAYDISTILL_TEST_TEACHER_DELAY_S",) if os.environ.get(k)}
     if "://" not in output_dir:
         return {"env_vars": hook} if hook else None
-    env = hook | {k: os.environ[k] for k in _STORAGE_ENV if os.environ.get(k)}
+    env = hook | storage_env()
     return {"env_vars": env} if env else None

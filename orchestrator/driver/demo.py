@@ -26,6 +26,7 @@ from orchestrator.driver import tiny
 from orchestrator.driver.progress import StepProgress
 from orchestrator.console import quiet_third_party, say
 from orchestrator.program import command_name
+from orchestrator.storage import write_atomic_local
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml"
 DEMO_PROMPT = "def read_config(path):\n    "
@@ -172,9 +173,7 @@ def _write_demo_data(data_dir: Path, train_files, test_files, *, seed: int) -> N
     rng = random.Random(seed)
     transfer = sorted(rng.sample(train_files, max(1, len(train_files) // 10)))
     for name, files in (("transfer.jsonl", transfer), ("heldout.jsonl", test_files)):
-        tmp = data_dir / (name + ".tmp")
-        with open(tmp, "w") as fh:
-            for path in files:
-                for j, text in enumerate(tiny.chunks_of_text([path], max_chars=2000)):
-                    fh.write(json.dumps({"id": f"{_module_name(path)}:{j}", "text": text}) + "\n")
-        tmp.rename(data_dir / name)
+        lines = [json.dumps({"id": f"{_module_name(path)}:{j}", "text": text}) + "\n"
+                 for path in files
+                 for j, text in enumerate(tiny.chunks_of_text([path], max_chars=2000))]
+        write_atomic_local(str(data_dir / name), "".join(lines))

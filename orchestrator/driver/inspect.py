@@ -21,10 +21,8 @@ from orchestrator.shards.manifest import SHARDS_DIR, Manifest, load_manifest
 from orchestrator.storage import exists, filesystem
 from orchestrator.shards.format import load_shard, read_bytes, shard_metadata
 from orchestrator.winners import WINNERS_FILE
+from orchestrator.names import EXPERIMENTS_DIR, SWEEPS_DIR
 
-# the pipeline's layout (orchestrator/driver/pipeline.py EXPERIMENTS_DIR, SWEEPS_DIR; tune_spaces/sweep.py)
-EXPERIMENTS = "experiments"
-SWEEPS = "sweeps"
 _CAPTURES = ((CaptureKind.MAIN, ""), (CaptureKind.HELDOUT, HELDOUT_DIR), (CaptureKind.BC, BC_DIR))
 _STATUS = {"finished": "finished", "stopped": "stopped early", "error": "failed"}
 
@@ -32,16 +30,16 @@ _STATUS = {"finished": "finished", "stopped": "stopped early", "error": "failed"
 def describe(output_dir: str) -> str:
     fs, root = filesystem(output_dir)
     captures = [(kind, sub, load_manifest(fs, _path(root, sub))) for kind, sub in _CAPTURES]
-    experiments = _subdirs(fs, f"{root}/{EXPERIMENTS}")
-    sweeps = _subdirs(fs, f"{root}/{SWEEPS}")
+    experiments = _subdirs(fs, f"{root}/{EXPERIMENTS_DIR}")
+    sweeps = _subdirs(fs, f"{root}/{SWEEPS_DIR}")
     if all(m is None for _, _, m in captures) and not experiments and not sweeps:
-        raise ShardError(f"{output_dir} holds no capture (manifest.json), {EXPERIMENTS}/ or "
-                         f"{SWEEPS}/; pass a run's output_dir (the config's output_dir)")
+        raise ShardError(f"{output_dir} holds no capture (manifest.json), {EXPERIMENTS_DIR}/ or "
+                         f"{SWEEPS_DIR}/; pass a run's output_dir (the config's output_dir)")
     lines = []
     for kind, sub, manifest in captures:
         lines += _capture(fs, root, output_dir, kind=kind, sub=sub, manifest=manifest)
-    lines += _experiments(fs, f"{root}/{EXPERIMENTS}", output_dir, experiments)
-    lines += _sweeps(fs, f"{root}/{SWEEPS}", output_dir, sweeps)
+    lines += _experiments(fs, f"{root}/{EXPERIMENTS_DIR}", output_dir, experiments)
+    lines += _sweeps(fs, f"{root}/{SWEEPS_DIR}", output_dir, sweeps)
     return "\n".join(lines)
 
 
@@ -72,8 +70,8 @@ def _capture(fs, root: str, output_dir: str, *, kind: CaptureKind, sub: str,
 
 def _experiments(fs, parent: str, output_dir: str, names: list[str]) -> list[str]:
     if not names:
-        return [f"experiments: none in {_path(output_dir, EXPERIMENTS)}"]
-    lines = [f"experiments in {_path(output_dir, EXPERIMENTS)}: {len(names)}"]
+        return [f"experiments: none in {_path(output_dir, EXPERIMENTS_DIR)}"]
+    lines = [f"experiments in {_path(output_dir, EXPERIMENTS_DIR)}: {len(names)}"]
     for name in names:
         report = _json(fs, f"{parent}/{name}/report.json")
         if isinstance(report, dict) and isinstance(report.get("students"), dict):
@@ -126,8 +124,8 @@ def _unreported(fs, run: str, label: str) -> str:
 
 def _sweeps(fs, parent: str, output_dir: str, names: list[str]) -> list[str]:
     if not names:
-        return [f"sweeps: none in {_path(output_dir, SWEEPS)}"]
-    lines = [f"sweeps in {_path(output_dir, SWEEPS)}: {len(names)}"]
+        return [f"sweeps: none in {_path(output_dir, SWEEPS_DIR)}"]
+    lines = [f"sweeps in {_path(output_dir, SWEEPS_DIR)}: {len(names)}"]
     for name in names:
         rows = _leaderboard(fs, f"{parent}/{name}/leaderboard.csv")
         if rows is None:

@@ -48,15 +48,16 @@ import asyncio
 import logging
 import os
 import re
-import secrets
 import shlex
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from orchestrator import names
 from orchestrator.errors import RaydistillError
 from orchestrator.program import command_name
+from orchestrator.storage import storage_env
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -65,9 +66,6 @@ COMMANDS = ("run", "tune", "capture")
 EXCLUDES = [".venv", ".git", "/runs", "**/__pycache__", "*.pyc", "benchmarks/results",
             "*.egg-info", ".pytest_cache", ".raydistill-cache", "/build", "/.whl"]
 """What never travels in the working_dir upload (besides .gitignore / .rayignore entries)."""
-STORAGE_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-               "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
-"""Object-store credentials the driver passes on to the job (output_dir on s3://)."""
 _TOKEN_HELP = ("copy the head node's token (`ray get-auth-token` on the head) into "
                "~/.ray/auth_token, or set RAY_AUTH_TOKEN=<token> or RAY_AUTH_TOKEN_PATH=<file>")
 _TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -91,7 +89,7 @@ def submit(config: str, *, address: str | None, command: list[str], overrides: l
     rel = _config_in_project(Path(config), project=project)
     _warn_relative_output(config, overrides)
     client, address = _connect(address)
-    job_id = f"raydistill-{command[0]}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    job_id = names.job_id(command[0])
     entrypoint = shlex.join(["python", "-m", "orchestrator.driver.cli", command[0], rel,
                              *[a for o in overrides for a in ("--set", o)], *command[1:]])
     env = runtime_env(project=project, output_dir=cfg.output_dir, pip=pip)
@@ -182,7 +180,7 @@ def runtime_env(*, project: Path, output_dir: str, pip: bool) -> dict:
         if out.is_relative_to(project) and out != project:
             excludes.append("/" + out.relative_to(project).as_posix())
     env_vars = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
-    env_vars |= {k: os.environ[k] for k in STORAGE_ENV if os.environ.get(k)}
+    env_vars |= storage_env()
     env: dict = {"working_dir": str(project), "excludes": excludes, "env_vars": env_vars}
     if pip:
         env["pip"] = pip_requirements(project)

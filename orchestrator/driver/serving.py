@@ -1,5 +1,5 @@
 """`raydistill serve`: find the students of a run, connect to Ray (the driver's cluster rules), host
-them with `serve.app` until interrupted."""
+them with `serve.app` until interrupted; `port_or_free` for the demo's `publish`."""
 
 from __future__ import annotations
 
@@ -26,3 +26,19 @@ def run_server(run_dir: str, settings: ServeConfig, *, top: int | None = None) -
     finally:
         disconnect(started_ray)
     return 0
+
+
+def port_or_free(host: str, port: int) -> int:
+    """`port` if it is free, else one the OS picks (the demo must not fail on a busy 8000)."""
+    import socket
+
+    from orchestrator.console import say
+
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+            return port
+        except OSError:
+            s.bind((host, 0))
+            say(f"port {port} is busy; serving on {s.getsockname()[1]} instead")
+            return s.getsockname()[1]

@@ -10,7 +10,7 @@ import warnings
 from dataclasses import dataclass
 
 from orchestrator.errors import ConfigError
-from orchestrator.shapes import StudentShape, param_estimate
+from orchestrator.shapes import StudentShape, size_ratio
 
 @dataclass(frozen=True)
 class StudentInfo:
@@ -42,11 +42,11 @@ def build_student(teacher_config, shape: StudentShape, *, init_from_teacher=None
     if init_from_teacher is not None:
         copied = _copy_from_teacher(model, init_from_teacher)
     params = sum(p.numel() for p in model.parameters())
-    t_params = param_estimate(teacher_config)
-    if params >= t_params:
+    ratio = size_ratio(teacher_config, shape)  # the driver's preflight check decides alike
+    if ratio >= 1.0:
         warnings.warn(f"the student ({params / 1e6:.1f}M parameters) is not smaller than the "
-                      f"teacher (~{t_params / 1e6:.1f}M); distillation normally shrinks the model",
-                      stacklevel=2)
+                      f"teacher (about {ratio:.1f}× its size); distillation normally shrinks the "
+                      "model", stacklevel=2)
     return model, StudentInfo(params, 2 * params, copied)
 
 

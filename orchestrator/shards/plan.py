@@ -1,5 +1,5 @@
-"""Capture planning and execution for the pipeline (driver-internal: only `orchestrator.driver.pipeline`
-imports it). A plan is one capture — the main one, the held-out split, or the behaviour-cloning
+"""Capture planning for the pipeline (only the driver imports it: the recipes and their helpers,
+inspect). A plan is one capture — the main one, the held-out split, or the behaviour-cloning
 samples (`CaptureKind`) — with its derived config, output, manifest and the units still to do.
 `orchestrator.driver.capture_run.Teachers` runs them.
 
@@ -27,7 +27,7 @@ from orchestrator.config import Config
 from orchestrator.shards.output import Found, check_output, delete_capture, open_output
 from orchestrator.errors import ConfigError, ShardError
 from orchestrator.shards.manifest import MANIFEST, SHARDS_DIR, Manifest, ShardInfo, reconcile, save_manifest
-from orchestrator.storage import exists, filesystem
+from orchestrator.storage import exists, filesystem, write_atomic_local
 from orchestrator.console import say
 from orchestrator.shards.format import FORMAT_VERSION, load_shard, read_bytes, shard_metadata
 from orchestrator.teacher_info import TeacherInfo, inspect_teacher
@@ -349,10 +349,7 @@ def _write_bc_prompts(main: CapturePlan, path: str, *, tokens: int) -> None:
         ids = tok(r.text, add_special_tokens=False)["input_ids"][:tokens]
         lines.append(json.dumps({"id": r.sample_id, "prompt": tok.decode(ids)}))
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    write_atomic_local(path, "\n".join(lines) + "\n")
 
 
 def _drop_corrupt(fs, root: str, manifest: Manifest) -> None:

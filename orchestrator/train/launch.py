@@ -38,11 +38,6 @@ class StudentResult:
     wall_s: float
 
 
-def experiment_name(prefix: str) -> str:
-    """A fresh, sortable, unique experiment name."""
-    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
-
-
 def fit_student(spec: LoopSpec, *, storage: str, name: str, num_workers: int, use_gpu: bool,
                 cpus_per_worker: float, max_failures: int,
                 callbacks: list | None = None) -> StudentResult:

@@ -114,3 +114,23 @@ def test_size_ratio_on_family_configs(family):
     cfg = tiny.family_config(family, 256, layers=4)
     assert 0 < size_ratio(cfg, resolve_shape(layers=1, hidden=128, heads=2)) < 0.5
     assert cfg.num_hidden_layers == 4  # the teacher's config is not touched
+
+
+def test_size_checks_agree_on_a_gqa_teacher_shaped_student(recwarn):
+    """A student of the teacher's own shape is not smaller: the builder warns as the driver's
+    preflight does (both use shapes.size_ratio) — the builder's count of real parameters alone
+    said "smaller" for a grouped-query teacher, whose estimate counts full attention."""
+    from orchestrator.driver import tiny
+    from orchestrator.shapes import size_ratio
+
+    cfg = tiny.family_config("qwen2", 256, layers=2)
+    same = resolve_shape(layers=cfg.num_hidden_layers, hidden=cfg.hidden_size,
+                         heads=cfg.num_attention_heads, intermediate=cfg.intermediate_size)
+    assert size_ratio(cfg, same) == 1.0
+    build_student(cfg, same)
+    assert any("not smaller than the teacher" in str(w.message) for w in recwarn)
+    smaller = resolve_shape(layers=1, hidden=cfg.hidden_size // 2, heads=1)
+    recwarn.clear()
+    build_student(cfg, smaller)
+    assert size_ratio(cfg, smaller) < 1.0
+    assert not any("not smaller" in str(w.message) for w in recwarn)

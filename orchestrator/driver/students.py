@@ -1,0 +1,128 @@
+"""The students' fan-out (driver-internal, used by the recipes in `pipeline`): the KD student and
+the baselines (hard-label, behaviour-cloning) built from the config as plain `LoopSpec`s, trained
+on Ray Train one after another or side by side when the cluster holds several."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from orchestrator.config import Config
+from orchestrator.console import say
+from orchestrator.driver.preflight import warn_if_not_smaller
+from orchestrator.driver.progress import TrainProgress
+from orchestrator.names import experiment_dir
+from orchestrator.shards.plan import CaptureKind, CapturePlan
+
+
+def train_students(cfg: Config, plans: list[CapturePlan], experiment: str, *, board,
+                   streaming: bool, only: tuple[str, ...] = ("kd", "hard", "bc")) -> dict:
+    """Train the KD student and/or the baselines (same budget, seed, student); label → result."""
+    import ray
+
+    from orchestrator.shapes import resolve_shape
+    from orchestrator.train.launch import fit_student
+
+    t, s, tr = cfg.teacher, cfg.student, cfg.train
+    by_kind = {p.kind: p for p in plans}
+    main = by_kind[CaptureKind.MAIN]
+    held = by_kind.get(CaptureKind.HELDOUT)
+    bc = by_kind.get(CaptureKind.BC, main if t.mode == "sample" else None)
+    shape = resolve_shape(preset=s.preset, layers=s.layers, hidden=s.hidden, heads=s.heads,
+                          intermediate=s.intermediate)
+    warn_if_not_smaller(t.model, shape)
+    runs = {"kd": (main, tr.alpha), "hard": (main, 0.0), "bc": (bc, 0.0)}
+    storage = experiment_dir(cfg.output_dir, experiment)
+    if board is None:
+        from orchestrator.train.board import ShardBoard
+
+        board = ray.remote(ShardBoard).options(num_cpus=0).remote(max_ahead=1)
+    specs = {}
+    for label in only:
+        plan, alpha = runs[label]
+        if label == "hard" and t.mode == "sample":
+            say("[yellow]skipping the hard-label baseline[/]: a sample-mode capture holds no "
+                "dataset text (its KD student already learns from teacher samples)")
+            continue
+        if plan is None:
+            continue
+        specs[label] = loop_spec(cfg, plan=plan, held=held, alpha=alpha, board=board,
+                                 streaming=streaming and label == "kd", label=label)
+        what = {"kd": f"KD student ({tr.loss}, T={tr.temperature}, alpha={tr.alpha})",
+                "hard": "hard-label baseline", "bc": "behaviour-cloning baseline"}[label]
+        say(f"training the {what}: {shape.layers}×{shape.hidden}, {tr.max_steps} steps × "
+            f"{tr.batch_size * tr.grad_accum} sequences on {max(tr.num_workers, 1)} worker(s)")
+    if not specs:
+        return {}
+
+    def fit(label: str):
+        result = fit_student(specs[label], storage=storage, name=label,
+                             num_workers=tr.num_workers, use_gpu=tr.use_gpu,
+                             cpus_per_worker=tr.cpus_per_worker, max_failures=tr.max_failures)
+        board.train_done.remote(label)
+        return result
+
+    streamed = [sp for sp in specs.values() if sp.streaming]
+    capture_total = main.manifest.total_units if streamed else None
+    parallel = _students_at_once(cfg, len(specs))
+    if parallel > 1:
+        threads = max(1, int(tr.cpus_per_worker))
+        specs = {label: replace(sp, torch_threads=threads) for label, sp in specs.items()}
+    results = {}
+    with TrainProgress(list(specs), total=tr.max_steps, board=board, capture_total=capture_total):
+        if parallel > 1:  # independent students share the cluster: train them side by side
+            from concurrent.futures import ThreadPoolExecutor
+
+            pool = ThreadPoolExecutor(parallel)
+            try:
+                futures = {label: pool.submit(fit, label) for label in specs}
+                results = {label: f.result() for label, f in futures.items()}
+            finally:  # on Ctrl-C do not wait for the other fits: ray.shutdown ends them
+                pool.shutdown(wait=False, cancel_futures=True)
+        else:
+            results = {label: fit(label) for label in specs}
+    for r in results.values():
+        say(_describe_result(r))
+    return results
+
+
+def loop_spec(cfg: Config, *, plan: CapturePlan, held: CapturePlan | None, alpha: float, board,
+              streaming: bool, label: str):
+    """The plain values one student run needs (no config object crosses into workers)."""
+    from orchestrator.shapes import resolve_shape
+    from orchestrator.train.loop import LoopSpec
+
+    t, s, tr = cfg.teacher, cfg.student, cfg.train
+    shape = resolve_shape(preset=s.preset, layers=s.layers, hidden=s.hidden, heads=s.heads,
+                          intermediate=s.intermediate)
+    return LoopSpec(
+        teacher_model=t.model, shape=vars(shape), init_from_teacher=s.init_from_teacher,
+        shards_uri=plan.cfg.output_dir, units=list(range(plan.manifest.total_units)),
+        streaming=streaming, heldout_uri=held.cfg.output_dir if held else None,
+        eval_samples=tr.eval_samples,
+        expect=plan.expect(), heldout_expect=held.expect() if held else None,
+        loss=tr.loss, temperature=tr.temperature, alpha=alpha, beta=tr.beta, tail=tr.tail,
+        lr=tr.lr, warmup_steps=tr.warmup_steps, batch_size=tr.batch_size,
+        grad_accum=tr.grad_accum, max_steps=tr.max_steps, eval_every=tr.eval_every,
+        log_every=tr.log_every, seed=tr.seed, reader_cpus=tr.reader_cpus,
+        hard_labels_from_prompt=False, board=board, label=label)
+
+
+def _students_at_once(cfg: Config, n: int) -> int:
+    """How many students fit on the cluster side by side (each: its workers + a reader)."""
+    import ray
+
+    tr = cfg.train
+    if tr.use_gpu or n <= 1 or tr.students_at_once <= 1:
+        return 1
+    per = max(tr.num_workers, 1) * tr.cpus_per_worker + tr.reader_cpus
+    have = ray.cluster_resources().get("CPU", 0.0)  # available() lags just-killed actors
+    return max(1, min(n, tr.students_at_once, int(have // per)))
+
+
+def _describe_result(r) -> str:
+    f = r.final
+    if "eval_student_nll" not in f:
+        return f"{r.label}: done in {r.wall_s:.0f}s → {r.model_dir}"
+    return (f"{r.label}: held-out {f['eval_student_nll']:.3f} nats/token (teacher "
+            f"{f['eval_teacher_nll']:.3f}), KL {f['eval_kl']:.3f}, top-1 {f['eval_top1']:.1%}, "
+            f"{r.wall_s:.0f}s → {r.model_dir}")
