@@ -156,14 +156,14 @@ def tune(cfg: Config, *, resume: str | None = None, fresh: bool = False) -> str:
         base = _loop_spec(cfg, plan=plans[0], held=held, alpha=cfg.train.alpha, board=None,
                           streaming=False, label="kd")
         steps, every = _trial_steps(cfg)
-        base = replace(base, max_steps=steps, eval_every=every,
-                       eval_samples=cfg.tune.eval_samples or cfg.train.eval_samples)
+        base = replace(base, optim=replace(base.optim, max_steps=steps), eval=replace(
+            base.eval, every=every, samples=cfg.tune.eval_samples or cfg.train.eval_samples))
         student = {k: getattr(cfg.student, k) for k in
                    ("preset", "layers", "hidden", "heads", "intermediate", "init_from_teacher")}
         os.makedirs(sweep_dir, exist_ok=True)
         _save_config(cfg, os.path.join(sweep_dir, "config.yaml"))
         say(f"sweep {sweep}: {space.describe()} — {space.grid_size() * cfg.tune.num_samples} "
-            f"trial(s) × up to {base.max_steps} steps, ranked by {settings.metric} "
+            f"trial(s) × up to {base.optim.max_steps} steps, ranked by {settings.metric} "
             f"({cfg.tune.scheduler}, {cfg.tune.search})")
         outcomes = run_sweep(base, space=space, student=student, sweep_dir=sweep_dir,
                              settings=settings, resume=resume is not None)
@@ -428,12 +428,13 @@ def _train_students(cfg: Config, plans: list[CapturePlan], experiment: str, *, b
         board.train_done.remote(label)
         return result
 
-    streamed = [sp for sp in specs.values() if sp.streaming]
+    streamed = [sp for sp in specs.values() if sp.data.streaming]
     capture_total = main.manifest.total_units if streamed else None
     parallel = _students_at_once(cfg, len(specs))
     if parallel > 1:
         threads = max(1, int(tr.cpus_per_worker))
-        specs = {label: replace(sp, torch_threads=threads) for label, sp in specs.items()}
+        specs = {label: replace(sp, run=replace(sp.run, torch_threads=threads))
+                 for label, sp in specs.items()}
     results = {}
     with TrainProgress(list(specs), total=tr.max_steps, board=board, capture_total=capture_total):
         if parallel > 1:  # independent students share the cluster: train them side by side
@@ -455,23 +456,10 @@ def _train_students(cfg: Config, plans: list[CapturePlan], experiment: str, *, b
 def _loop_spec(cfg: Config, *, plan: CapturePlan, held: CapturePlan | None, alpha: float, board,
                streaming: bool, label: str):
     """The plain values one student run needs (no config object crosses into workers)."""
-    from orchestrator.shapes import resolve_shape
-    from orchestrator.train.loop import LoopSpec
+    from orchestrator.driver.specs import train_spec
 
-    t, s, tr = cfg.teacher, cfg.student, cfg.train
-    shape = resolve_shape(preset=s.preset, layers=s.layers, hidden=s.hidden, heads=s.heads,
-                          intermediate=s.intermediate)
-    return LoopSpec(
-        teacher_model=t.model, shape=vars(shape), init_from_teacher=s.init_from_teacher,
-        shards_uri=plan.cfg.output_dir, units=list(range(plan.manifest.total_units)),
-        streaming=streaming, heldout_uri=held.cfg.output_dir if held else None,
-        eval_samples=tr.eval_samples,
-        expect=plan.expect(), heldout_expect=held.expect() if held else None,
-        loss=tr.loss, temperature=tr.temperature, alpha=alpha, beta=tr.beta, tail=tr.tail,
-        lr=tr.lr, warmup_steps=tr.warmup_steps, batch_size=tr.batch_size,
-        grad_accum=tr.grad_accum, max_steps=tr.max_steps, eval_every=tr.eval_every,
-        log_every=tr.log_every, seed=tr.seed, reader_cpus=tr.reader_cpus,
-        hard_labels_from_prompt=False, board=board, label=label)
+    return train_spec(cfg, plan=plan, held=held, alpha=alpha, board=board, streaming=streaming,
+                      label=label)
 
 
 def _students_at_once(cfg: Config, n: int) -> int:
