@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import time
+
 import torch
 
 from orchestrator.errors import ConfigError, DivergedError
