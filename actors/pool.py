@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from orchestrator.shards.specs import CaptureSpec, WorkerSpec
+from orchestrator.shards.specs import CaptureSpec, EngineSpec
 from actors.teacher import TeacherWorker
 from orchestrator.errors import (ConfigError, RaydistillError, ShardError, is_transient,
                                  remote_cause, remote_errors)
@@ -32,7 +32,7 @@ from orchestrator.shards.manifest import ShardInfo
 class _Teacher:
     """The teacher actor's body: a TeacherWorker whose errors cross Ray intact (RemoteError)."""
 
-    def __init__(self, spec: WorkerSpec):
+    def __init__(self, spec: EngineSpec):
         self.worker, self.start_error = None, None
         try:
             with remote_errors("teacher.start"):
@@ -61,7 +61,7 @@ TeacherActor = ray.remote(max_restarts=0, max_task_retries=0)(_Teacher)
 
 
 class TeacherPool:
-    def __init__(self, spec: WorkerSpec, *, num_actors: int, num_cpus: float, num_gpus: float,
+    def __init__(self, spec: EngineSpec, *, num_actors: int, num_cpus: float, num_gpus: float,
                  max_inflight: int = 2, max_unit_failures: int = 3,
                  runtime_env: dict | None = None, log: Callable[[str], None] = print):
         self.spec = spec

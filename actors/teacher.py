@@ -6,12 +6,12 @@ from __future__ import annotations
 from orchestrator.shards.manifest import ShardInfo
 from orchestrator.storage import filesystem
 from orchestrator.shards.format import write_shard
-from orchestrator.shards.specs import CaptureSpec, WorkerSpec
+from orchestrator.shards.specs import CaptureSpec, EngineSpec
 from orchestrator.kd.softlabels import SoftLabels
 from orchestrator.teacher_info import load_tokenizer
 
 
-def make_backend(spec: WorkerSpec):
+def make_backend(spec: EngineSpec):
     if spec.backend == "hf":
         from actors.hf_backend import HFBackend
 
@@ -29,7 +29,7 @@ def make_backend(spec: WorkerSpec):
 
 
 class TeacherWorker:
-    def __init__(self, spec: WorkerSpec):
+    def __init__(self, spec: EngineSpec):
         self.spec = spec
         self.tokenizer = load_tokenizer(spec.model, revision=spec.revision)
         self.backend = make_backend(spec)

@@ -207,9 +207,9 @@ def test_actor_killed_midway_is_replaced(how, tmp_path, tiny_teacher, dataset, r
 
 def _engine(model: str, **overrides):
     """A transformers-backend engine spec for pool tests (score mode)."""
-    from orchestrator.shards.specs import WorkerSpec
+    from orchestrator.shards.specs import EngineSpec
 
-    return WorkerSpec(**{"backend": "hf", "model": model, "revision": None, "mode": "score",
+    return EngineSpec(**{"backend": "hf", "model": model, "revision": None, "mode": "score",
                          "max_k": 8, "dtype": "float32", "scoring": "hidden",
                          "memory_fraction": 0.15, "kv_cache_gib": None, "max_model_len": None,
                          "tensor_parallel_size": 1, "chunk_rows": 512, "batch_tokens": 8192,

@@ -72,22 +72,28 @@ class Matrix:
         """A 1-layer, 128-wide student trained 4 steps by Ray Train (local mode) on the capture;
         returns its exported Hugging Face directory."""
         if (family, init) not in self._students:
+            from orchestrator.kd.losses import LossSpec
             from orchestrator.shapes import resolve_shape
             from orchestrator.teacher_info import inspect_teacher
-            from orchestrator.train.loop import LoopSpec
             from orchestrator.train.launch import fit_student
+            from orchestrator.train.specs import (DataSpec, EvalSpec, OptimSpec, RunSpec,
+                                                  StudentSpec, TrainSpec)
 
             teacher, cap = self.teacher(family), self.capture(family)
-            spec = LoopSpec(
-                teacher_model=teacher, shape=vars(resolve_shape(preset="nano")),
-                init_from_teacher=init, shards_uri=cap["out"], units=list(range(cap["units"])),
-                streaming=False, heldout_uri=None, eval_samples=0,
-                expect={"tokenizer_fingerprint": inspect_teacher(teacher).tokenizer_fingerprint},
-                loss="fkl", temperature=1.0, alpha=0.5, beta=0.5, tail="renormalize", lr=2e-3,
-                warmup_steps=1, batch_size=4, grad_accum=1, max_steps=4, eval_every=4,
-                log_every=2, seed=3, label="init" if init else "scratch")
+            fingerprint = inspect_teacher(teacher).tokenizer_fingerprint
+            spec = TrainSpec(
+                student=StudentSpec(teacher_model=teacher, shape=resolve_shape(preset="nano"),
+                                    init_from_teacher=init),
+                data=DataSpec(shards_uri=cap["out"], units=list(range(cap["units"])),
+                              streaming=False, expect={"tokenizer_fingerprint": fingerprint}),
+                loss=LossSpec(kind="fkl", temperature=1.0, alpha=0.5, beta=0.5,
+                              tail="renormalize"),
+                optim=OptimSpec(lr=2e-3, warmup_steps=1, batch_size=4, grad_accum=1,
+                                max_steps=4, seed=3),
+                eval=EvalSpec(every=4, heldout_uri=None, samples=0),
+                run=RunSpec(log_every=2, label="init" if init else "scratch"))
             result = fit_student(spec, storage=str(self.root / family / "experiments"),
-                                 name=spec.label, num_workers=0, use_gpu=False,
+                                 name=spec.run.label, num_workers=0, use_gpu=False,
                                  cpus_per_worker=1, max_failures=0)
             assert result.final["step"] == 4 and np.isfinite(result.final["loss"])
             self._students[(family, init)] = result.model_dir

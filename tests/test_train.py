@@ -86,11 +86,11 @@ def test_fewer_heldout_samples_than_workers_does_not_hang(captured, tmp_path):
     from orchestrator.train.stream import ShardWatcher, heldout_samples
     from orchestrator.train.launch import fit_student
 
-    spec = _spec(captured, eval_samples=1, max_steps=4, eval_every=2, log_every=2,
-                 warmup_steps=1)
-    [only] = heldout_samples(ShardWatcher(spec.heldout_uri, wait=False), rank=0, world=1,
+    spec = _spec(captured, optim=dict(max_steps=4, warmup_steps=1),
+                 eval=dict(samples=1, every=2), run=dict(log_every=2))
+    [only] = heldout_samples(ShardWatcher(spec.eval.heldout_uri, wait=False), rank=0, world=1,
                              limit=1)
-    assert heldout_samples(ShardWatcher(spec.heldout_uri, wait=False), rank=1, world=2,
+    assert heldout_samples(ShardWatcher(spec.eval.heldout_uri, wait=False), rank=1, world=2,
                            limit=1) == []
     result = fit_student(spec, storage=str(tmp_path), name="one-heldout", num_workers=2,
                          use_gpu=False, cpus_per_worker=0.5, max_failures=0)
@@ -100,26 +100,32 @@ def test_fewer_heldout_samples_than_workers_does_not_hang(captured, tmp_path):
     assert 0 < result.final["eval_student_nll"] < 10
 
 
-def _spec(captured, **kw):
+def _spec(captured, *, optim: dict | None = None, eval: dict | None = None,
+          run: dict | None = None):
+    """A KD student run on the shared capture; `optim`, `eval`, `run`: fields to change."""
+    from orchestrator.kd.losses import LossSpec
     from orchestrator.storage import filesystem
     from orchestrator.shards.manifest import load_manifest
     from orchestrator.shapes import resolve_shape
     from orchestrator.teacher_info import inspect_teacher
-    from orchestrator.train.loop import LoopSpec
+    from orchestrator.train.specs import (DataSpec, EvalSpec, OptimSpec, RunSpec, StudentSpec,
+                                          TrainSpec)
 
     fs, root = filesystem(captured["out"])
     m = load_manifest(fs, root)
     info = inspect_teacher(captured["model"])
-    args = dict(teacher_model=captured["model"], shape=vars(resolve_shape(preset="nano")),
-                init_from_teacher=False, shards_uri=captured["out"],
-                units=list(range(m.total_units)), streaming=False,
-                heldout_uri=captured["out"] + "/heldout", eval_samples=16,
-                expect={"tokenizer_fingerprint": info.tokenizer_fingerprint}, loss="fkl",
-                temperature=2.0, alpha=0.5, beta=0.5, tail="renormalize", lr=2e-3,
-                warmup_steps=5, batch_size=4, grad_accum=2, max_steps=60, eval_every=10,
-                log_every=5, seed=7)
-    args.update(kw)
-    return LoopSpec(**args)
+    return TrainSpec(
+        student=StudentSpec(teacher_model=captured["model"], shape=resolve_shape(preset="nano"),
+                            init_from_teacher=False),
+        data=DataSpec(shards_uri=captured["out"], units=list(range(m.total_units)),
+                      streaming=False,
+                      expect={"tokenizer_fingerprint": info.tokenizer_fingerprint}),
+        loss=LossSpec(kind="fkl", temperature=2.0, alpha=0.5, beta=0.5, tail="renormalize"),
+        optim=OptimSpec(**{"lr": 2e-3, "warmup_steps": 5, "batch_size": 4, "grad_accum": 2,
+                           "max_steps": 60, "seed": 7, **(optim or {})}),
+        eval=EvalSpec(**{"every": 10, "heldout_uri": captured["out"] + "/heldout",
+                         "samples": 16, **(eval or {})}),
+        run=RunSpec(**{"log_every": 5, **(run or {})}))
 
 
 def test_killed_worker_resumes_from_checkpoint_and_matches_an_uninterrupted_run(captured,
@@ -143,16 +149,16 @@ def test_killed_worker_resumes_from_checkpoint_and_matches_an_uninterrupted_run(
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     kw = dict(num_workers=1, use_gpu=False, cpus_per_worker=0.5)
-    hit = fit_student(_spec(captured, board=board, max_steps=40), storage=str(tmp_path), name="hit",
-                      max_failures=2, **kw)
+    hit = fit_student(_spec(captured, optim=dict(max_steps=40), run=dict(board=board)),
+                      storage=str(tmp_path), name="hit", max_failures=2, **kw)
     killed.append(-1)  # stop the killer if the run ended first
     assert killed[0] > 0, "the worker was never killed"
     steps = [h["step"] for h in hit.history]
     assert steps == sorted(set(steps)) and steps[-1] == 40  # no step lost or repeated
     # the last checkpoint Ray Train had registered before the kill
     assert hit.final["resumed_from"] in (10, 20, 30) and hit.final["resumed_from"] < killed[0]
-    clean = fit_student(_spec(captured, max_steps=40), storage=str(tmp_path), name="clean",
-                        max_failures=0, **kw)
+    clean = fit_student(_spec(captured, optim=dict(max_steps=40)), storage=str(tmp_path),
+                        name="clean", max_failures=0, **kw)
     # same seed, exact data position and optimizer state: the same student
     assert hit.final["eval_student_nll"] == pytest.approx(clean.final["eval_student_nll"], abs=1e-4)
     assert hit.final["eval_kl"] == pytest.approx(clean.final["eval_kl"], abs=1e-4)
@@ -183,9 +189,9 @@ def test_a_killed_worker_with_no_retries_left_advises_resume(captured, tmp_path)
     thread.start()
     try:
         with pytest.raises(RaydistillError) as info:
-            fit_student(_spec(captured, board=board, max_steps=40), storage=str(tmp_path),
-                        name="kd", num_workers=1, use_gpu=False, cpus_per_worker=0.5,
-                        max_failures=0)
+            fit_student(_spec(captured, optim=dict(max_steps=40), run=dict(board=board)),
+                        storage=str(tmp_path), name="kd", num_workers=1, use_gpu=False,
+                        cpus_per_worker=0.5, max_failures=0)
     finally:
         killed.append(-1)
     assert killed[0] > 0, "the worker was never killed"
@@ -283,7 +289,8 @@ def test_resume_with_another_batch_layout_is_refused(captured, copied_capture, c
     # without the driver's record, the worker refuses the checkpoint itself
     (run / "done.json").unlink()
     (run / "layout.json").unlink()
-    spec = _spec(captured, batch_size=2, max_steps=9, eval_every=3, log_every=3)
+    spec = _spec(captured, optim=dict(batch_size=2, max_steps=9), eval=dict(every=3),
+                 run=dict(log_every=3))
     with pytest.raises(RaydistillError, match="train.batch_size 4 → 2"):
         fit_student(spec, storage=str(run.parent), name="kd", num_workers=1, use_gpu=False,
                     cpus_per_worker=0.5, max_failures=0)

@@ -98,13 +98,20 @@ def test_tune_settings_are_validated(tiny_teacher, tmp_path):
 # ------------------------------------------------- names, status lines, the Pareto plot (no Ray)
 
 def _base_spec(teacher: str = "teacher"):
-    from orchestrator.train.loop import LoopSpec
+    from orchestrator.kd.losses import LossSpec
+    from orchestrator.shapes import resolve_shape
+    from orchestrator.train.specs import (DataSpec, EvalSpec, OptimSpec, RunSpec, StudentSpec,
+                                          TrainSpec)
 
-    return LoopSpec(teacher_model=teacher, shape={}, init_from_teacher=False, shards_uri="s",
-                    units=[], streaming=False, heldout_uri=None, eval_samples=16, expect={},
-                    loss="fkl", temperature=1.0, alpha=0.5, beta=0.5, tail="bucket", lr=1e-3,
-                    warmup_steps=0, batch_size=4, grad_accum=1, max_steps=12, eval_every=6,
-                    log_every=6, seed=0)
+    return TrainSpec(
+        student=StudentSpec(teacher_model=teacher, shape=resolve_shape(preset="nano"),
+                            init_from_teacher=False),
+        data=DataSpec(shards_uri="s", units=[], streaming=False, expect={}),
+        loss=LossSpec(kind="fkl", temperature=1.0, alpha=0.5, beta=0.5, tail="bucket"),
+        optim=OptimSpec(lr=1e-3, warmup_steps=0, batch_size=4, grad_accum=1, max_steps=12,
+                        seed=0),
+        eval=EvalSpec(every=6, heldout_uri=None, samples=16),
+        run=RunSpec(log_every=6))
 
 
 def _trial(tag: str, config: dict, *, status: str = "PENDING", result: dict | None = None):
@@ -132,6 +139,34 @@ def test_a_trial_has_one_readable_name_from_tunes_counter():
     assert str(grid) == "t03-2x128-fkl-T2" and str(searched) == "t12-1x128-jsd-T1"
     bad = _trial("4_student.heads=5", {"student.heads": 5})  # heads must divide hidden
     assert str(bad) == "t04"
+
+
+def test_a_trials_params_change_only_the_specs_they_belong_to():
+    """Every field a space may vary (spaces.STUDENT_KEYS, TRAIN_KEYS) lands on its own small
+    spec; the sweep's data, evaluation and run settings are the base run's."""
+    from dataclasses import replace
+
+    from orchestrator.shapes import resolve_shape
+    from tune_spaces.spaces import TRAIN_KEYS
+    from tune_spaces.sweep import spec_for
+
+    base = _base_spec()
+    params = {"student": {"preset": "micro"}, "student.init_from_teacher": True,
+              "train.loss": "jsd", "train.temperature": 2.0, "train.alpha": 0.9,
+              "train.beta": 0.3, "train.tail": "renormalize", "train.lr": 5e-4,
+              "train.warmup_steps": 3, "train.batch_size": 2, "train.grad_accum": 4,
+              "train.seed": 11}
+    assert {k.removeprefix("train.") for k in params if k.startswith("train.")} == \
+        set(TRAIN_KEYS)
+    spec = spec_for(base, student={"preset": "nano"}, params=params)
+    assert spec.student == replace(base.student, shape=resolve_shape(preset="micro"),
+                                   init_from_teacher=True)
+    assert (spec.loss.kind, spec.loss.temperature, spec.loss.alpha, spec.loss.beta,
+            spec.loss.tail) == ("jsd", 2.0, 0.9, 0.3, "renormalize")
+    assert (spec.optim.lr, spec.optim.warmup_steps, spec.optim.batch_size,
+            spec.optim.grad_accum, spec.optim.seed, spec.optim.max_steps) == (5e-4, 3, 2, 4, 11, 12)
+    assert (spec.data, spec.eval, spec.run) == (base.data, base.eval, base.run)
+    assert spec_for(base, student={"preset": "nano"}, params={}) == base
 
 
 def test_the_sweep_status_line_counts_trials_and_names_the_best_so_far():

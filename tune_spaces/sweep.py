@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from orchestrator import names
 from orchestrator.errors import RaydistillError, remote_errors
 from orchestrator.shapes import resolve_shape
-from orchestrator.train.loop import LoopSpec
+from orchestrator.train.specs import TrainSpec
 from tune_spaces.spaces import Space, split_params
 from tune_spaces.sweep_lines import error_text, sweep_lines
 
@@ -71,22 +71,33 @@ def metric_mode(metric: str) -> str:
     return "max" if metric.endswith(("top1", "acc", "accuracy")) else "min"
 
 
-def spec_for(base: LoopSpec, *, student: dict, params: dict) -> LoopSpec:
-    """The base run's spec with one trial's params applied (student shape, training fields)."""
+_LOSS_FIELDS = {"loss": "kind", "temperature": "temperature", "alpha": "alpha", "beta": "beta",
+                "tail": "tail"}
+"""The train.<key>s a trial may vary that set its `LossSpec` (→ field); the others of
+`spaces.TRAIN_KEYS` set its `OptimSpec` fields of the same names."""
+
+
+def spec_for(base: TrainSpec, *, student: dict, params: dict) -> TrainSpec:
+    """The base run's spec with one trial's params applied: the student (shape, init), the loss
+    and the optimisation specs it varies; its data, evaluation and run stay the sweep's."""
     s_fields, t_fields = split_params(params)
     merged = {**student, **s_fields}
-    init = bool(merged.pop("init_from_teacher", base.init_from_teacher))
-    shape = resolve_shape(**merged)
-    return replace(base, shape=vars(shape), init_from_teacher=init, **t_fields)
+    init = bool(merged.pop("init_from_teacher", base.student.init_from_teacher))
+    loss = {_LOSS_FIELDS[k]: v for k, v in t_fields.items() if k in _LOSS_FIELDS}
+    optim = {k: v for k, v in t_fields.items() if k not in _LOSS_FIELDS}
+    return replace(base, student=replace(base.student, shape=resolve_shape(**merged),
+                                         init_from_teacher=init),
+                   loss=replace(base.loss, **loss), optim=replace(base.optim, **optim))
 
 
-def trial_label(index: int, spec: LoopSpec) -> str:
+def trial_label(index: int, spec: TrainSpec) -> str:
     """A short, readable, unique id: `t03-2x256-jsd-T2` (also the served model's name)."""
-    return names.trial_label(index, layers=spec.shape["layers"], hidden=spec.shape["hidden"],
-                             loss=spec.loss, temperature=spec.temperature)
+    s = spec.student.shape
+    return names.trial_label(index, layers=s.layers, hidden=s.hidden, loss=spec.loss.kind,
+                             temperature=spec.loss.temperature)
 
 
-def trial_name(trial, *, base: LoopSpec, student: dict) -> str:
+def trial_name(trial, *, base: TrainSpec, student: dict) -> str:
     """Tune's `trial_name_creator` and `trial_dirname_creator`: the trial's `trial_label`.
     The index is Tune's trial counter (the head of its experiment tag: `3_student=…`), unique in
     a sweep for the grid and for a searcher alike, unlike the trial id's tail."""
@@ -117,7 +128,7 @@ def concurrent_trials(settings: SweepSettings, *, reader_cpus: float) -> int:
     return max(1, int(res.get("CPU", 0) // per))
 
 
-def run_sweep(base: LoopSpec, *, space: Space, student: dict, sweep_dir: str,
+def run_sweep(base: TrainSpec, *, space: Space, student: dict, sweep_dir: str,
               settings: SweepSettings, resume: bool) -> list[TrialOutcome]:
     """Run (or resume) the sweep in `sweep_dir`; one outcome per trial, in trial order."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's tables: our own lines instead
@@ -141,10 +152,12 @@ def run_sweep(base: LoopSpec, *, space: Space, student: dict, sweep_dir: str,
                                   "sweep without --resume")
         tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True)
     else:
-        namer = functools.partial(trial_name, base=replace(base, units=[]), student=student)
+        unitless = replace(base, data=replace(base.data, units=[]))
+        namer = functools.partial(trial_name, base=unitless, student=student)
         tuner = _new_tuner(trainable, space=space, sweep_dir=sweep_dir, settings=settings,
-                           max_steps=base.max_steps, namer=namer,
-                           concurrent=concurrent_trials(settings, reader_cpus=base.reader_cpus))
+                           max_steps=base.optim.max_steps, namer=namer,
+                           concurrent=concurrent_trials(settings,
+                                                        reader_cpus=base.run.reader_cpus))
     interrupted = RaydistillError(
         f"interrupted: the sweep's finished trials and checkpoints are kept; continue with "
         f"the same command plus --resume {os.path.basename(sweep_dir.rstrip('/'))}")
@@ -199,7 +212,7 @@ def _new_tuner(trainable, *, space: Space, sweep_dir: str, settings: SweepSettin
                                   callbacks=[lines]))
 
 
-def _trial(config: dict, *, base: LoopSpec, student: dict, trials_dir: str,
+def _trial(config: dict, *, base: TrainSpec, student: dict, trials_dir: str,
            settings: SweepSettings) -> None:
     """One trial (in a Tune actor): train the student these params describe, reporting each
     held-out evaluation to Tune. Its errors cross Ray intact (RemoteError)."""
@@ -207,23 +220,25 @@ def _trial(config: dict, *, base: LoopSpec, student: dict, trials_dir: str,
         _run_trial(config, base=base, student=student, trials_dir=trials_dir, settings=settings)
 
 
-def _run_trial(config: dict, *, base: LoopSpec, student: dict, trials_dir: str,
+def _run_trial(config: dict, *, base: TrainSpec, student: dict, trials_dir: str,
                settings: SweepSettings) -> None:
     from ray import tune
 
     from orchestrator.train.launch import fit_student
 
     name = tune.get_context().get_trial_name()
-    spec = replace(spec_for(base, student=student, params=config), label=name)
+    spec = spec_for(base, student=student, params=config)
+    spec = replace(spec, run=replace(spec.run, label=name))
     result = fit_student(spec, storage=trials_dir, name=name,
                          num_workers=max(1, settings.num_workers), use_gpu=settings.use_gpu,
                          cpus_per_worker=settings.cpus_per_worker,
                          max_failures=settings.train_max_failures,
-                         callbacks=[_EvalReports(settings.metric, last_step=spec.max_steps)])
+                         callbacks=[_EvalReports(settings.metric,
+                                                 last_step=spec.optim.max_steps)])
     # the last evaluation reaches Tune only now, after the export: a scheduler that stops the
     # trial on it (ASHA stops at max_t) can no longer cut the export short
     tune.report({k: v for k, v in result.final.items() if k.startswith("eval_")}
-                | {"step": spec.max_steps, "wall_s": result.wall_s})
+                | {"step": spec.optim.max_steps, "wall_s": result.wall_s})
 
 
 def _EvalReports(metric: str, *, last_step: int):
@@ -243,7 +258,7 @@ def _EvalReports(metric: str, *, last_step: int):
     return EvalReports()
 
 
-def _outcome(result, *, base: LoopSpec, student: dict, trials_dir: str) -> TrialOutcome:
+def _outcome(result, *, base: TrainSpec, student: dict, trials_dir: str) -> TrialOutcome:
     from orchestrator.train.launch import MODEL_DIR, load_done
 
     label = _label_of(result.path)  # Tune's trial folder is named by the trial's name
@@ -251,8 +266,9 @@ def _outcome(result, *, base: LoopSpec, student: dict, trials_dir: str) -> Trial
     params = dict(result.config or {})
     try:
         spec = spec_for(base, student=student, params=params)
-        settings = {**spec.shape, "loss": spec.loss, "temperature": spec.temperature,
-                    "alpha": spec.alpha, "beta": spec.beta, "lr": spec.lr}
+        settings = {**vars(spec.student.shape), "loss": spec.loss.kind,
+                    "temperature": spec.loss.temperature, "alpha": spec.loss.alpha,
+                    "beta": spec.loss.beta, "lr": spec.optim.lr}
     except Exception:  # noqa: BLE001 — a bad combination that failed its trial
         settings = {}
     metrics = {k: v for k, v in (result.metrics or {}).items()

@@ -1,7 +1,7 @@
 """Capture execution for the recipes (driver-internal: `pipeline` and its `streaming` and `sweeps`
 helpers import it): `Teachers` runs planned captures (`orchestrator.shards.plan`) on teacher pools.
 
-The engine and the captures are apart: a pool is started for an engine (`WorkerSpec`: model,
+The engine and the captures are apart: a pool is started for an engine (`EngineSpec`: model,
 backend, dtype, resources, mode) and reused by every capture of one command that needs the same
 engine — the main capture and the held-out split share one — while each capture's own settings
 (`CaptureSpec`: output, k, max_length, long_text, sampling, shard metadata) travel with its units.

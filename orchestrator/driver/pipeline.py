@@ -32,7 +32,8 @@ from orchestrator.driver.experiments import experiment as _experiment
 from orchestrator.driver.experiments import interruptible, report
 from orchestrator.driver.preflight import check_resources, check_shards
 from orchestrator.driver.streaming import CaptureThread
-from orchestrator.driver.students import loop_spec, train_students
+from orchestrator.driver.specs import train_spec
+from orchestrator.driver.students import train_students
 from orchestrator.driver.sweeps import (capture_once, check_space, leaderboard, save_config,
                                         sweep_settings, sweep_verdict, trial_steps)
 from orchestrator.errors import ConfigError
@@ -156,17 +157,17 @@ def tune(cfg: Config, *, resume: str | None = None, fresh: bool = False) -> str:
         settings = sweep_settings(cfg)
         check_resources(replace(cfg, train=replace(cfg.train, num_workers=settings.num_workers)),
                         teachers=False, extra=cfg.tune.trial_cpus)
-        base = loop_spec(cfg, plan=plans[0], held=held, alpha=cfg.train.alpha, board=None,
-                         streaming=False, label="kd")
+        base = train_spec(cfg, plan=plans[0], held=held, alpha=cfg.train.alpha, board=None,
+                          streaming=False, label="kd")
         steps, every = trial_steps(cfg)
-        base = replace(base, max_steps=steps, eval_every=every,
-                       eval_samples=cfg.tune.eval_samples or cfg.train.eval_samples)
+        base = replace(base, optim=replace(base.optim, max_steps=steps), eval=replace(
+            base.eval, every=every, samples=cfg.tune.eval_samples or cfg.train.eval_samples))
         student = {k: getattr(cfg.student, k) for k in
                    ("preset", "layers", "hidden", "heads", "intermediate", "init_from_teacher")}
         os.makedirs(sweep_dir, exist_ok=True)
         save_config(cfg, os.path.join(sweep_dir, "config.yaml"))
         say(f"sweep {sweep}: {space.describe()} — {space.grid_size() * cfg.tune.num_samples} "
-            f"trial(s) × up to {base.max_steps} steps, ranked by {settings.metric} "
+            f"trial(s) × up to {base.optim.max_steps} steps, ranked by {settings.metric} "
             f"({cfg.tune.scheduler}, {cfg.tune.search})")
         outcomes = run_sweep(base, space=space, student=student, sweep_dir=sweep_dir,
                              settings=settings, resume=resume is not None)

@@ -16,6 +16,7 @@ import os
 import tempfile
 
 from orchestrator.kd.evaluate import SEQUENCES_KEY, gap_recovered
+from orchestrator.shards.plan import CaptureKind
 from orchestrator.storage import filesystem
 from orchestrator.driver.verdict import NAMES, Z, paired_difference, verdict, warnings
 
@@ -75,7 +76,7 @@ def build_report(results: dict, *, settings: dict, repeated: dict | None = None)
     comparisons = compare(results)
     evaluated = [r for r in results.values() if "eval_student_nll" in r.final]
     sequences = next((len(r.final[SEQUENCES_KEY]) for r in evaluated if SEQUENCES_KEY in r.final),
-                     settings.get("captures", {}).get("held-out", {}).get("rows"))
+                     settings.get("captures", {}).get(CaptureKind.HELDOUT.label, {}).get("rows"))
     tokens = next((r.final.get("eval_positions") for r in evaluated), None)
     histories = {label: [{k: v for k, v in h.items() if k != SEQUENCES_KEY} for h in r.history]
                  for label, r in results.items()}

@@ -1,5 +1,5 @@
 """The students' fan-out (driver-internal, used by the recipes in `pipeline`): the KD student and
-the baselines (hard-label, behaviour-cloning) built from the config as plain `LoopSpec`s, trained
+the baselines (hard-label, behaviour-cloning) built from the config as plain `TrainSpec`s, trained
 on Ray Train one after another or side by side when the cluster holds several."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from orchestrator.config import Config
 from orchestrator.console import say
 from orchestrator.driver.preflight import warn_if_not_smaller
 from orchestrator.driver.progress import TrainProgress
+from orchestrator.driver.specs import train_spec
 from orchestrator.names import experiment_dir
 from orchestrator.shards.plan import CaptureKind, CapturePlan
 
@@ -45,7 +46,7 @@ def train_students(cfg: Config, plans: list[CapturePlan], experiment: str, *, bo
             continue
         if plan is None:
             continue
-        specs[label] = loop_spec(cfg, plan=plan, held=held, alpha=alpha, board=board,
+        specs[label] = train_spec(cfg, plan=plan, held=held, alpha=alpha, board=board,
                                  streaming=streaming and label == "kd", label=label)
         what = {"kd": f"KD student ({tr.loss}, T={tr.temperature}, alpha={tr.alpha})",
                 "hard": "hard-label baseline", "bc": "behaviour-cloning baseline"}[label]
@@ -61,12 +62,13 @@ def train_students(cfg: Config, plans: list[CapturePlan], experiment: str, *, bo
         board.train_done.remote(label)
         return result
 
-    streamed = [sp for sp in specs.values() if sp.streaming]
+    streamed = [sp for sp in specs.values() if sp.data.streaming]
     capture_total = main.manifest.total_units if streamed else None
     parallel = _students_at_once(cfg, len(specs))
     if parallel > 1:
         threads = max(1, int(tr.cpus_per_worker))
-        specs = {label: replace(sp, torch_threads=threads) for label, sp in specs.items()}
+        specs = {label: replace(sp, run=replace(sp.run, torch_threads=threads))
+                 for label, sp in specs.items()}
     results = {}
     with TrainProgress(list(specs), total=tr.max_steps, board=board, capture_total=capture_total):
         if parallel > 1:  # independent students share the cluster: train them side by side
@@ -83,28 +85,6 @@ def train_students(cfg: Config, plans: list[CapturePlan], experiment: str, *, bo
     for r in results.values():
         say(_describe_result(r))
     return results
-
-
-def loop_spec(cfg: Config, *, plan: CapturePlan, held: CapturePlan | None, alpha: float, board,
-              streaming: bool, label: str):
-    """The plain values one student run needs (no config object crosses into workers)."""
-    from orchestrator.shapes import resolve_shape
-    from orchestrator.train.loop import LoopSpec
-
-    t, s, tr = cfg.teacher, cfg.student, cfg.train
-    shape = resolve_shape(preset=s.preset, layers=s.layers, hidden=s.hidden, heads=s.heads,
-                          intermediate=s.intermediate)
-    return LoopSpec(
-        teacher_model=t.model, shape=vars(shape), init_from_teacher=s.init_from_teacher,
-        shards_uri=plan.cfg.output_dir, units=list(range(plan.manifest.total_units)),
-        streaming=streaming, heldout_uri=held.cfg.output_dir if held else None,
-        eval_samples=tr.eval_samples,
-        expect=plan.expect(), heldout_expect=held.expect() if held else None,
-        loss=tr.loss, temperature=tr.temperature, alpha=alpha, beta=tr.beta, tail=tr.tail,
-        lr=tr.lr, warmup_steps=tr.warmup_steps, batch_size=tr.batch_size,
-        grad_accum=tr.grad_accum, max_steps=tr.max_steps, eval_every=tr.eval_every,
-        log_every=tr.log_every, seed=tr.seed, reader_cpus=tr.reader_cpus,
-        hard_labels_from_prompt=False, board=board, label=label)
 
 
 def _students_at_once(cfg: Config, n: int) -> int:

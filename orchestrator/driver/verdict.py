@@ -212,8 +212,10 @@ def plan_texts(plan) -> Iterator[str]:
 def repeated_in_plans(plans: list) -> dict | None:
     """`repeated_texts` of the main capture's records against the held-out capture's (None
     without a held-out capture): one pass over the data, holding the held-out texts' hashes."""
-    by_kind = {p.kind.value: p for p in plans}
-    if "heldout" not in by_kind:
+    from orchestrator.shards.plan import CaptureKind
+
+    by_kind = {p.kind: p for p in plans}
+    if CaptureKind.HELDOUT not in by_kind:
         return None
-    return repeated_texts(plan_texts(by_kind["main"]),
-                          heldout=plan_texts(by_kind["heldout"]))
+    return repeated_texts(plan_texts(by_kind[CaptureKind.MAIN]),
+                          heldout=plan_texts(by_kind[CaptureKind.HELDOUT]))

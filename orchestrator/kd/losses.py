@@ -35,6 +35,26 @@ TAIL_MODES: tuple[str, ...] = ("renormalize", "bucket")
 _MIN_TAIL = 1e-12
 
 
+@dataclass(frozen=True)
+class LossSpec:
+    """How a student run blends the KD divergence with hard-label cross-entropy: the settings of
+    `distill_loss` (from the config's train.loss, temperature, alpha, beta, tail), owned here
+    beside the loss that reads them."""
+
+    kind: LossKind
+    """The divergence: forward KL, reverse KL, generalised JSD(beta), total variation
+    (train.loss)."""
+    temperature: float
+    """Divides the teacher log-probs and the student logits; the KD term is scaled by T²."""
+    alpha: float
+    """Weight of the KD term; 1 − alpha weighs the hard-label cross-entropy (0: hard labels
+    only — the baselines)."""
+    beta: float
+    """JSD mixing weight, in (0, 1)."""
+    tail: TailMode
+    """The teacher's mass outside its top-k: renormalised away, or kept as one tail bucket."""
+
+
 @dataclass
 class LossParts:
     total: torch.Tensor

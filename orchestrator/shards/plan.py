@@ -37,7 +37,8 @@ BC_DIR = "bc"
 
 
 class CaptureKind(enum.Enum):
-    """Which capture a plan is; the value is recorded in its shards (`capture`)."""
+    """Which capture a plan is: code tells captures apart by these members (never by their
+    text); the value is recorded in its shards (`capture`)."""
 
     MAIN = "main"
     HELDOUT = "heldout"
@@ -45,8 +46,9 @@ class CaptureKind(enum.Enum):
 
     @property
     def label(self) -> str:
-        """How messages name it."""
-        return {"main": "capture", "heldout": "held-out", "bc": "bc samples"}[self.value]
+        """Display text: how messages, `inspect` and the report's `captures` name it."""
+        return {CaptureKind.MAIN: "capture", CaptureKind.HELDOUT: "held-out",
+                CaptureKind.BC: "bc samples"}[self]
 
 
 def _join(base: str, name: str) -> str:
@@ -123,10 +125,10 @@ class CapturePlan:
 
     def engine_spec(self):
         """The engine this capture needs (captures with equal specs share a pool)."""
-        from orchestrator.shards.specs import WorkerSpec
+        from orchestrator.shards.specs import EngineSpec
 
         t = self.cfg.teacher
-        return WorkerSpec(
+        return EngineSpec(
             backend=t.backend, model=t.model, revision=t.revision, mode=t.mode, max_k=t.k,
             dtype=t.dtype, scoring=t.scoring, memory_fraction=t.memory_fraction,
             kv_cache_gib=t.kv_cache_gib, max_model_len=t.max_model_len,

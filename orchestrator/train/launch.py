@@ -22,7 +22,8 @@ from dataclasses import dataclass, replace
 from orchestrator.errors import (DivergedError, RaydistillError, RemoteError, remote_cause,
                                  remote_errors)
 from orchestrator.storage import exists, filesystem
-from orchestrator.train.loop import HISTORY_FILE, STATE_FILE, LoopSpec, batch_layout, refuse_changed_layout
+from orchestrator.train.loop import HISTORY_FILE, STATE_FILE, batch_layout, refuse_changed_layout
+from orchestrator.train.specs import TrainSpec
 
 MODEL_DIR = "model"
 LAYOUT_FILE = "layout.json"
@@ -38,7 +39,7 @@ class StudentResult:
     wall_s: float
 
 
-def fit_student(spec: LoopSpec, *, storage: str, name: str, num_workers: int, use_gpu: bool,
+def fit_student(spec: TrainSpec, *, storage: str, name: str, num_workers: int, use_gpu: bool,
                 cpus_per_worker: float, max_failures: int,
                 callbacks: list | None = None) -> StudentResult:
     """Train one student with Ray Train and export it; resumes if `storage/name` holds a run.
@@ -50,14 +51,15 @@ def fit_student(spec: LoopSpec, *, storage: str, name: str, num_workers: int, us
     model_uri = f"{storage.rstrip('/')}/{name}/{MODEL_DIR}"
     done = _load_done(fs, f"{root}/{name}")
     if done is not None:  # finished before: nothing to resume
-        return StudentResult(spec.label, model_uri, done["history"], done["final"], done["wall_s"])
+        return StudentResult(spec.run.label, model_uri, done["history"], done["final"],
+                             done["wall_s"])
     check_layout(fs, f"{root}/{name}",
-                 batch_layout(batch_size=spec.batch_size, grad_accum=spec.grad_accum,
-                              num_workers=num_workers, seed=spec.seed),
-                 what=f"the {spec.label} student's run {name}")
+                 batch_layout(batch_size=spec.optim.batch_size, grad_accum=spec.optim.grad_accum,
+                              num_workers=num_workers, seed=spec.optim.seed),
+                 what=f"the {spec.run.label} student's run {name}")
     t0 = time.time()
     if num_workers == 0:
-        spec = replace(spec, local=True)
+        spec = replace(spec, run=replace(spec.run, local=True))
     resources = {"GPU": 1} if use_gpu else {"CPU": cpus_per_worker}
     trainer = TorchTrainer(
         _guarded_worker, train_loop_config={"spec": spec},
@@ -70,23 +72,23 @@ def fit_student(spec: LoopSpec, *, storage: str, name: str, num_workers: int, us
     )
     result = _fit(trainer, spec, storage=storage, name=name)
     if result.checkpoint is None:
-        raise RaydistillError(f"the {spec.label} student run {name} produced no checkpoint")
+        raise RaydistillError(f"the {spec.run.label} student run {name} produced no checkpoint")
     with result.checkpoint.as_directory() as d:
         with open(os.path.join(d, HISTORY_FILE)) as f:
             last_step = json.load(f)[-1]["step"]
-    if last_step < spec.max_steps:  # Ray Train's own Ctrl-C handler aborted the run
+    if last_step < spec.optim.max_steps:  # Ray Train's own Ctrl-C handler aborted the run
         raise KeyboardInterrupt
     history, final = _export(result.checkpoint, fs, f"{root}/{name}/{MODEL_DIR}")
-    if spec.local:  # local mode: the worker's own directory was the checkpoint
+    if spec.run.local:  # local mode: the worker's own directory was the checkpoint
         import shutil
 
         shutil.rmtree(result.checkpoint.path, ignore_errors=True)
     wall = time.time() - t0
     _save_done(fs, f"{root}/{name}", {"history": history, "final": final, "wall_s": wall})
-    return StudentResult(spec.label, model_uri, history, final, wall)
+    return StudentResult(spec.run.label, model_uri, history, final, wall)
 
 
-def _fit(trainer, spec: LoopSpec, *, storage: str, name: str):
+def _fit(trainer, spec: TrainSpec, *, storage: str, name: str):
     """trainer.fit(), with Ray Train's Ctrl-C handling turned back into KeyboardInterrupt (its
     handler aborts the run, may exit via SystemExit, and stays installed after fit)."""
     import signal
@@ -101,7 +103,7 @@ def _fit(trainer, spec: LoopSpec, *, storage: str, name: str):
     except KeyboardInterrupt:
         raise
     except Exception as e:  # noqa: BLE001 — Ray wraps the worker's error; name its root cause
-        raise _failure(e, label=spec.label, storage=storage, name=name) from remote_cause(e)
+        raise _failure(e, label=spec.run.label, storage=storage, name=name) from remote_cause(e)
     finally:
         if main_thread:
             signal.signal(signal.SIGINT, previous)

@@ -1,6 +1,6 @@
 """The Ray Train worker loop: one student, data-parallel over `train.num_workers` workers.
 
-Each worker streams its samples from the shards (`train_data.SampleStream`, read by Ray Data),
+Each worker streams its samples from the shards (`train.stream.SampleStream`, read by Ray Data),
 runs `grad_accum` micro-batches per optimizer step (DDP syncs only on the last), clips gradients,
 steps AdamW under a warm-up + cosine schedule, and every `eval_every` steps evaluates on its slice
 of the held-out capture (sums all-reduced), saves a checkpoint — a Hugging Face directory that
@@ -17,57 +17,15 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 
 import torch
 
 from orchestrator.errors import ConfigError, DivergedError
 from orchestrator.kd.evaluate import SEQUENCES_KEY
+from orchestrator.train.specs import TrainSpec
 
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"
-
-
-@dataclass(frozen=True)
-class LoopSpec:
-    """Plain values one training run needs (no config object crosses into workers)."""
-
-    teacher_model: str
-    shape: dict
-    init_from_teacher: bool
-    shards_uri: str
-    units: list[int]
-    streaming: bool
-    heldout_uri: str | None
-    eval_samples: int
-    expect: dict
-    """What every training shard's metadata must say (tokenizer, mode, k, max_length,
-    long_text…; `train_data.check_shard_origin`)."""
-    loss: str
-    temperature: float
-    alpha: float
-    beta: float
-    tail: str
-    lr: float
-    warmup_steps: int
-    batch_size: int
-    grad_accum: int
-    max_steps: int
-    eval_every: int
-    log_every: int
-    seed: int
-    reader_cpus: float = 0.25
-    hard_labels_from_prompt: bool = False
-    board: object = None
-    label: str = "kd"
-    torch_threads: int = 0
-    heldout_expect: dict | None = None
-    """The same for the held-out shards (captured with their own settings); None: the tokenizer
-    of `expect` only."""
-    """Intra-op threads of each worker; 0 leaves torch's default (every core). Students trained
-    side by side get their CPU share: each using every core slows both down several-fold."""
-    local: bool = False
-    """Local mode (num_workers=0): Ray Train keeps the checkpoint where it was written."""
 
 
 def lr_lambda(step: int, *, warmup: int, total: int) -> float:
@@ -98,84 +56,85 @@ def refuse_changed_layout(old: dict, new: dict, *, what: str) -> None:
 
 
 def train_worker(config: dict) -> None:
-    """`train_loop_per_worker` of the TorchTrainer; config = {"spec": LoopSpec}."""
+    """`train_loop_per_worker` of the TorchTrainer; config = {"spec": TrainSpec}."""
     import ray.train
     import ray.train.torch
     from transformers import AutoConfig
 
+    from orchestrator.kd.batches import collate
     from orchestrator.kd.losses import distill_loss
-    from orchestrator.shapes import StudentShape
     from orchestrator.kd.student import build_student
     from orchestrator.teacher_info import load_tokenizer
     from orchestrator.train.stream import SampleStream, ShardWatcher, heldout_samples
 
-    spec: LoopSpec = config["spec"]
-    if spec.torch_threads and not spec.local:
-        torch.set_num_threads(spec.torch_threads)
+    spec: TrainSpec = config["spec"]
+    student, data, loss, opt, ev, run = (spec.student, spec.data, spec.loss, spec.optim,
+                                         spec.eval, spec.run)
+    if run.torch_threads and not run.local:
+        torch.set_num_threads(run.torch_threads)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    teacher_cfg = AutoConfig.from_pretrained(spec.teacher_model)
+    teacher_cfg = AutoConfig.from_pretrained(student.teacher_model)
     teacher = None
-    if spec.init_from_teacher:
+    if student.init_from_teacher:
         from transformers import AutoModelForCausalLM
 
-        teacher = AutoModelForCausalLM.from_pretrained(spec.teacher_model, dtype=torch.float32)
-    model, _ = build_student(teacher_cfg, StudentShape(**spec.shape), init_from_teacher=teacher,
-                             seed=spec.seed)
+        teacher = AutoModelForCausalLM.from_pretrained(student.teacher_model, dtype=torch.float32)
+    model, _ = build_student(teacher_cfg, student.shape, init_from_teacher=teacher, seed=opt.seed)
     del teacher
-    tokenizer = load_tokenizer(spec.teacher_model)
+    tokenizer = load_tokenizer(student.teacher_model)
     model.to(device)  # before the optimizer and its restored state
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01,
+    optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, weight_decay=0.01,
                                   betas=(0.9, 0.95))
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_lambda(s, warmup=spec.warmup_steps, total=spec.max_steps))
-    layout = batch_layout(batch_size=spec.batch_size, grad_accum=spec.grad_accum,
-                          num_workers=world, seed=spec.seed)
-    state = _restore(model, optimizer, schedule, layout=layout, label=spec.label)
+        optimizer, lambda s: lr_lambda(s, warmup=opt.warmup_steps, total=opt.max_steps))
+    layout = batch_layout(batch_size=opt.batch_size, grad_accum=opt.grad_accum,
+                          num_workers=world, seed=opt.seed)
+    state = _restore(model, optimizer, schedule, layout=layout, label=run.label)
     step, history = state.get("step", 0), state.get("history", [])
     resumed_from = step if state else None
-    per_step = spec.batch_size * spec.grad_accum
+    per_step = opt.batch_size * opt.grad_accum
     core = model
     model = ray.train.torch.prepare_model(model) if world > 1 else model
 
-    group = None if spec.local else ray.util.get_current_placement_group()
-    watcher = ShardWatcher(spec.shards_uri, wait=spec.streaming, board=spec.board)
-    stream = SampleStream(watcher, units=spec.units, rank=rank, world=world, seed=spec.seed,
-                          position=step * per_step, streaming=spec.streaming, expect=spec.expect,
-                          reader_cpus=spec.reader_cpus,
-                          report_to=(spec.board, spec.label) if spec.board is not None else None)
+    group = None if run.local else ray.util.get_current_placement_group()
+    watcher = ShardWatcher(data.shards_uri, wait=data.streaming, board=run.board)
+    stream = SampleStream(watcher, units=data.units, rank=rank, world=world, seed=opt.seed,
+                          position=step * per_step, streaming=data.streaming, expect=data.expect,
+                          reader_cpus=run.reader_cpus,
+                          report_to=(run.board, run.label) if run.board is not None else None)
     samples = iter(stream)
     heldout = []
-    if spec.heldout_uri:
-        heldout = heldout_samples(ShardWatcher(spec.heldout_uri, wait=False), rank=rank,
-                                  world=world, limit=spec.eval_samples,
-                                  expect=spec.heldout_expect or {
-                                      "tokenizer_fingerprint": spec.expect.get(
+    if ev.heldout_uri:
+        heldout = heldout_samples(ShardWatcher(ev.heldout_uri, wait=False), rank=rank,
+                                  world=world, limit=ev.samples,
+                                  expect=ev.heldout_expect or {
+                                      "tokenizer_fingerprint": data.expect.get(
                                           "tokenizer_fingerprint")})
 
     window = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "tokens": 0, "wait": 0.0, "time": 0.0, "n": 0}
     model.train()
-    while step < spec.max_steps:
+    while step < opt.max_steps:
         t0 = time.perf_counter()
         wait = 0.0
-        for micro in range(spec.grad_accum):
+        for micro in range(opt.grad_accum):
             tw = time.perf_counter()
-            rows = [next(samples) for _ in range(spec.batch_size)]
+            rows = [next(samples) for _ in range(opt.batch_size)]
             wait += time.perf_counter() - tw
-            batch = _collate(rows, spec)
-            sync = micro == spec.grad_accum - 1 or world == 1
+            batch = collate(rows, hard_labels_from_prompt=data.hard_labels_from_prompt)
+            sync = micro == opt.grad_accum - 1 or world == 1
             with (model.no_sync() if not sync and hasattr(model, "no_sync") else _null()):
                 logits = model(input_ids=batch.input_ids.to(device),
                                attention_mask=batch.attention_mask.to(device)).logits
                 flat = {k: v.to(device) for k, v in batch.flat().items()}
-                parts = distill_loss(logits.reshape(-1, logits.shape[-1]), kind=spec.loss,
-                                     temperature=spec.temperature, alpha=spec.alpha,
-                                     beta=spec.beta, tail=spec.tail, **flat)
-                (parts.total / spec.grad_accum).backward()
-            window["loss"] += parts.total.item() / spec.grad_accum
-            window["kd"] += parts.kd.item() / spec.grad_accum
-            window["ce"] += parts.ce.item() / spec.grad_accum
+                parts = distill_loss(logits.reshape(-1, logits.shape[-1]), kind=loss.kind,
+                                     temperature=loss.temperature, alpha=loss.alpha,
+                                     beta=loss.beta, tail=loss.tail, **flat)
+                (parts.total / opt.grad_accum).backward()
+            window["loss"] += parts.total.item() / opt.grad_accum
+            window["kd"] += parts.kd.item() / opt.grad_accum
+            window["ce"] += parts.ce.item() / opt.grad_accum
             window["tokens"] += int(batch.attention_mask.sum())
             _check_finite(parts.total.item(), spec, step=step + 1)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -186,8 +145,8 @@ def train_worker(config: dict) -> None:
         window["wait"] += wait
         window["time"] += time.perf_counter() - t0
         window["n"] += 1
-        evaluate_now = step % spec.eval_every == 0 or step == spec.max_steps
-        if step % spec.log_every == 0 or evaluate_now:
+        evaluate_now = step % ev.every == 0 or step == opt.max_steps
+        if step % run.log_every == 0 or evaluate_now:
             metrics = _window_metrics(window, step=step, lr=schedule.get_last_lr()[0],
                                       epoch=stream.epoch, world=world)
             metrics.update(time=time.time(), pid=os.getpid())
@@ -197,34 +156,28 @@ def train_worker(config: dict) -> None:
                 metrics["resumed_from"] = resumed_from
             window = dict.fromkeys(window, 0.0)
             sequences = None
-            if evaluate_now and spec.heldout_uri:  # every rank, even one with no held-out
-                scores, sequences = _evaluate(      # samples: it enters the collectives
-                    core, heldout, device=device, world=world, per_sequence=step == spec.max_steps)
+            if evaluate_now and ev.heldout_uri:  # every rank, even one with no held-out
+                scores, sequences = _evaluate(    # samples: it enters the collectives
+                    core, heldout, device=device, world=world, per_sequence=step == opt.max_steps)
                 metrics.update(scores)
             # the last evaluation's per-sequence sums stay in the history (the report pairs the
             # students on them); Ray Train, Tune and the board get only scalars
             history.append(metrics if sequences is None else metrics | {SEQUENCES_KEY: sequences})
-            if spec.board is not None and rank == 0:
-                spec.board.train_update.remote(spec.label, metrics)
+            if run.board is not None and rank == 0:
+                run.board.train_update.remote(run.label, metrics)
             _report(metrics, history, step=step, position=step * per_step, model=core,
                     tokenizer=tokenizer, optimizer=optimizer, schedule=schedule, layout=layout,
-                    checkpoint=evaluate_now, rank=rank, keep=spec.local)
+                    checkpoint=evaluate_now, rank=rank, keep=run.local)
 
 
-def _check_finite(loss: float, spec: LoopSpec, *, step: int) -> None:
+def _check_finite(loss: float, spec: TrainSpec, *, step: int) -> None:
     """Stop a diverged run before its NaN reaches the weights or a checkpoint: the last
     checkpoint stays the last good one, and a sweep reports the trial as failed."""
     if not math.isfinite(loss):
         raise DivergedError(
-            f"the {spec.label} student diverged: its loss is {loss} at step {step} "
-            f"(train.loss {spec.loss}, train.lr {spec.lr:g}). Lower train.lr, raise "
+            f"the {spec.run.label} student diverged: its loss is {loss} at step {step} "
+            f"(train.loss {spec.loss.kind}, train.lr {spec.optim.lr:g}). Lower train.lr, raise "
             "train.warmup_steps, or use train.temperature closer to 1")
-
-
-def _collate(rows: list[dict], spec: LoopSpec):
-    from orchestrator.kd.batches import collate
-
-    return collate(rows, hard_labels_from_prompt=spec.hard_labels_from_prompt)
 
 
 class _null:

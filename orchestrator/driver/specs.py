@@ -1,0 +1,36 @@
+"""The one place a student run's specs are built from the config (`orchestrator.train.specs`):
+the recipes call `train_spec` for the KD student, each baseline and a sweep's base run; nothing
+else reads the config's train or student section for a run."""
+
+from __future__ import annotations
+
+from orchestrator.config import Config
+from orchestrator.shards.plan import CapturePlan
+from orchestrator.train.specs import DataSpec, EvalSpec, OptimSpec, RunSpec, StudentSpec, TrainSpec
+
+
+def train_spec(cfg: Config, *, plan: CapturePlan, held: CapturePlan | None, alpha: float, board,
+               streaming: bool, label: str) -> TrainSpec:
+    """The spec of one student run on `plan`'s shards, evaluated on `held`'s (None: no
+    evaluation). `alpha`: the KD weight (train.alpha for the KD student, 0 for a baseline);
+    `streaming`: `plan`'s capture is still running; `board`: the run's ShardBoard actor."""
+    from orchestrator.kd.losses import LossSpec
+    from orchestrator.shapes import resolve_shape
+
+    t, s, tr = cfg.teacher, cfg.student, cfg.train
+    shape = resolve_shape(preset=s.preset, layers=s.layers, hidden=s.hidden, heads=s.heads,
+                          intermediate=s.intermediate)
+    return TrainSpec(
+        student=StudentSpec(teacher_model=t.model, shape=shape,
+                            init_from_teacher=s.init_from_teacher),
+        data=DataSpec(shards_uri=plan.cfg.output_dir,
+                      units=list(range(plan.manifest.total_units)), streaming=streaming,
+                      expect=plan.expect()),
+        loss=LossSpec(kind=tr.loss, temperature=tr.temperature, alpha=alpha, beta=tr.beta,
+                      tail=tr.tail),
+        optim=OptimSpec(lr=tr.lr, warmup_steps=tr.warmup_steps, batch_size=tr.batch_size,
+                        grad_accum=tr.grad_accum, max_steps=tr.max_steps, seed=tr.seed),
+        eval=EvalSpec(every=tr.eval_every, heldout_uri=held.cfg.output_dir if held else None,
+                      samples=tr.eval_samples, heldout_expect=held.expect() if held else None),
+        run=RunSpec(log_every=tr.log_every, label=label, board=board,
+                    reader_cpus=tr.reader_cpus))

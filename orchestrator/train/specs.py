@@ -1,0 +1,114 @@
+"""What one student's training run needs, as a few small frozen dataclasses of plain values (no
+config object crosses into the Ray Train workers): the student to build, the samples it reads,
+the loss (`orchestrator.kd.losses.LossSpec`), the optimisation, the held-out evaluation and the
+run's own infrastructure. The driver builds them in one place from the config
+(`orchestrator.driver.specs.train_spec`); a Tune trial `dataclasses.replace`s the one it varies
+(`tune_spaces.sweep.spec_for`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from orchestrator.kd.losses import LossSpec
+from orchestrator.shapes import StudentShape
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    """The student to build: a smaller model of the teacher's architecture (what a trial's
+    `student` axis varies)."""
+
+    teacher_model: str
+    """The teacher's name or directory: its config gives the student's architecture and
+    vocabulary, its tokenizer is saved with every checkpoint."""
+    shape: StudentShape
+    """Layers, hidden size, heads, MLP size."""
+    init_from_teacher: bool
+    """Start from the teacher's embeddings and evenly spaced layers instead of random weights."""
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """The training samples: a capture's shards, read by a seeded, resumable stream."""
+
+    shards_uri: str
+    """The capture's output_dir (its manifest.json and shards/)."""
+    units: list[int]
+    """Every shard unit of the capture, published or not (a streaming run waits for the rest)."""
+    streaming: bool
+    """The capture is still running: wait for each shard until the manifest lists it; the first
+    epoch reads in capture order."""
+    expect: dict
+    """What every training shard's metadata must say (tokenizer, mode, k, max_length,
+    long_text…; `orchestrator.train.stream.check_shard_origin`)."""
+    hard_labels_from_prompt: bool = False
+    """Also learn the prompt tokens' hard labels (sample mode; `orchestrator.kd.batches.collate`)."""
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    """AdamW under a warm-up + cosine schedule, and the batch layout that fixes the data
+    position of a checkpoint (`orchestrator.train.loop.batch_layout`)."""
+
+    lr: float
+    """Peak learning rate."""
+    warmup_steps: int
+    """Optimizer steps of linear warm-up."""
+    batch_size: int
+    """Sequences per micro-batch per worker."""
+    grad_accum: int
+    """Micro-batches per optimizer step."""
+    max_steps: int
+    """Optimizer steps of the run."""
+    seed: int
+    """Seed of the student's initialisation and of the data order."""
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """The held-out evaluation, which also sets the checkpoint cadence."""
+
+    every: int
+    """Optimizer steps between evaluations and checkpoints (the last step always has both)."""
+    heldout_uri: str | None
+    """The held-out capture's output_dir; None: no evaluation (checkpoints still every
+    `every` steps)."""
+    samples: int
+    """At most this many held-out sequences, split across the workers."""
+    heldout_expect: dict | None = None
+    """What every held-out shard's metadata must say (it is captured with its own settings);
+    None: only the tokenizer of `DataSpec.expect`."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """The run's place on the cluster and what it reports: nothing here changes what the student
+    learns."""
+
+    log_every: int
+    """Optimizer steps between metric reports."""
+    label: str = "kd"
+    """The student's name in messages, on the board and in the report (`kd`, `hard`, `bc`, a
+    trial's name)."""
+    board: object = None
+    """The run's `ShardBoard` actor (shard reads, metrics, capture failures), or None."""
+    reader_cpus: float = 0.25
+    """CPUs each Ray Data read task reserves."""
+    torch_threads: int = 0
+    """Intra-op threads of each worker; 0 leaves torch's default (every core). Students trained
+    side by side get their CPU share: each using every core slows both down several-fold."""
+    local: bool = False
+    """Local mode (num_workers=0): Ray Train keeps the checkpoint where it was written."""
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Everything one student run needs: `train_worker`'s whole input."""
+
+    student: StudentSpec
+    data: DataSpec
+    loss: LossSpec
+    optim: OptimSpec
+    eval: EvalSpec
+    run: RunSpec
