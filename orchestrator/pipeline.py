@@ -123,8 +123,8 @@ def run(cfg: Config, *, fresh: bool = False, resume: str | None = None) -> str:
 
 
 def tune(cfg: Config, *, resume: str | None = None, fresh: bool = False) -> str:
-    """Sweep students over `cfg.tune.space` on one capture (`fresh`: delete the captures in
-    output_dir and capture again first); returns the sweep directory."""
+    """Sweep students over `cfg.tune.space` on one capture (`fresh`: delete this config's
+    captures and capture again first); returns the sweep directory."""
     from tune_spaces import load_space
     from tune_spaces.leaderboard import build_rows, measure, shape_params, write_leaderboard
     from tune_spaces.sweep import run_sweep
@@ -147,7 +147,7 @@ def tune(cfg: Config, *, resume: str | None = None, fresh: bool = False) -> str:
     held = next(p for p in plans if p.kind is CaptureKind.HELDOUT)
     started_ray = _init_ray()
     try:
-        _capture_once(capture_cfg, plans)
+        _capture_once(plans)
         settings = _sweep_settings(cfg)
         check_resources(replace(cfg, train=replace(cfg.train, num_workers=settings.num_workers)),
                          teachers=False, extra=cfg.tune.trial_cpus)
@@ -200,7 +200,7 @@ def _sweep_verdict(outcomes: list, *, winner_ids: list[str], sweep_dir: str) -> 
         say("winners: none — no trial finished its training; nothing to serve")
 
 
-def _capture_once(cfg: Config, plans: list[CapturePlan]) -> None:
+def _capture_once(plans: list[CapturePlan]) -> None:
     """Capture only what is missing; every trial reads the same shards."""
     todo = [p for p in plans if p.todo]
     if todo:
@@ -209,7 +209,7 @@ def _capture_once(cfg: Config, plans: list[CapturePlan]) -> None:
                 teachers.capture(plan)
     else:
         m = plans[0].manifest
-        say(f"reusing the capture in {cfg.output_dir} ({len(m.shards)} shards, "
+        say(f"reusing the capture in {plans[0].cfg.output_dir} ({len(m.shards)} shards, "
             f"{sum(s.rows for s in m.shards.values())} samples): no teacher started")
     for plan in plans:
         check_shards(plan, verify_all=True)
