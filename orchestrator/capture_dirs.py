@@ -75,14 +75,15 @@ class StoredCapture:
 
 
 def list_captures(output_dir: str) -> list[StoredCapture]:
-    """Every capture of an output_dir: the folders of captures/ (by name), then those of the
-    previous layout (output_dir itself, heldout/, bc/) that hold a manifest.json or shards/."""
+    """Every capture of an output_dir: the folders of captures/ (main, held-out, bc), then those
+    of the previous layout (output_dir itself, heldout/, bc/) holding manifest.json or shards/."""
     fs, root = filesystem(output_dir)
     found = []
     infos = fs.get_file_info(pafs.FileSelector(f"{root}/{CAPTURES_DIR}", allow_not_found=True))
-    for info in sorted(infos, key=lambda i: i.base_name):
-        match = _NAME.match(info.base_name)
-        if match and info.type == pafs.FileType.Directory:
+    named = [(info, _NAME.match(info.base_name)) for info in infos]
+    for info, match in sorted(((i, m) for i, m in named if m), key=lambda im: (
+            KINDS.index(im[1][1]), im[0].base_name)):  # main, held-out, bc; then by name
+        if info.type == pafs.FileType.Directory:
             uri = join(output_dir, f"{CAPTURES_DIR}/{info.base_name}")
             found.append(_stored(fs, info.path, uri=uri, kind=match[1], old_layout=False))
     for kind, sub in _OLD_DIRS.items():
