@@ -17,7 +17,7 @@ def test_teacher_against_its_own_labels(captured):
 
     from orchestrator.student import build_student, resolve_shape
 
-    samples = list(read_shards(captured["out"] + "/heldout"))
+    samples = list(read_shards(captured["out"], capture="heldout"))
     teacher = AutoModelForCausalLM.from_pretrained(captured["model"], dtype=torch.float32)
     m = finish(evaluate(teacher, samples, batch_size=4))
     assert m["eval_positions"] > 100
