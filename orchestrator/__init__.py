@@ -4,6 +4,7 @@ Public modules (import them directly; this package imports nothing heavy):
 - `orchestrator.config`: `load_config`, `Config` and its sections
 - `orchestrator.shards`: `read_shards`, `decode_table`, `write_shard`, the shard schema
 - `orchestrator.manifest`: `Manifest`, `load_manifest`
+- `orchestrator.capture_dirs`: `list_captures`, `find_capture` (an output_dir's capture folders)
 - `orchestrator.softlabels`: `SoftLabels`, `topk_from_hidden`
 - `orchestrator.losses`: `distill_loss`, `divergence`
 - `orchestrator.student`: `resolve_shape`, `build_student`, `PRESETS`
