@@ -1,7 +1,7 @@
-"""`raydistill inspect OUTPUT_DIR`: what an output_dir holds, as text — every capture (main, held-out
-split, behaviour-cloning samples, of every config that captured there: fingerprint, totals, size,
-data file, and a main capture's shard metadata), each experiment (its report's verdict, or its
-students' state) and each sweep (trials by status, winners).
+"""`raydistill inspect OUTPUT_DIR`: what an output_dir holds, as text — every capture (main,
+held-out split, behaviour-cloning samples, of every config that captured there: fingerprint,
+totals, size, data file, and a main capture's shard metadata), each experiment (its report's
+verdict, or its students' state) and each sweep (trials by status, winners).
 
     raydistill inspect runs/quickstart
 """
