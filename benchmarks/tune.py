@@ -63,6 +63,7 @@ def _trial_times(sweep_dir: Path) -> list[dict]:
 
 def run(records: int) -> dict:
     from orchestrator.driver import pipeline
+    from orchestrator.shards.dirs import find_capture
 
     tmp = Path(tempfile.mkdtemp(prefix="raydistill-bench-tune-"))
     try:
@@ -71,12 +72,13 @@ def run(records: int) -> dict:
         t0 = time.time()
         pipeline.capture(cfg)
         capture_s = time.time() - t0
-        manifest = (tmp / "out" / "manifest.json").stat().st_mtime_ns
+        manifest_file = Path(find_capture(str(tmp / "out"))) / "manifest.json"
+        manifest = manifest_file.stat().st_mtime_ns
         log(f"sweep over the quickstart space on that capture (capture took {capture_s:.0f}s)")
         t0 = time.time()
         sweep_dir = Path(pipeline.tune(cfg))
         sweep_s = time.time() - t0
-        if (tmp / "out" / "manifest.json").stat().st_mtime_ns != manifest:
+        if manifest_file.stat().st_mtime_ns != manifest:
             raise SystemExit("the sweep rewrote the capture's manifest")
         trials = _trial_times(sweep_dir)
         leaderboard = (sweep_dir / "leaderboard.md").read_text()

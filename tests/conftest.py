@@ -8,6 +8,7 @@ import socket
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -84,6 +85,13 @@ def ray_session():
                    logging_level=logging.ERROR, object_store_memory=256 * 1024 * 1024)
     yield ctx
     ray.shutdown()
+
+
+def capture_folder(out, kind: str = "main") -> Path:
+    """The folder of an output_dir's one `kind` capture (captures/<kind>-<fingerprint>/)."""
+    from orchestrator.shards.dirs import find_capture
+
+    return Path(find_capture(str(out), kind=kind))
 
 
 def capture_config(tmp_path, model, data, **overrides):
@@ -235,12 +243,11 @@ def assert_split_main_truncated_heldout(out, model: str, texts: dict[str, str], 
                                         max_length: int) -> None:
     """The main capture in `out` holds every one of its records split into `#p<j>` pieces of at
     most `max_length` tokens that together are the tokenizer's tokens of the record (none
-    truncated; a 1-token tail has nothing to predict and is dropped); the held-out capture in
-    `out/heldout` holds each of its records once, truncated to its first `max_length` tokens (the
+    truncated; a 1-token tail has nothing to predict and is dropped); the held-out capture of
+    `out` holds each of its records once, truncated to its first `max_length` tokens (the
     documented policy); each shard's metadata says which it did. `texts`: sample id → text of
     every record of both captures."""
     from collections import defaultdict
-    from pathlib import Path
 
     import pyarrow.parquet as pq
 
@@ -259,15 +266,15 @@ def assert_split_main_truncated_heldout(out, model: str, texts: dict[str, str], 
         whole = tok(texts[sid], add_special_tokens=True)["input_ids"]
         joined = [t for j in range(len(parts)) for t in parts[j]]
         assert joined == whole or (joined == whole[:-1] and len(whole) % max_length == 1), sid
-    held = list(read_shards(str(Path(out) / "heldout")))
+    held = list(read_shards(str(out), capture="heldout"))
     assert held and not [r["sample_id"] for r in held if "#" in r["sample_id"]], "held-out split"
     assert not set(pieces) & {r["sample_id"] for r in held}  # disjoint splits
     assert any(len(tok(texts[r["sample_id"]])["input_ids"]) > max_length for r in held)
     for r in held:
         whole = tok(texts[r["sample_id"]], add_special_tokens=True)["input_ids"]
         assert list(r["input_ids"]) == whole[:max_length]
-    for sub, policy, kind in (("", "split", "main"), ("heldout", "truncate", "heldout")):
-        for shard in (Path(out) / sub / "shards").glob("*.parquet"):
+    for policy, kind in (("split", "main"), ("truncate", "heldout")):
+        for shard in (capture_folder(out, kind) / "shards").glob("*.parquet"):
             meta = json.loads(pq.read_schema(shard).metadata[META_KEY])
             assert (meta["long_text"], meta["max_length"], meta["capture"]) == \
                 (policy, max_length, kind), shard

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.conftest import free_port, train_config, write_jsonl
+from tests.conftest import capture_folder, free_port, train_config, write_jsonl
 from orchestrator.driver.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -285,10 +285,10 @@ def test_dataset(kind, content, data_sets, phrases, intact, captured, tmp_path, 
     _assert_says(text, phrases)
 
 
-def test_edited_dataset_is_refused_a_moved_one_resumes(captured, tmp_path, capsys):
+def test_edited_dataset_is_another_capture_a_moved_one_resumes(captured, tmp_path, capsys):
     """Captures are content-addressed: the dataset copied elsewhere (same bytes) resumes the
-    capture; one byte of it edited, the capture is refused with the --fresh hint and stays as
-    it was."""
+    capture; one byte of it edited, it is another capture — `train` says it is not captured
+    yet and which command captures it (beside the first one, which stays as it was)."""
     out = _copy_capture(captured, tmp_path / "out")
     moved = tmp_path / "moved" / Path(captured["data"]).name
     moved.parent.mkdir()
@@ -302,10 +302,12 @@ def test_edited_dataset_is_refused_a_moved_one_resumes(captured, tmp_path, capsy
     _assert_says(text, ["capture: complete"])
     assert _snapshot(out) == before
     moved.write_bytes(moved.read_bytes().replace(b"def ", b"def  ", 1))
-    code, text = _cli(["capture", str(path)], capsys)
+    code, text = _cli(["train", str(path)], capsys)
     assert code == 2
-    _assert_says(text, ["holds another capture", f"the content of data.path {moved} changed since "
-                        "it was captured (sha256", "rerun with --fresh to delete that capture"])
+    _assert_says(text, [f"this config's capture is not in {out} yet (it goes to {out}/captures/main-",
+                        "`raydistill capture CONFIG` captures it, or `raydistill run CONFIG` "
+                        f"captures and trains. {out} holds 3 capture(s) of other settings or "
+                        f"data: `raydistill inspect {out}` lists them"])
     assert _snapshot(out) == before
 
 
@@ -370,8 +372,9 @@ def test_the_corrected_rerun_needs_no_fresh(tiny_teacher, texts, ray_session, tm
                                             monkeypatch, capsys):
     """The first hour: the held-out file named with `~` and mistyped — refused, naming
     data.eval_path, nothing written; corrected, the same command captures without --fresh; the
-    same files spelled otherwise (absolute, $VAR) resume it; the held-out file edited is refused
-    as data.eval_path's, not data.path's."""
+    same files spelled otherwise (absolute, $VAR) resume it; the held-out file edited is a new
+    held-out capture beside the first (the main capture resumed: the held-out file is not in its
+    fingerprint)."""
     home = tmp_path / "home"
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("RD_DATA", str(home / "d"))
@@ -394,7 +397,7 @@ def test_the_corrected_rerun_needs_no_fresh(tiny_teacher, texts, ray_session, tm
     code, text = _cli(["capture", str(_write_config(path, cfg))], capsys)
     assert code == 0, text
     _assert_says(text, ["held-out: k=8"])
-    assert (out / "heldout" / "manifest.json").is_file()
+    assert (capture_folder(out, "heldout") / "manifest.json").is_file()
     before = _snapshot(out)
 
     cfg["data"] |= {"path": "$RD_DATA/train.jsonl", "eval_path": str(held)}
@@ -405,48 +408,49 @@ def test_the_corrected_rerun_needs_no_fresh(tiny_teacher, texts, ray_session, tm
 
     held.write_text(held.read_text() + json.dumps({"id": 99, "text": "x = 1"}) + "\n")
     code, text = _cli(["capture", str(path)], capsys)
-    assert code == 2
-    _assert_says(text, [f"output_dir {out}/heldout holds another capture",
-                        f"the content of data.eval_path {held} changed since it was captured"])
-    assert _snapshot(out) == before
+    assert code == 0, text  # another held-out capture, beside the first
+    _assert_says(text, ["capture: complete", "held-out: k=8", f"{out} also holds 1 other "
+                        "capture(s)"])
+    assert {k: v for k, v in _snapshot(out).items() if k in before} == before
 
 
-def test_an_empty_capture_of_other_settings_is_replaced(captured, tmp_path, capsys):
+def test_a_failed_first_attempt_leaves_no_obstacle(captured, tmp_path, capsys):
     """A first attempt that failed after its manifests were written (a teacher that did not
-    start; an older raydistill that wrote before checking) left captures without a shard: the
-    corrected config replaces them, saying so, instead of asking for --fresh."""
+    start) left captures without a shard, in the folders of its settings: the corrected config
+    plans its own beside them, no --fresh needed, and they stay (resumable, if ever rerun)."""
+    from orchestrator.shards.dirs import list_captures
     from orchestrator.shards.plan import plan_captures
     from orchestrator.config import load_config
 
     out = tmp_path / "out"
     path = _write_config(tmp_path / "c.yaml", _good_config(captured, out))
-    plan_captures(load_config(path, ["teacher.k=4"]))  # the failed attempt got this far
-    old = json.loads((out / "manifest.json").read_text())["fingerprint"]
+    failed = plan_captures(load_config(path, ["teacher.k=4"]))  # the failed attempt got this far
     plans = plan_captures(load_config(path), command="run")
-    text = " ".join(capsys.readouterr().err.split())
-    assert f"replacing the empty capture in {out} (fingerprint {old}, no shard captured " \
-           "yet)" in text
-    assert json.loads((out / "manifest.json").read_text())["fingerprint"] == \
-        plans[0].manifest.fingerprint != old
+    _assert_says(capsys.readouterr().err, [f"{out} also holds 3 other capture(s) (0.0 MB)"])
+    assert {p.cfg.output_dir for p in plans}.isdisjoint({p.cfg.output_dir for p in failed})
+    assert len(list_captures(str(out))) == 6
 
 
-ADVICE_CASES = [pytest.param(c, id=c) for c in ("capture", "run", "train", "tune")]
+FOLDER_ADVICE_CASES = [pytest.param(c, id=c) for c in ("capture", "run", "train", "tune")]
 
 
-@pytest.mark.parametrize("command", ADVICE_CASES)
-def test_another_capture_advice_is_one_the_command_accepts(command, captured, tmp_path, capsys):
-    """`raydistill COMMAND` on an output_dir holding another capture: refused, nothing changed,
-    and each way out the message names parses as a command line of this raydistill (`train`
-    has no --fresh: it names `capture`/`run --fresh`)."""
+@pytest.mark.parametrize("command", FOLDER_ADVICE_CASES)
+def test_an_unresumable_capture_folder_gets_advice_the_command_accepts(command, captured,
+                                                                       tmp_path, capsys):
+    """`raydistill COMMAND` on a capture folder of this config that holds shards but no
+    manifest: refused, nothing changed, and each way out the message names parses as a command
+    line of this raydistill (`train` has no --fresh: it names `capture`/`run --fresh`)."""
     from orchestrator.driver.cli import _parser
 
     out = _copy_capture(captured, tmp_path / "out")
+    (capture_folder(out) / "manifest.json").unlink()
     cfg = _write_config(tmp_path / "c.yaml", _good_config(captured, out))
     before = _snapshot(out)
-    code, text = _cli([command, str(cfg), "--set", "teacher.k=4"], capsys)
+    code, text = _cli([command, str(cfg)], capsys)
     assert code == 2
     flat = " ".join(text.split())
-    _assert_says(flat, ["holds another capture", "k 8 → 4 differ"])
+    _assert_says(flat, [f"{out}/captures/main-", "has a shards/ folder but no manifest.json; it "
+                        "is not a capture this config can resume. Delete the folder, or"])
     advised = [m.split() for m in re.findall(r"`raydistill ([^`]+)`", flat)]
     if "rerun with --fresh" in flat:
         advised.append([command, "CONFIG", "--fresh"])
@@ -459,22 +463,26 @@ def test_another_capture_advice_is_one_the_command_accepts(command, captured, tm
 
 @pytest.mark.slow
 def test_tune_fresh_recaptures_then_sweeps(captured, tmp_path, capsys):
-    """The advice followed: `raydistill tune CONFIG --fresh` on an output_dir holding another
-    capture deletes it (the old capture's bc samples with it), captures again, then sweeps."""
-    from orchestrator.shards.format import read_shards
-
+    """`raydistill tune CONFIG --fresh` deletes this config's captures (the main and held-out
+    ones a sweep uses; not the bc samples, which it does not use and which stay valid), captures
+    them again, then sweeps."""
     out = _copy_capture(captured, tmp_path / "out")
     cfg = _good_config(captured, out)
     cfg["tune"] |= {"space": {"train.temperature": {"grid": [1.0]}}, "max_steps": 2,
                     "eval_every": 2, "latency_tokens": 2, "scheduler": "fifo"}
     path = _write_config(tmp_path / "c.yaml", cfg)
     sweeps = set((out / "sweeps").glob("*"))
-    code, text = _cli(["tune", str(path), "--set", "teacher.k=4", "--fresh"], capsys)
+    folders = {kind: capture_folder(out, kind) for kind in ("main", "heldout", "bc")}
+    shards = {kind: {p: p.stat().st_mtime_ns for p in (f / "shards").glob("*.parquet")}
+              for kind, f in folders.items()}
+    code, text = _cli(["tune", str(path), "--fresh"], capsys)
     assert code == 0, text
-    _assert_says(text, [f"--fresh: deleting the previous capture (manifest.json, shards/) in {out}"])
-    for capture in (out, out / "heldout"):
-        assert next(iter(read_shards(str(capture))))["topk_ids"].shape[1] == 4
-    assert not (out / "bc" / "manifest.json").exists()
+    for kind in ("main", "heldout"):
+        _assert_says(text, [f"--fresh: deleting this config's capture in {folders[kind]}"])
+        again = {p: p.stat().st_mtime_ns for p in (folders[kind] / "shards").glob("*.parquet")}
+        assert again and not again.items() & shards[kind].items()  # every shard captured again
+    assert {p: p.stat().st_mtime_ns for p in (folders["bc"] / "shards").glob("*.parquet")} == \
+        shards["bc"]
     (sweep,) = set((out / "sweeps").glob("*")) - sweeps
     assert (sweep / "leaderboard.csv").is_file()
 
@@ -515,9 +523,9 @@ def _manifest(content: bytes):
     return lambda out: (out / "manifest.json").write_bytes(content)
 
 
-def _newer_format(out: Path) -> None:
+def _renamed(out: Path) -> None:
     m = json.loads((out / "manifest.json").read_text())
-    m["format_version"], m["fingerprint"] = 3, "0123456789abcdef"  # a newer raydistill's capture
+    m["fingerprint"] = "0123456789abcdef"  # a capture folder copied over another by hand
     (out / "manifest.json").write_text(json.dumps(m))
 
 
@@ -538,15 +546,16 @@ SHARD_CASES = [
     pytest.param(_manifest(b'{"fingerprint": "x"}'), "capture", [],
                  ["manifest.json is not a valid raydistill manifest"],
                  id="manifest-missing-fields"),
-    pytest.param(_newer_format, "capture", [],
-                 ["holds another capture (fingerprint 0123456789abcdef",
-                  "Use a new output_dir, or rerun with --fresh"], id="manifest-newer-format"),
+    pytest.param(_renamed, "capture", [],
+                 ["holds a capture of fingerprint 0123456789abcdef, not the",
+                  "its name says (a folder copied or renamed by hand); delete the folder, or "
+                  "rerun with --fresh to delete it and start over"], id="manifest-of-another-name"),
     pytest.param(lambda out: (out / "manifest.json").unlink(), "capture", [],
                  ["has a shards/ folder but no manifest.json", "rerun with --fresh"],
                  id="shards-without-manifest"),
-    pytest.param(lambda out: None, "capture", ["--set", "teacher.k=4"],
-                 ["holds another capture", "rerun with --fresh to delete that capture"],
-                 id="another-capture"),
+    pytest.param(lambda out: None, "train", ["--set", "teacher.k=4"],
+                 ["this config's capture is not in", "`raydistill capture CONFIG` captures it"],
+                 id="train-without-its-capture"),
     pytest.param(lambda out: _rewrite_shard(out, "shard-000000.parquet",
                                             tokenizer_fingerprint="feedfacefeedface"),
                  "train", [], ["was captured with another tokenizer ('feedfacefeedface')",
@@ -571,7 +580,7 @@ SHARD_CASES = [
 def test_shards(damage, command, extra, phrases, captured, tmp_path, capsys):
     out = _copy_capture(captured, tmp_path / "out")
     cfg = _write_config(tmp_path / "c.yaml", _good_config(captured, out))
-    damage(out)
+    damage(capture_folder(out))
     before = _snapshot(out)
     argv = [command, str(out)] if command == "inspect" else [command, str(cfg), *extra]
     code, text = _cli(argv, capsys)
@@ -586,16 +595,17 @@ def test_shard_listed_but_missing(captured, tmp_path, capsys):
     incomplete capture; every other shard stays as it was."""
     out = _copy_capture(captured, tmp_path / "out")
     cfg = _write_config(tmp_path / "c.yaml", _good_config(captured, out))
-    (out / "shards" / "shard-000001.parquet").unlink()
-    before = _snapshot(out)
+    folder = capture_folder(out)
+    (folder / "shards" / "shard-000001.parquet").unlink()
+    before = _snapshot(folder)
     code, text = _cli(["train", str(cfg)], capsys)
     assert code == 2
     _assert_says(text, ["1 listed shards were missing", "is incomplete",
                         "run `raydistill capture CONFIG` first"])
-    after = _snapshot(out)
+    after = _snapshot(folder)
     assert {k: v for k, v in after.items() if k != "manifest.json"} == \
         {k: v for k, v in before.items() if k != "manifest.json"}
-    listed = [s["file"] for s in json.loads((out / "manifest.json").read_text())["shards"]]
+    listed = [s["file"] for s in json.loads((folder / "manifest.json").read_text())["shards"]]
     assert "shard-000001.parquet" not in listed and "shard-000002.parquet" in listed
 
 
@@ -603,7 +613,7 @@ def test_leftover_tmp_files_are_removed_on_resume(captured, tmp_path, capsys):
     out = _copy_capture(captured, tmp_path / "out")
     cfg = _write_config(tmp_path / "c.yaml", _good_config(captured, out))
     before = _snapshot(out)
-    (out / "shards" / "shard-000000.parquet.123-abcd.tmp").write_bytes(b"half-written")
+    (capture_folder(out) / "shards" / "shard-000000.parquet.123-abcd.tmp").write_bytes(b"x")
     code, text = _cli(["capture", str(cfg)], capsys)
     assert code == 0, text
     _assert_says(text, ["capture: complete"])

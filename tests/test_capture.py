@@ -20,7 +20,8 @@ from orchestrator.driver.cli import main
 from orchestrator.errors import ConfigError, DataError, ShardError
 from orchestrator.driver.pipeline import capture
 from orchestrator.shards.format import META_KEY, decode_rows, load_shard, read_shards
-from tests.conftest import assert_split_main_truncated_heldout, capture_config, write_jsonl
+from tests.conftest import (assert_split_main_truncated_heldout, capture_config, capture_folder,
+                            write_jsonl)
 
 
 def ids_of(out: str) -> list[str]:
@@ -47,7 +48,7 @@ def test_hf_score_capture_via_cli(tmp_path, tiny_teacher, dataset, ray_session, 
                         f"capture: {{samples_per_shard: 8}}\noutput_dir: {tmp_path / 'out'}\n")
     assert main(["capture", str(cfg_path), "--set", "teacher.num_actors=2"]) == 0
     # the behaviour-cloning baseline's samples were captured beside (train.baselines default)
-    bc = list(read_shards(str(tmp_path / "out" / "bc")))
+    bc = list(read_shards(str(tmp_path / "out"), capture="bc"))
     assert {r["sample_id"].split("#")[0] for r in bc} == {f"t{i}" for i in range(40)}
     assert all(r["prompt_len"] < len(r["input_ids"]) for r in bc)
     rows = list(read_shards(str(tmp_path / "out")))
@@ -249,7 +250,7 @@ def test_interrupted_capture_resumes_exactly_once(sig, tmp_path, tiny_teacher, t
                             env=env, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
-        while time.time() < deadline and len(list((out / "shards").glob("*.parquet"))) < 3:
+        while time.time() < deadline and len(list(out.glob("captures/*/shards/*.parquet"))) < 3:
             time.sleep(0.2)
         proc.send_signal(sig)  # Ctrl-C, or the driver's process killed outright
         _, err = proc.communicate(timeout=60)
@@ -261,14 +262,15 @@ def test_interrupted_capture_resumes_exactly_once(sig, tmp_path, tiny_teacher, t
         assert "rerun the same command" in err
     else:
         assert proc.returncode == -signal.SIGKILL
-    first = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.parquet")}
+    folder = capture_folder(out)
+    first = {p.name: p.stat().st_mtime_ns for p in (folder / "shards").glob("*.parquet")}
     assert 3 <= len(first) < 30
     assert main(["capture", str(cfg_path)]) == 0
     assert_exactly_once(str(out), [f"t{i}" for i in range(len(texts) * 3)])
-    assert_manifest_matches_files(out)
+    assert_manifest_matches_files(folder)
     # shards finished before the interrupt were not redone
     for name, mtime in first.items():
-        assert (out / "shards" / name).stat().st_mtime_ns == mtime
+        assert (folder / "shards" / name).stat().st_mtime_ns == mtime
 
 
 def test_published_but_unrecorded_shard_is_adopted_and_corrupt_one_repaired(
@@ -277,7 +279,7 @@ def test_published_but_unrecorded_shard_is_adopted_and_corrupt_one_repaired(
 
     cfg = capture_config(tmp_path, tiny_teacher, dataset, **{"data.long_text": "truncate"})
     capture(cfg)
-    out = Path(cfg.output_dir)
+    out = capture_folder(cfg.output_dir)
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["shards"] = manifest["shards"][:-1]  # as if the driver died before recording it
     manifest["complete"] = False
@@ -323,32 +325,62 @@ def test_bad_inputs_fail_before_work(tmp_path, tiny_teacher, dataset, texts):
     assert not (tmp_path / "out").exists()  # nothing was started or written
 
 
-def test_output_dir_of_another_run_is_refused(tmp_path, tiny_teacher, dataset, ray_session):
+def _mtimes(folder) -> dict:
+    return {p: p.stat().st_mtime_ns for p in Path(folder).rglob("*") if p.is_file()}
+
+
+def test_captures_of_other_settings_sit_side_by_side(tmp_path, tiny_teacher, dataset,
+                                                     ray_session, capsys):
+    """Two configs that differ in teacher.k capture into one output_dir, each into the folder
+    its fingerprint names: nothing refused, nothing mixed, the first one said to be kept;
+    reading the output_dir then needs the folder; --fresh deletes only this config's capture."""
+    from orchestrator.shards.dirs import list_captures
+
     cfg = capture_config(tmp_path, tiny_teacher, dataset, **{"data.limit": 8})
     capture(cfg)
-    before = sorted(p.name for p in Path(cfg.output_dir, "shards").iterdir())
+    (first,) = list_captures(cfg.output_dir)
+    assert first.uri == str(capture_folder(cfg.output_dir)) and not first.old_layout
+    kept = _mtimes(first.uri)
     other = capture_config(tmp_path, tiny_teacher, dataset, **{"data.limit": 8, "teacher.k": 4})
-    with pytest.raises(ConfigError, match="holds another capture.*--fresh"):
-        capture(other)
-    assert sorted(p.name for p in Path(cfg.output_dir, "shards").iterdir()) == before
+    capsys.readouterr()
+    capture(other)
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"{cfg.output_dir} also holds 1 other capture(s) (" in said
+    assert f"kept; `raydistill inspect {cfg.output_dir}` lists them" in said
+    assert _mtimes(first.uri) == kept
+    second = next(c for c in list_captures(cfg.output_dir) if c.uri != first.uri)
+    assert {next(iter(read_shards(c.uri)))["topk_ids"].shape[1] for c in (first, second)} == {8, 4}
+    with pytest.raises(ShardError, match=r"holds 2 main captures .*pass the folder of the one "
+                                         r"you mean:\n  .*main-"):
+        list(read_shards(cfg.output_dir))
+
     (Path(cfg.output_dir) / "notes.txt").write_text("mine")
+    redone = _mtimes(second.uri)
+    time.sleep(0.01)
     capture(other, fresh=True)
-    assert next(iter(read_shards(other.output_dir)))["topk_ids"].shape[1] == 4
-    assert (Path(cfg.output_dir) / "notes.txt").read_text() == "mine"  # not the capture's to delete
+    assert f"--fresh: deleting this config's capture in {second.uri}" in capsys.readouterr().err
+    assert _mtimes(first.uri) == kept  # only this config's capture was deleted
+    assert all(_mtimes(second.uri)[p] != t for p, t in redone.items() if p.suffix == ".parquet")
+    assert (Path(cfg.output_dir) / "notes.txt").read_text() == "mine"
+    capture(cfg)  # the first config resumes its own capture: nothing to do
+    assert _mtimes(first.uri) == kept
 
 
 def test_captures_are_content_addressed(tmp_path, tiny_teacher, texts, ray_session):
     """The fingerprint covers the data's bytes, not its path: a moved copy resumes (nothing
-    recaptured), an edited dataset is refused with the --fresh hint. The behaviour-cloning
-    prompts live in the bc capture, are fingerprinted by content and go with --fresh."""
+    recaptured); an edited dataset is another capture, in its own folders beside the first. The
+    behaviour-cloning prompts live in the bc capture's folder, made again from the data on
+    every command (an edited prompts file is put right, the capture resumed)."""
     import shutil
+
+    from orchestrator.shards.dirs import list_captures
 
     rows = [{"id": i, "text": t} for i, t in enumerate(texts[:8])]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     sets = {"train.baselines": "[bc]", "train.bc_prompt_tokens": 8, "data.max_length": 48}
     capture(capture_config(tmp_path, tiny_teacher, data, **sets))
     out = tmp_path / "out"
-    (prompts,) = (out / "bc").glob("prompts-*.jsonl")
+    (prompts,) = capture_folder(out, "bc").glob("prompts-*.jsonl")
     shards = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
 
     moved = tmp_path / "elsewhere" / "d.jsonl"
@@ -357,29 +389,74 @@ def test_captures_are_content_addressed(tmp_path, tiny_teacher, texts, ray_sessi
     cfg = capture_config(tmp_path, tiny_teacher, str(moved), **sets)
     capture(cfg)  # same bytes, another path: resumed, nothing redone
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")} == shards
+    assert not list((out / "captures").glob(".staging-*"))  # the prompts' staging is gone
 
-    prompts.write_text(prompts.read_text().replace('"prompt": "', '"prompt": "# ', 1))
-    with pytest.raises(ConfigError, match=r"holds another capture .*the content of the bc "
-                                          r"prompts .*changed.*--fresh"):
-        capture(cfg)
+    original = prompts.read_text()
+    prompts.write_text(original.replace('"prompt": "', '"prompt": "# ', 1))
+    capture(cfg)
+    assert prompts.read_text() == original
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")} == shards
+
     write_jsonl(moved, [{"id": 0, "text": "edited = True\n" + texts[0]}, *rows[1:]])
-    with pytest.raises(ConfigError, match=r"holds another capture .*the content of data.path "
-                                          r".*d.jsonl changed since it was captured.*--fresh"):
-        capture(cfg)
-    capture(cfg, fresh=True)
-    assert not prompts.exists()  # --fresh removed the old prompts; new ones come from the edit
-    (new_prompts,) = (out / "bc").glob("prompts-*.jsonl")
+    capture(cfg)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")
+            if p in shards} == shards  # the first data's captures are kept as they were
+    stored = list_captures(str(out))
+    assert sorted(c.kind for c in stored) == ["bc", "bc", "main", "main"]
+    new_bc = next(c for c in stored if c.kind == "bc" and Path(c.uri) != prompts.parent)
+    (new_prompts,) = Path(new_bc.uri).glob("prompts-*.jsonl")
     assert json.loads(new_prompts.read_text().splitlines()[0])["prompt"].startswith("edited")
-    assert {r["sample_id"] for r in read_shards(str(out / "bc"))} == \
-        {f"{i}#s0" for i in range(8)}
+    assert {r["sample_id"] for r in read_shards(new_bc.uri)} == {f"{i}#s0" for i in range(8)}
+
+
+def test_a_capture_of_the_previous_layout(tmp_path, tiny_teacher, dataset, ray_session, capsys):
+    """A capture made by the previous layout (manifest.json and shards/ directly in output_dir)
+    resumes in place when its fingerprint is this config's; another config's capture goes to
+    captures/ and the old one is kept, said in one line; --fresh deletes only what the old
+    capture owns there and starts over in captures/."""
+    import shutil
+
+    from orchestrator.shards.dirs import list_captures
+
+    cfg = capture_config(tmp_path, tiny_teacher, dataset, **{"data.limit": 8})
+    capture(cfg)
+    out = Path(cfg.output_dir)
+    for entry in capture_folder(out).iterdir():  # as the previous raydistill laid it out
+        entry.rename(out / entry.name)
+    shutil.rmtree(out / "captures")
+    (old,) = list_captures(str(out))
+    assert old.old_layout and old.uri == str(out)
+    kept = _mtimes(out)
+    capture(cfg)
+    assert "capture: complete" in capsys.readouterr().err and _mtimes(out) == kept
+    assert not (out / "captures").exists()
+
+    other = capture_config(tmp_path, tiny_teacher, dataset, **{"data.limit": 8, "teacher.k": 4})
+    capture(other)
+    said = " ".join(capsys.readouterr().err.split())
+    assert "also holds 1 other capture(s) (" in said and "1 in the previous layout" in said
+    assert {p: t for p, t in _mtimes(out).items() if "captures" not in p.parts} == kept
+    (new,) = [c for c in list_captures(str(out)) if not c.old_layout]
+    assert next(iter(read_shards(new.uri)))["topk_ids"].shape[1] == 4
+
+    (out / "notes.txt").write_text("mine")
+    capture(cfg, fresh=True)
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"--fresh: deleting this config's capture (manifest.json, shards/) in {out}" in said
+    assert not (out / "manifest.json").exists() and (out / "notes.txt").read_text() == "mine"
+    assert sorted(c.kind for c in list_captures(str(out))) == ["main", "main"]
 
 
 def test_derived_captures_sit_under_the_output_dir_of_an_s3_compatible_store():
-    from orchestrator.shards.plan import _join
+    from orchestrator.shards.dirs import capture_dir, find_capture, join
 
-    assert _join("s3://b/run1?endpoint_override=h:9&scheme=http", "heldout") == \
-        "s3://b/run1/heldout?endpoint_override=h:9&scheme=http"
-    assert _join("/data/out/", "bc") == "/data/out/bc"
+    assert capture_dir("s3://b/run1?endpoint_override=h:9&scheme=http", kind="heldout",
+                       fingerprint="0123abcd") == \
+        "s3://b/run1/captures/heldout-0123abcd?endpoint_override=h:9&scheme=http"
+    assert join("/data/out/", "captures/bc-1") == "/data/out/captures/bc-1"
+    assert join("/data/out", "") == "/data/out"
+    with pytest.raises(ShardError, match="has no manifest.json and no main capture"):
+        find_capture("/nonexistent/out")
 
 
 def test_capture_to_s3_compatible_store(tmp_path, tiny_teacher, dataset, ray_session, s3_server):

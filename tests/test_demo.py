@@ -6,7 +6,8 @@ and queried through the openai client.
 
 Then the first hour of a newcomer (issue 12), as the README walks it: the README's next commands on
 the same output_dir with the plain examples/quickstart.yaml — `run`, `train`, `tune`, `inspect`,
-`serve` + `query` — and the user's own data. None may need `--fresh`. HOME points into the test's
+`serve` + `query` — and the user's own data (only data.path changed, same output_dir, beside the
+demo's capture). None may need `--fresh`. HOME points into the test's
 folder, so the quickstart's `~/.cache/raydistill/...` paths are the ones the demo wrote, and
 `runs/...` is relative to the working directory, as for a user in a fresh clone."""
 
@@ -22,7 +23,8 @@ import pytest
 
 from orchestrator.driver.cli import main
 from orchestrator.shards.format import read_shards
-from tests.conftest import free_port, server_up, wait_until, write_jsonl
+from orchestrator.shards.dirs import list_captures
+from tests.conftest import capture_folder, free_port, server_up, wait_until, write_jsonl
 
 QUICKSTART = str(Path(__file__).resolve().parent.parent / "examples" / "quickstart.yaml")
 RAYDISTILL = str(Path(sys.executable).with_name("raydistill"))
@@ -128,15 +130,23 @@ def _the_first_hour(tmp_path, out, capsys) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
-    # own data: the quickstart with data.path changed. In the demo's output_dir that is another
-    # capture: refused (the demo's shards are kept) with both ways out; in its own output_dir it runs
+    # own data: the quickstart with only data.path changed, in the demo's output_dir: captured
+    # into a folder of its own beside the demo's captures (kept as they were), no --fresh; the
+    # held-out file is the same, so the demo's held-out capture is reused
     texts = [f"def handler_{i}(event):\n    return event.get('value', {i}) * {i + 1}\n" * 3
              for i in range(20)]
     own = write_jsonl(tmp_path / "mine.jsonl", [{"text": t} for t in texts])
-    assert main(["run", QUICKSTART, *quick, "--set", f"data.path={own}"]) == 2
+    demo_capture = capture_folder(out)
+    kept = {p: p.stat().st_mtime_ns for p in demo_capture.rglob("*") if p.is_file()}
+    assert main(["run", QUICKSTART, *quick, "--set", f"data.path={own}"]) == 0
     err = capsys.readouterr().err
-    assert "another capture" in err and "new output_dir" in err and "--fresh" in err
-    assert main(["run", QUICKSTART, *quick, "--set", f"data.path={own}",
-                 "--set", "output_dir=runs/mine"]) == 0
-    (exp,) = (tmp_path / "runs" / "mine" / "experiments").iterdir()
-    assert "kd" in json.loads((exp / "report.json").read_text())["students"]
+    assert not _refusals(err), _refusals(err)
+    assert "runs/quickstart also holds 2 other capture(s) (" in " ".join(err.split())
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # the demo's capture is still there
+    mains = [c.uri for c in list_captures("runs/quickstart") if c.kind == "main"]
+    assert len(mains) == 2 and str(demo_capture) in {str(Path(m).resolve()) for m in mains}
+    newest = max((out / "experiments").iterdir(), key=lambda p: p.stat().st_mtime)
+    report = json.loads((newest / "report.json").read_text())
+    assert "kd" in report["students"]
+    assert report["settings"]["captures"]["capture"]["dir"] != str(demo_capture)
+    assert report["settings"]["captures"]["held-out"]["dir"] == str(capture_folder(out, "heldout"))

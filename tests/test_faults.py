@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.driver.cli import main
-from tests.conftest import write_jsonl
+from tests.conftest import capture_folder, write_jsonl
 from tests.test_capture import assert_exactly_once
 
 
@@ -78,7 +78,8 @@ def test_a_storage_error_mid_capture_keeps_published_shards_and_resumes(
     if small_disk is None and (fault == "disk_full" or os.geteuid() == 0):
         pytest.skip("needs to mount a small tmpfs (root with CAP_SYS_ADMIN)")
     base = small_disk if small_disk is not None else tmp_path
-    out, shards = base / "out", base / "out" / "shards"
+    out = base / "out"
+    shards = out / "captures" / "shards"  # the capture's folder, once it exists (inject)
     data = write_jsonl(tmp_path / "d.jsonl",
                        [{"id": f"t{i}", "text": t} for i, t in enumerate(texts[:40])])
     cfg = tmp_path / "c.yaml"
@@ -92,8 +93,10 @@ def test_a_storage_error_mid_capture_keeps_published_shards_and_resumes(
 
     def inject():
         deadline = time.time() + 180
-        while time.time() < deadline and len(list(shards.glob("*.parquet"))) < 3:
+        while time.time() < deadline and len(list(out.glob("captures/*/shards/*.parquet"))) < 3:
             time.sleep(0.05)
+        nonlocal shards
+        shards = capture_folder(out) / "shards"
         before.update({p.name: p.read_bytes() for p in shards.glob("*.parquet")})
         _fill(small_disk) if fault == "disk_full" else _read_only(small_disk, shards)
 
@@ -111,7 +114,7 @@ def test_a_storage_error_mid_capture_keeps_published_shards_and_resumes(
     assert 3 <= len(before) < 10
     for name, content in before.items():  # published before the fault: untouched
         assert (shards / name).read_bytes() == content
-    listed = json.loads((out / "manifest.json").read_text())["shards"]
+    listed = json.loads((shards.parent / "manifest.json").read_text())["shards"]
     assert listed and not [p for p in shards.iterdir() if p.name.endswith(".tmp")]
     for entry in listed:  # the manifest still matches the files it lists
         assert hashlib.sha256((shards / entry["file"]).read_bytes()).hexdigest() == entry["sha256"]

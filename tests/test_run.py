@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_split_main_truncated_heldout, train_config, write_jsonl
+from conftest import (assert_split_main_truncated_heldout, capture_folder, train_config,
+                      write_jsonl)
 from orchestrator.driver.cli import main
 
 
@@ -34,7 +35,7 @@ def test_students_train_while_a_slow_teacher_is_still_capturing(tmp_path, tiny_t
         "train.baselines": "[]", "train.max_steps": 60, "train.eval_every": 30,
         "train.log_every": 3})
     report = _report(pipeline.run(cfg))
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    manifest = json.loads((capture_folder(tmp_path / "out") / "manifest.json").read_text())
     assert manifest["complete"] and report["settings"]["streaming"]["streamed"]
     samples = sum(s["rows"] for s in manifest["shards"])
     assert samples < 60 * 4, "the capture must hold less than the run's 60 steps × 4 samples"
@@ -55,7 +56,7 @@ def test_a_fast_teacher_pauses_for_the_students(tmp_path, tiny_teacher, texts, r
         "train.max_steps": 24, "train.eval_every": 12})
     report = _report(pipeline.run(cfg))
     assert report["settings"]["streaming"]["capture_paused_s"] > 0
-    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["complete"]
+    assert json.loads((capture_folder(tmp_path / "out") / "manifest.json").read_text())["complete"]
     assert report["history"]["kd"][-1]["step"] == 24
 
 

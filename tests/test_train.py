@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import train_config, write_jsonl
+from conftest import capture_folder, train_config, write_jsonl
 from orchestrator.driver.cli import main
 from orchestrator.errors import RaydistillError
 
@@ -111,19 +111,19 @@ def _spec(captured, *, optim: dict | None = None, eval: dict | None = None,
     from orchestrator.train.specs import (DataSpec, EvalSpec, OptimSpec, RunSpec, StudentSpec,
                                           TrainSpec)
 
-    fs, root = filesystem(captured["out"])
-    m = load_manifest(fs, root)
+    shards, heldout = (str(capture_folder(captured["out"], kind)) for kind in ("main", "heldout"))
+    m = load_manifest(*filesystem(shards))
     info = inspect_teacher(captured["model"])
     return TrainSpec(
         student=StudentSpec(teacher_model=captured["model"], shape=resolve_shape(preset="nano"),
                             init_from_teacher=False),
-        data=DataSpec(shards_uri=captured["out"], units=list(range(m.total_units)),
+        data=DataSpec(shards_uri=shards, units=list(range(m.total_units)),
                       streaming=False,
                       expect={"tokenizer_fingerprint": info.tokenizer_fingerprint}),
         loss=LossSpec(kind="fkl", temperature=2.0, alpha=0.5, beta=0.5, tail="renormalize"),
         optim=OptimSpec(**{"lr": 2e-3, "warmup_steps": 5, "batch_size": 4, "grad_accum": 2,
                            "max_steps": 60, "seed": 7, **(optim or {})}),
-        eval=EvalSpec(**{"every": 10, "heldout_uri": captured["out"] + "/heldout",
+        eval=EvalSpec(**{"every": 10, "heldout_uri": heldout,
                          "samples": 16, **(eval or {})}),
         run=RunSpec(**{"log_every": 5, **(run or {})}))
 
@@ -248,7 +248,7 @@ def copied_capture(captured, tmp_path):
     return out
 
 
-def _train_cli(captured, out, *sets, resume: str | None = None):
+def _train_cli(captured, out, *sets, resume: str | None = None, command: str = "train"):
     base = ["--set", f"teacher.model={captured['model']}", "--set", f"data.path={captured['data']}",
             "--set", f"output_dir={out}"]
     cfg = train_config(out, captured["model"], captured["data"])
@@ -257,7 +257,7 @@ def _train_cli(captured, out, *sets, resume: str | None = None):
 
     path.write_text(json.dumps({k: asdict(getattr(cfg, k)) for k in
                                 ("teacher", "data", "capture", "student", "train")}))
-    return main(["train", str(path), *base, *[x for s in sets for x in ("--set", s)],
+    return main([command, str(path), *base, *[x for s in sets for x in ("--set", s)],
                  *(["--resume", resume] if resume else [])])
 
 
@@ -296,8 +296,38 @@ def test_resume_with_another_batch_layout_is_refused(captured, copied_capture, c
                     cpus_per_worker=0.5, max_failures=0)
 
 
+def test_two_datasets_in_one_output_dir_both_capture_and_train(captured, copied_capture, texts,
+                                                               tmp_path, capsys):
+    """Own data with only data.path changed, in an output_dir that holds another config's
+    captures: `run` captures it into folders of its own and trains, no --fresh; the first config
+    then still trains on its own captures, which stayed as they were. Each report names its own
+    capture folders."""
+    from orchestrator.shards.dirs import list_captures
+
+    own = write_jsonl(tmp_path / "own.jsonl",
+                      [{"id": i, "text": t} for i, t in enumerate(texts[40:80])])
+    first = {p: p.stat().st_mtime_ns for p in copied_capture.rglob("*") if p.is_file()}
+    short = ("train.max_steps=3", "train.eval_every=3", "train.log_every=3",
+             "train.baselines=[]", "train.num_workers=0")
+    assert _train_cli(captured, copied_capture, *short, f"data.path={own}", command="run") == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{copied_capture} also holds 3 other capture(s) (" in err
+    assert _train_cli(captured, copied_capture, *short) == 0
+    assert {p: p.stat().st_mtime_ns for p in first} == first
+    assert len(list_captures(str(copied_capture))) == 5  # 3 of the first config, 2 of own data
+    reports = [json.loads(p.read_text())["settings"]["captures"]
+               for p in sorted((copied_capture / "experiments").glob("*/report.json"))]
+    dirs = [{label: c["dir"] for label, c in r.items()} for r in reports]
+    assert len(dirs) == 2 and dirs[0]["capture"] != dirs[1]["capture"]
+    for d in dirs:
+        assert {Path(v).parent for v in d.values()} == {copied_capture / "captures"}
+        assert Path(d["capture"]).name.startswith("main-")
+        assert Path(d["held-out"]).name.startswith("heldout-")
+    assert sum(r["capture"]["rows"] for r in reports) > reports[0]["capture"]["rows"]
+
+
 def test_corrupt_shard_is_named_and_nothing_trains(captured, copied_capture, capsys):
-    shard = sorted((copied_capture / "shards").glob("*.parquet"))[2]
+    shard = sorted((capture_folder(copied_capture) / "shards").glob("*.parquet"))[2]
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
@@ -363,14 +393,15 @@ def test_a_student_larger_than_the_teacher_is_warned_about(captured, capsys):
 def test_train_refuses_an_incomplete_capture(captured, tmp_path, capsys):
     out = tmp_path / "out"
     shutil.copytree(captured["out"], out, ignore=shutil.ignore_patterns("experiments"))
-    manifest = json.loads((out / "manifest.json").read_text())
+    folder = capture_folder(out)
+    manifest = json.loads((folder / "manifest.json").read_text())
     manifest["shards"] = manifest["shards"][:-1]
     manifest["complete"] = False
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    (folder / "manifest.json").write_text(json.dumps(manifest))
     # the unrecorded last shard is still on disk and is adopted: the capture is complete again
     assert _train_cli(captured, out, "train.max_steps=3", "train.eval_every=3",
                       "train.baselines=[]", "train.num_workers=0") == 0
-    for f in (out / "shards").glob("*.parquet"):
+    for f in (folder / "shards").glob("*.parquet"):
         f.unlink()
         break
     assert _train_cli(captured, out) == 2

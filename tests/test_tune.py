@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import train_config
+from conftest import capture_folder, train_config
 from orchestrator.errors import ConfigError
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -236,8 +236,8 @@ def test_a_students_size_is_counted_from_its_shape_alone(tiny_teacher):
 def _capture_files(out: str) -> dict:
     """Every file of the main and held-out captures with its modification time."""
     files = {}
-    for sub in ("", "heldout"):
-        root = Path(out) / sub
+    for kind in ("main", "heldout"):
+        root = capture_folder(out, kind)
         for p in [root / "manifest.json", *sorted((root / "shards").glob("*"))]:
             files[str(p)] = p.stat().st_mtime_ns
     return files

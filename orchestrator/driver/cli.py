@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     cap.add_argument("config", help="YAML run config")
     _set_option(cap, "teacher.k=32")
     cap.add_argument("--fresh", action="store_true",
-                     help="delete what output_dir holds and capture from scratch")
+                     help="delete this config's captures (only those) and capture from scratch")
     cap.add_argument("--repair", action="store_true",
                      help="verify every shard's checksum and recapture the bad ones")
     _local_ray_option(cap)
@@ -103,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
                               "output_dir/experiments) from its last checkpoints")
         if name == "run":
             cmd.add_argument("--fresh", action="store_true",
-                             help="delete the previous capture in output_dir and start over")
+                             help="delete this config's captures (only those) and start over")
         _local_ray_option(cmd)
 
     demo = _command(sub, "demo", text="build the demo teacher (once) and run the quickstart",
@@ -136,8 +136,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="continue an interrupted sweep (its name under output_dir/sweeps)")
     _local_ray_option(tune)
     tune.add_argument("--fresh", action="store_true",
-                      help="delete the previous capture in output_dir and capture again before "
-                           "the sweep")
+                      help="delete this config's captures (only those) and capture again "
+                           "before the sweep")
 
     srv = _command(sub, "serve", text="host a run's winners behind OpenAI-compatible HTTP routes",
                    examples=["runs/quickstart --top 2 --set serve.port=8001"])
@@ -195,9 +195,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="the job (for logs and stop), as `submit` and `jobs list` print it")
     jobs.add_argument("--address", default=None, help="http://HEAD:8265 (default RAY_JOB_ADDRESS)")
 
-    ins = _command(sub, "inspect", text="what an output_dir holds: its captures (main, "
-                                        "held-out, behaviour-cloning samples), experiments "
-                                        "and sweeps",
+    ins = _command(sub, "inspect", text="what an output_dir holds: every capture (main, "
+                                        "held-out, behaviour-cloning samples, of every config "
+                                        "that captured there), experiments and sweeps",
                    examples=["runs/quickstart"])
     ins.add_argument("output_dir", help="a run's output_dir (the config's output_dir: a local "
                                         "path or s3://…)")

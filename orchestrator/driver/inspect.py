@@ -1,6 +1,7 @@
-"""`raydistill inspect OUTPUT_DIR`: what an output_dir holds, as text — each capture (main, held-out
-split, behaviour-cloning samples: totals, and the main capture's shard metadata), each experiment
-(its report's verdict, or its students' state) and each sweep (trials by status, winners).
+"""`raydistill inspect OUTPUT_DIR`: what an output_dir holds, as text — every capture (main,
+held-out split, behaviour-cloning samples, of every config that captured there: fingerprint,
+totals, size, data file, and a main capture's shard metadata), each experiment (its report's
+verdict, or its students' state) and each sweep (trials by status, winners).
 
     raydistill inspect runs/quickstart
 """
@@ -14,51 +15,60 @@ from collections import Counter
 
 import pyarrow.fs as pafs
 
-from orchestrator.shards.plan import BC_DIR, HELDOUT_DIR, CaptureKind
+from orchestrator.shards.dirs import CAPTURES_DIR, StoredCapture, join, list_captures
+from orchestrator.shards.plan import CaptureKind
 from orchestrator.program import command_name
 from orchestrator.errors import ShardError
-from orchestrator.shards.manifest import SHARDS_DIR, Manifest, load_manifest
+from orchestrator.shards.manifest import SHARDS_DIR
 from orchestrator.storage import exists, filesystem
 from orchestrator.shards.format import load_shard, read_bytes, shard_metadata
 from orchestrator.winners import WINNERS_FILE
 from orchestrator.names import EXPERIMENTS_DIR, SWEEPS_DIR
 
-_CAPTURES = ((CaptureKind.MAIN, ""), (CaptureKind.HELDOUT, HELDOUT_DIR), (CaptureKind.BC, BC_DIR))
 _STATUS = {"finished": "finished", "stopped": "stopped early", "error": "failed"}
 
 
 def describe(output_dir: str) -> str:
     fs, root = filesystem(output_dir)
-    captures = [(kind, sub, load_manifest(fs, _path(root, sub))) for kind, sub in _CAPTURES]
+    captures = list_captures(output_dir)
     experiments = _subdirs(fs, f"{root}/{EXPERIMENTS_DIR}")
     sweeps = _subdirs(fs, f"{root}/{SWEEPS_DIR}")
-    if all(m is None for _, _, m in captures) and not experiments and not sweeps:
-        raise ShardError(f"{output_dir} holds no capture (manifest.json), {EXPERIMENTS_DIR}/ or "
-                         f"{SWEEPS_DIR}/; pass a run's output_dir (the config's output_dir)")
-    lines = []
-    for kind, sub, manifest in captures:
-        lines += _capture(fs, root, output_dir, kind=kind, sub=sub, manifest=manifest)
+    if not captures and not experiments and not sweeps:
+        raise ShardError(f"{output_dir} holds no capture ({CAPTURES_DIR}/, manifest.json), "
+                         f"{EXPERIMENTS_DIR}/ or {SWEEPS_DIR}/; pass a run's output_dir (the config's "
+                         "output_dir)")
+    if captures:
+        lines = [f"captures in {output_dir}: {len(captures)} (one folder per kind and "
+                 "fingerprint: each config finds its own)"]
+    else:
+        lines = [f"captures: none in {join(output_dir, CAPTURES_DIR)}"]
+    for stored in captures:
+        lines += _capture(stored)
     lines += _experiments(fs, f"{root}/{EXPERIMENTS_DIR}", output_dir, experiments)
     lines += _sweeps(fs, f"{root}/{SWEEPS_DIR}", output_dir, sweeps)
     return "\n".join(lines)
 
 
-def _capture(fs, root: str, output_dir: str, *, kind: CaptureKind, sub: str,
-             manifest: Manifest | None) -> list[str]:
-    where = _path(output_dir, sub)
+def _capture(stored: StoredCapture) -> list[str]:
+    kind, manifest = CaptureKind(stored.kind), stored.manifest
+    head = f"{kind.label} {stored.uri}" + ("   (previous layout)" if stored.old_layout else "")
     if manifest is None:
-        return [f"{kind.label}: none in {where}"]
+        return [head, f"  {stored.problem or 'shards/ without manifest.json'}: not resumable"]
     shards = manifest.shards
     tokens = sum(s.tokens for s in shards.values())
     size = sum(s.bytes for s in shards.values())
-    lines = [f"{kind.label} {where}",
+    data = manifest.capture.get("data") if isinstance(manifest.capture, dict) else None
+    lines = [head,
              f"  fingerprint {manifest.fingerprint}   complete: {manifest.complete}",
              f"  shards {len(shards)}/{manifest.total_units}   samples "
              f"{sum(s.rows for s in shards.values())}   tokens {tokens}   "
-             f"{size / max(tokens, 1):.1f} B/token"]
+             f"{size / 1e6:.1f} MB   {size / max(tokens, 1):.1f} B/token"]
+    if isinstance(data, dict) and data.get("path"):
+        lines.append(f"  data {data['path']}")
     if not manifest.complete:
         lines.append(f"  unfinished: `{command_name()} capture CONFIG` (or `run`) resumes it")
     if kind is CaptureKind.MAIN and shards:
+        fs, root = filesystem(stored.uri)
         first = shards[min(shards)]
         table = load_shard(read_bytes(fs, f"{root}/{SHARDS_DIR}/{first.file}"), name=first.file)
         meta = shard_metadata(table)
@@ -70,8 +80,8 @@ def _capture(fs, root: str, output_dir: str, *, kind: CaptureKind, sub: str,
 
 def _experiments(fs, parent: str, output_dir: str, names: list[str]) -> list[str]:
     if not names:
-        return [f"experiments: none in {_path(output_dir, EXPERIMENTS_DIR)}"]
-    lines = [f"experiments in {_path(output_dir, EXPERIMENTS_DIR)}: {len(names)}"]
+        return [f"experiments: none in {join(output_dir, EXPERIMENTS_DIR)}"]
+    lines = [f"experiments in {join(output_dir, EXPERIMENTS_DIR)}: {len(names)}"]
     for name in names:
         report = _json(fs, f"{parent}/{name}/report.json")
         if isinstance(report, dict) and isinstance(report.get("students"), dict):
@@ -124,8 +134,8 @@ def _unreported(fs, run: str, label: str) -> str:
 
 def _sweeps(fs, parent: str, output_dir: str, names: list[str]) -> list[str]:
     if not names:
-        return [f"sweeps: none in {_path(output_dir, SWEEPS_DIR)}"]
-    lines = [f"sweeps in {_path(output_dir, SWEEPS_DIR)}: {len(names)}"]
+        return [f"sweeps: none in {join(output_dir, SWEEPS_DIR)}"]
+    lines = [f"sweeps in {join(output_dir, SWEEPS_DIR)}: {len(names)}"]
     for name in names:
         rows = _leaderboard(fs, f"{parent}/{name}/leaderboard.csv")
         if rows is None:
@@ -174,14 +184,6 @@ def _subdirs(fs, path: str) -> list[str]:
     infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     return sorted(i.base_name for i in infos
                   if i.type == pafs.FileType.Directory and not i.base_name.startswith("."))
-
-
-def _path(base: str, sub: str) -> str:
-    """`base/sub` ('' → base); a URI's query (`?endpoint_override=…`) stays last."""
-    if not sub:
-        return base
-    path, sep, query = base.partition("?")
-    return f"{path.rstrip('/')}/{sub}{sep}{query}"
 
 
 def _num(x) -> bool:

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from orchestrator.shards.dirs import find_capture
 from orchestrator.errors import ShardError
 from orchestrator.shards.manifest import MANIFEST, SHARDS_DIR, ShardInfo, load_manifest
 from orchestrator.storage import exists, filesystem, write_atomic
@@ -268,19 +269,20 @@ def decode_rows(table: pa.Table) -> Iterator[dict]:
                "target_logprobs": target}
 
 
-def read_shards(path: str, *, verify: bool = True) -> Iterator[dict]:
+def read_shards(path: str, *, capture: str = "main", verify: bool = True) -> Iterator[dict]:
     """Yield every sample of a capture, in unit order, as dicts of numpy arrays (see `decode_rows`).
 
-    `path` is a capture's output_dir (local or s3://) or its `shards/` folder. Only shards listed in
-    manifest.json are read, each checked against its checksum first (`verify=False` skips that).
+    `path` is a capture's folder (local or s3://), its `shards/` folder, or a run's output_dir
+    holding one `capture` capture (`main`, `heldout` or `bc`; several: an error listing their
+    folders — `orchestrator.shards.dirs.find_capture`). Only shards listed in manifest.json are
+    read, each checked against its checksum first (`verify=False` skips that).
     """
-    fs, root = filesystem(path)
-    if root.endswith("/" + SHARDS_DIR) and not exists(fs, f"{root}/{MANIFEST}"):
-        root = root[: -len(SHARDS_DIR) - 1]
+    where = find_capture(path, kind=capture)
+    fs, root = filesystem(where)
     manifest = load_manifest(fs, root)
     if manifest is None:
-        raise ShardError(f"{path} has no {MANIFEST}; point at a capture's output_dir "
-                         "(run `raydistill capture CONFIG` first)")
+        raise ShardError(f"{where} has shards/ but no {MANIFEST}: not a capture that can be read; "
+                         "recapture it with `raydistill capture CONFIG --fresh`")
     for unit in sorted(manifest.shards):
         info = manifest.shards[unit]
         file = f"{root}/{SHARDS_DIR}/{info.file}"

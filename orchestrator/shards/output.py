@@ -1,23 +1,24 @@
-"""A capture's output folder, checked before anything is written: new, this capture (resume), an
-empty leftover of other settings (replaced), or another capture (refused, with advice the refusing
-command accepts). Driver-internal: `orchestrator.shards.plan` first checks every capture's output
-(`check_output` only reads), then opens them (`open_output`).
+"""A capture's folder, found and checked before anything is written. Driver-internal:
+`orchestrator.shards.plan` first locates every capture of a config (`locate` only reads), then
+opens them (`open_output`).
 
-An output that holds no shard holds nothing to protect: a first attempt that failed after its
-manifest was written (a teacher that did not start, a capture made by an older raydistill that
-checked less before writing) does not make the corrected rerun need --fresh.
+A capture lives in the folder its kind and fingerprint name (`orchestrator.shards.dirs`), so a
+config of other settings or other data captures into a folder of its own: nothing is refused,
+mixed or deleted because another config captured in the same output_dir. A folder of this
+config's name that holds shards but no manifest, or a manifest of another fingerprint, cannot be
+resumed and is refused with advice the refusing command accepts.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 
+from orchestrator.shards.dirs import capture_dir, list_captures, old_layout_dir
 from orchestrator.errors import ConfigError, ShardError
 from orchestrator.shards.manifest import MANIFEST, SHARDS_DIR, Manifest, load_manifest
-from orchestrator.storage import exists
+from orchestrator.storage import exists, filesystem
 from orchestrator.console import say
 from orchestrator.program import command_name
 
@@ -36,115 +37,119 @@ def fresh_advice(command: str, *, what: str = "that capture") -> str:
 
 @dataclass(frozen=True)
 class Found:
-    """What `check_output` found: the manifest to resume (None: start a new capture) and, when
-    something must go first, why (--fresh, or an empty capture of other settings)."""
+    """Where a config's capture lives (`where`), the manifest to resume there (None: start a new
+    capture) and, with --fresh, the folders whose capture is deleted first: (uri, whole folder?)."""
 
+    where: str
     manifest: Manifest | None
-    clear: str | None = None
+    clear: tuple[tuple[str, bool], ...] = ()
 
 
-def check_output(fs, root: str, *, where: str, fingerprint: str, keys: dict, fresh: bool,
-                 command: str, key: str, path: str) -> Found:
-    """Read (never write) what `root` holds and decide; a refusal is a ConfigError naming what
-    differs. `where`: the output as messages name it; `key`/`path`: the config field naming this
-    capture's data, and its value."""
+def locate(output_dir: str, *, kind: str, fingerprint: str, fresh: bool, command: str) -> Found:
+    """Find (never write) the `kind` capture of this fingerprint in `output_dir`: its folder under
+    captures/ — or the previous layout's folder of `kind` when that holds this very capture
+    (resumed in place). --fresh deletes whichever holds it and starts over under captures/. A
+    command that does not capture (`train`) refuses a capture that is not there, naming the
+    commands that capture it."""
+    folder = capture_dir(output_dir, kind=kind, fingerprint=fingerprint)
+    old = old_layout_dir(output_dir, kind=kind)
+    clear = []
+    old_manifest = _readable_manifest(old)
+    if old_manifest is not None and old_manifest.fingerprint == fingerprint:
+        if not fresh:
+            return Found(old, old_manifest)
+        clear.append((old, old != output_dir))  # output_dir itself: only what the capture owns
+    fs, root = filesystem(folder)
     try:
         existing = load_manifest(fs, root)
     except ShardError:
         if not fresh:
             raise
-        return Found(None, clear=f"--fresh: deleting the unreadable capture in {where}")
-    has_shards = _holds_shards(fs, root, existing)
-    if fresh and (existing is not None or exists(fs, f"{root}/{SHARDS_DIR}")):
-        return Found(None, clear=f"--fresh: deleting the previous capture (manifest.json, "
-                                 f"shards/) in {where}")
+        return Found(folder, None, (*clear, (folder, True)))
+    if fresh:
+        held = existing is not None or exists(fs, f"{root}/{SHARDS_DIR}")
+        return Found(folder, None, (*clear, (folder, True)) if held else tuple(clear))
     if existing is None:
-        if has_shards:
-            raise ConfigError(f"output_dir {where} has a shards/ folder but no manifest.json; it "
-                              "is not a capture this config can resume. Use a new output_dir, or "
+        if _holds_shards(fs, root):
+            raise ConfigError(f"{folder} has a shards/ folder but no {MANIFEST}; it is not a "
+                              "capture this config can resume. Delete the folder, or "
                               f"{fresh_advice(command, what='it')}")
-        return Found(None)
-    if existing.fingerprint == fingerprint:
-        return Found(existing)
-    if not has_shards:
-        return Found(None, clear=f"replacing the empty capture in {where} (fingerprint "
-                                 f"{existing.fingerprint}, no shard captured yet) with this "
-                                 f"config's ({fingerprint})")
-    why = _what_changed(existing.capture.get("fingerprint_keys"), keys, key=key, path=path)
+        if command not in FRESH_COMMANDS:
+            _refuse_missing(output_dir, kind=kind, folder=folder)
+        return Found(folder, None)
+    if existing.fingerprint != fingerprint:
+        raise ConfigError(f"{folder} holds a capture of fingerprint {existing.fingerprint}, not "
+                          f"the {fingerprint} its name says (a folder copied or renamed by hand); "
+                          f"delete the folder, or {fresh_advice(command, what='it')}")
+    return Found(folder, existing)
+
+
+def say_others(output_dir: str, *, mine: set[str]) -> None:
+    """A capture was started in `output_dir`: if it holds captures other than `mine` (folders),
+    say so in one line — they are kept, each in its own folder."""
+    others = [c for c in list_captures(output_dir) if c.uri not in mine]
+    if not others:
+        return
+    old = sum(c.old_layout for c in others)
+    size = sum(c.bytes for c in others) / 1e6
+    say(f"{output_dir} also holds {len(others)} other capture(s) ({size:.1f} MB"
+        + (f"; {old} in the previous layout" if old else "") + ") of other settings or data: "
+        f"kept; `{command_name()} inspect {output_dir}` lists them")
+
+
+def _refuse_missing(output_dir: str, *, kind: str, folder: str) -> None:
+    rd = command_name()
+    what = {"main": "capture", "heldout": "held-out capture",
+            "bc": "behaviour-cloning capture"}[kind]
+    others = len(list_captures(output_dir))
     raise ConfigError(
-        f"output_dir {where} holds another capture (fingerprint {existing.fingerprint}, this "
-        f"config {fingerprint}){why}; its shards would mix with these. Use a new output_dir, or "
-        f"{fresh_advice(command)}")
+        f"this config's {what} is not in {output_dir} yet (it goes to {folder}); "
+        f"`{rd} capture CONFIG` captures it, or `{rd} run CONFIG` captures and trains"
+        + (f". {output_dir} holds {others} capture(s) of other settings or data: `{rd} inspect "
+           f"{output_dir}` lists them" if others else ""))
 
 
-def open_output(fs, root: str, found: Found, *, fingerprint: str, record: dict, total_units: int,
+def open_output(found: Found, *, fingerprint: str, record: dict, total_units: int,
                 total_records: int) -> Manifest:
-    """The manifest to work with: the one found, or a new one (after clearing what `found` says
-    must go). Creates the shards folder; the caller saves the manifest."""
-    if found.clear:
-        say(found.clear)
-        delete_capture(fs, root)
+    """The manifest to work with: the one found, or a new one (after deleting what --fresh
+    deletes). Creates the shards folder; the caller saves the manifest."""
+    for uri, whole in found.clear:
+        say(f"--fresh: deleting this config's capture{'' if whole else ' (manifest.json, shards/)'}"
+            f" in {uri}")
+        delete_capture(uri, whole=whole)
     if found.manifest is not None:
         return found.manifest
+    fs, root = filesystem(found.where)
     fs.create_dir(f"{root}/{SHARDS_DIR}", recursive=True)
     return Manifest(fingerprint=fingerprint, capture=record, total_units=total_units,
                     total_records=total_records)
 
 
-def delete_capture(fs, root: str) -> None:
-    """Delete only what a capture owns (manifest.json, shards/): other files a user keeps in
-    output_dir stay."""
+def delete_capture(uri: str, *, whole: bool) -> None:
+    """Delete a capture: its whole folder, or (an output_dir of the previous layout) only what the
+    capture owns there — manifest.json and shards/; other files a user keeps there stay."""
+    fs, root = filesystem(uri)
+    if whole:
+        if exists(fs, root):
+            fs.delete_dir(root)
+        return
     if exists(fs, f"{root}/{SHARDS_DIR}"):
         fs.delete_dir(f"{root}/{SHARDS_DIR}")
     if exists(fs, f"{root}/{MANIFEST}"):
         fs.delete_file(f"{root}/{MANIFEST}")
 
 
-def _holds_shards(fs, root: str, manifest: Manifest | None) -> bool:
-    """A shard is listed, or a shard file lies in shards/ (published, perhaps not yet listed)."""
-    if manifest is not None and manifest.shards:
-        return True
+def _readable_manifest(uri: str) -> Manifest | None:
+    try:
+        return load_manifest(*filesystem(uri))
+    except ShardError:  # not this config's capture to resume; left as it is
+        return None
+
+
+def _holds_shards(fs, root: str) -> bool:
+    """A shard file lies in shards/ (published, perhaps not yet listed)."""
     folder = f"{root}/{SHARDS_DIR}"
     if not exists(fs, folder):
         return False
     return any(f.base_name.startswith("shard-") and f.base_name.endswith(".parquet")
                for f in fs.get_file_info(pafs.FileSelector(folder)))
-
-
-def _what_changed(old: dict | None, new: dict, *, key: str, path: str) -> str:
-    """`: <what differs>` between a capture's recorded fingerprint keys and this config's; what
-    an older raydistill recorded otherwise is said as such."""
-    if not isinstance(old, dict):
-        return (" (it records no settings: a capture of an older raydistill, whose fingerprints "
-                "differ even for the same settings)")
-    flat_old, flat_new = _flatten(old), _flatten(new)
-    if flat_old.get("data.content_sha256") != flat_new.get("data.content_sha256"):
-        a, b = str(flat_old.get("data.content_sha256"))[:12], flat_new["data.content_sha256"][:12]
-        return f": the content of {key} {path} changed since it was captured (sha256 {a}… → {b}…)"
-    changed = [k for k in sorted(set(flat_old) | set(flat_new))
-               if flat_old.get(k) != flat_new.get(k)]
-    older = [k for k in changed if _older_spelling(k, flat_old.get(k), flat_new.get(k))]
-    listed = [f"{k} {flat_old.get(k)!r} → {flat_new.get(k)!r}" for k in changed]
-    if older and older == changed:
-        return (f": {', '.join(listed)} — the same teacher, recorded by an older raydistill "
-                "before paths were resolved, so its fingerprint differs")
-    if not changed:
-        return (" (its recorded settings equal this config's: it was fingerprinted by another "
-                "raydistill version)")
-    return f": {', '.join(listed[:4])} differ"
-
-
-def _older_spelling(key: str, old, new) -> bool:
-    """The teacher path of a capture made before fingerprints used its real path."""
-    return (key == "model" and isinstance(old, str) and isinstance(new, str)
-            and os.path.exists(old) and os.path.realpath(old) == new)
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out |= _flatten(v, f"{prefix}{k}.")
-        else:
-            out[f"{prefix}{k}"] = v
-    return out

@@ -4,19 +4,21 @@ samples (`CaptureKind`) — with its derived config, output, manifest and the un
 `orchestrator.driver.capture_run.Teachers` runs them.
 
 Captures are content-addressed: the fingerprint covers the sha256 of the data files' bytes
-(`orchestrator.data.content_digest`), not their path, so an edited dataset is refused (with the
---fresh hint) and a moved or copied one resumes. Every input of the main and held-out captures is
-read and checked, and every output checked, before anything is written (`scan_captures`,
+(`orchestrator.data.content_digest`), not their path, and names the capture's folder
+(`orchestrator.shards.dirs`): a moved or copied dataset resumes its capture, an edited one (or
+other settings) gets a folder of its own beside it. Every input of the main and held-out captures
+is read and checked, and every output checked, before anything is written (`scan_captures`,
 `orchestrator.shards.output`).
 """
 
 from __future__ import annotations
 
 import enum
-import glob
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass, replace
 
 import pyarrow as pa
@@ -24,16 +26,14 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from orchestrator import data as data_mod
 from orchestrator.config import Config
-from orchestrator.shards.output import Found, check_output, delete_capture, open_output
+from orchestrator.shards.dirs import CAPTURES_DIR, join
+from orchestrator.shards.output import Found, locate, open_output, say_others
 from orchestrator.errors import ConfigError, ShardError
 from orchestrator.shards.manifest import MANIFEST, SHARDS_DIR, Manifest, ShardInfo, reconcile, save_manifest
 from orchestrator.storage import exists, filesystem, write_atomic_local
 from orchestrator.console import say
 from orchestrator.shards.format import FORMAT_VERSION, load_shard, read_bytes, shard_metadata
 from orchestrator.teacher_info import TeacherInfo, inspect_teacher
-
-HELDOUT_DIR = "heldout"
-BC_DIR = "bc"
 
 
 class CaptureKind(enum.Enum):
@@ -49,12 +49,6 @@ class CaptureKind(enum.Enum):
         """Display text: how messages, `inspect` and the report's `captures` name it."""
         return {CaptureKind.MAIN: "capture", CaptureKind.HELDOUT: "held-out",
                 CaptureKind.BC: "bc samples"}[self]
-
-
-def _join(base: str, name: str) -> str:
-    """`base/name`; a URI's query (`?endpoint_override=…` of S3-compatible stores) stays last."""
-    path, sep, query = base.partition("?")
-    return f"{path.rstrip('/')}/{name}{sep}{query}"
 
 
 @dataclass(frozen=True)
@@ -76,7 +70,8 @@ class Split:
 
 @dataclass
 class CapturePlan:
-    """One capture to run: its (derived) config, output, manifest and the units still to do."""
+    """One capture to run: its (derived) config — output_dir is the capture's own folder —,
+    output, manifest and the units still to do."""
 
     kind: CaptureKind
     cfg: Config
@@ -90,6 +85,8 @@ class CapturePlan:
     split: Split | None = None
     data_key: str = "data.path"
     """The config field that names this capture's data (`data.eval_path` for a held-out file)."""
+    new: bool = False
+    """Started by this command: nothing of it existed in output_dir."""
 
     @property
     def label(self) -> str:
@@ -152,32 +149,30 @@ class ScannedCapture:
     """What the fingerprint covers (`Config.capture_keys` and, for bc, the prompts' origin)."""
     fingerprint: str
 
-    def check(self, *, fresh: bool, command: str) -> Found:
-        """What this capture's output holds (reads only; refuses another capture)."""
-        fs, root = filesystem(self.cfg.output_dir)
-        return check_output(fs, root, where=self.cfg.output_dir, fingerprint=self.fingerprint,
-                            keys=self.keys, fresh=fresh, command=command, key=self.key,
-                            path=self.cfg.data.path)
+    def locate(self, *, fresh: bool, command: str) -> Found:
+        """Where this capture lives in output_dir and what is there (reads only)."""
+        return locate(self.cfg.output_dir, kind=self.kind.value, fingerprint=self.fingerprint,
+                      fresh=fresh, command=command)
 
 
 def plan_captures(cfg: Config, *, fresh: bool = False, repair: bool = False,
                   command: str = "capture") -> list[CapturePlan]:
     """The main capture, then (if evaluation is on) the held-out split, then (if the `bc` baseline
-    is asked for and the main capture holds no samples) the behaviour-cloning samples. Every
-    input of the first two is read and checked, and every output checked, before any output is
-    written; `command` is the CLI command planning (its refusals give advice it accepts)."""
+    is asked for and the main capture holds no samples) the behaviour-cloning samples, each in
+    the folder its fingerprint names. Every input of the first two is read and checked, and
+    every output checked, before any output is written; `command` is the CLI command planning
+    (its refusals give advice it accepts). `fresh` deletes only this config's captures."""
     info = inspect_teacher(cfg.teacher.model, revision=cfg.teacher.revision)
     scanned = scan_captures(cfg, info)
     with_bc = "bc" in cfg.train.baselines and cfg.teacher.mode == "score"
     if with_bc:
         _bc_room(cfg, scanned[0].max_length)
-    found = [s.check(fresh=fresh, command=command) for s in scanned]
+    found = [s.locate(fresh=fresh, command=command) for s in scanned]
     plans = [_open(s, f, info, repair=repair) for s, f in zip(scanned, found)]
     if with_bc:
         plans.append(_plan_bc(cfg, plans[0], info, fresh=fresh, repair=repair, command=command))
-    elif fresh:  # samples of the capture --fresh just deleted: gone with it
-        fs, root = filesystem(bc_config(cfg).output_dir)
-        delete_capture(fs, root)
+    if any(p.new for p in plans):
+        say_others(cfg.output_dir, mine={p.cfg.output_dir for p in plans})
     return plans
 
 
@@ -198,7 +193,7 @@ def scan_captures(cfg: Config, info: TeacherInfo) -> list[ScannedCapture]:
 
 
 def heldout_config(cfg: Config) -> Config | None:
-    """The held-out capture: teacher-scored text, under output_dir/heldout. Long texts are
+    """The held-out capture: teacher-scored text, in its own folder of output_dir. Long texts are
     truncated, whatever data.long_text says: the held-out set is a measurement, one sequence per
     record (its first max_length tokens), so train.eval_samples counts distinct texts and one
     long text cannot fill the evaluation with its pieces (README, *Training students*)."""
@@ -208,8 +203,7 @@ def heldout_config(cfg: Config) -> Config | None:
     data = replace(d, path=d.eval_path or d.path, limit=cfg.train.eval_samples, eval_path="",
                    eval_fraction=0.0, text_field=d.text_field, long_text="truncate")
     return replace(cfg, teacher=replace(cfg.teacher, mode="score"), data=data,
-                   capture=replace(cfg.capture, samples_per_shard=64),
-                   output_dir=_join(cfg.output_dir, HELDOUT_DIR))
+                   capture=replace(cfg.capture, samples_per_shard=64))
 
 
 def bc_config(cfg: Config) -> Config:
@@ -219,34 +213,43 @@ def bc_config(cfg: Config) -> Config:
                    id_field="id", eval_path="", eval_fraction=0.0, limit=None, on_bad_line="stop")
     # the BC student learns only the sampled tokens: k=1 keeps the sampling engine's per-token
     # log-prob bookkeeping (Python objects per rank) to a minimum
-    return replace(cfg, teacher=replace(cfg.teacher, mode="sample", k=1), data=data,
-                   output_dir=_join(cfg.output_dir, BC_DIR))
+    return replace(cfg, teacher=replace(cfg.teacher, mode="sample", k=1), data=data)
 
 
 def _plan_bc(cfg: Config, main: CapturePlan, info: TeacherInfo, *, fresh: bool, repair: bool,
              command: str) -> CapturePlan:
     """The behaviour-cloning capture. Its prompts derive from the main capture's records: they
-    live in the bc capture (output_dir/bc/prompts-<key>.jsonl; in the local cache for an
+    live in the bc capture's folder (prompts-<key>.jsonl; in the local cache for an
     object-store output_dir, since the data reader reads local files), named by the main
-    capture's fingerprint and bc_prompt_tokens, so changed data makes new prompts; --fresh
-    deletes them with the capture; the capture's fingerprint covers their content."""
+    capture's fingerprint and bc_prompt_tokens. The capture's fingerprint — its folder's name —
+    covers their content, so they are made first (beside, in a staging folder) and moved in."""
     bc = bc_config(cfg)
     room = _bc_room(cfg, main.max_length)
     origin = {"prompts_from": main.manifest.fingerprint,
               "bc_prompt_tokens": cfg.train.bc_prompt_tokens}
     key = hashlib.sha256(json.dumps(origin, sort_keys=True).encode()).hexdigest()[:16]
-    folder = _bc_prompts_dir(bc.output_dir)
-    if fresh:
-        for old in glob.glob(os.path.join(folder, "prompts*.jsonl")):
-            os.remove(old)
-    prompts = os.path.join(folder, f"prompts-{key}.jsonl")
-    _write_bc_prompts(main, prompts, tokens=cfg.train.bc_prompt_tokens)
-    # continuations fill the context, so the BC student sees about as many tokens per
-    # sequence as the KD student (same token budget)
-    bc = replace(bc, teacher=replace(bc.teacher, max_new_tokens=room),
-                 data=replace(bc.data, path=prompts))
-    scanned = _scan(bc, info, kind=CaptureKind.BC, split=None, key="the bc prompts", extra=origin)
-    return _open(scanned, scanned.check(fresh=fresh, command=command), info, repair=repair)
+    name = f"prompts-{key}.jsonl"  # the file name counts in the content digest
+    staging = _bc_prompts_dir(join(cfg.output_dir, CAPTURES_DIR))
+    os.makedirs(staging, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".staging-", dir=staging)
+    try:
+        staged = os.path.join(staging, name)
+        _write_bc_prompts(main, staged, tokens=cfg.train.bc_prompt_tokens)
+        # continuations fill the context, so the BC student sees about as many tokens per
+        # sequence as the KD student (same token budget)
+        bc = replace(bc, teacher=replace(bc.teacher, max_new_tokens=room),
+                     data=replace(bc.data, path=staged))
+        scanned = _scan(bc, info, kind=CaptureKind.BC, split=None, key="the bc prompts",
+                        extra=origin)
+        found = scanned.locate(fresh=fresh, command=command)
+        prompts = os.path.join(_bc_prompts_dir(found.where), name)
+        scanned.cfg = replace(scanned.cfg, data=replace(scanned.cfg.data, path=prompts))
+        plan = _open(scanned, found, info, repair=repair)
+        os.makedirs(os.path.dirname(prompts), exist_ok=True)
+        os.replace(staged, prompts)  # the same bytes when it was there
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return plan
 
 
 def _bc_room(cfg: Config, max_length: int) -> int:
@@ -260,11 +263,13 @@ def _bc_room(cfg: Config, max_length: int) -> int:
     return room
 
 
-def _bc_prompts_dir(output_dir: str) -> str:
-    if "://" in output_dir:
-        key = hashlib.sha256(output_dir.encode()).hexdigest()[:16]
+def _bc_prompts_dir(folder: str) -> str:
+    """Where the bc prompts of a capture folder are: in it, or (object-store output_dir) in a
+    local cache folder named by it."""
+    if "://" in folder:
+        key = hashlib.sha256(folder.encode()).hexdigest()[:16]
         return os.path.expanduser(f"~/.cache/raydistill/bc-prompts/{key}")
-    return output_dir
+    return folder
 
 
 def _scan(cfg: Config, info: TeacherInfo, *, kind: CaptureKind, split: Split | None,
@@ -296,14 +301,14 @@ def _scan(cfg: Config, info: TeacherInfo, *, kind: CaptureKind, split: Split | N
 
 
 def _open(s: ScannedCapture, found: Found, info: TeacherInfo, *, repair: bool) -> CapturePlan:
-    """Open (new, or resume) the capture's output that `s.check` found; adopt or repair what is
-    there."""
-    cfg, t, fingerprint = s.cfg, s.cfg.teacher, s.fingerprint
+    """Open (new, or resume) the capture folder that `s.locate` found; adopt or repair what is
+    there. The plan's config names that folder as its output_dir."""
+    cfg, t, fingerprint = replace(s.cfg, output_dir=found.where), s.cfg.teacher, s.fingerprint
     fs, root = filesystem(cfg.output_dir)
     total_units = -(-s.records // cfg.capture.samples_per_shard)
     record = {"teacher": asdict(t), "data": asdict(cfg.data), "capture": asdict(cfg.capture),
               "fingerprint_keys": s.keys, "data_files": s.digest["files"]}
-    manifest = open_output(fs, root, found, fingerprint=fingerprint, record=record,
+    manifest = open_output(found, fingerprint=fingerprint, record=record,
                            total_units=total_units, total_records=s.records)
     as_read = manifest.to_json()
     shard_meta = {"teacher_model": t.model, "teacher_revision": info.revision,
@@ -324,7 +329,7 @@ def _open(s: ScannedCapture, found: Found, info: TeacherInfo, *, repair: bool) -
     if manifest.shards and todo:
         say(f"resuming {s.kind.label}: {len(manifest.shards)}/{total_units} shards already captured")
     return CapturePlan(s.kind, cfg, fs, root, manifest, todo, s.max_length, shard_meta, s.split,
-                       data_key=s.key)
+                       data_key=s.key, new=found.manifest is None)
 
 
 def _split(d, *, heldout: bool) -> Split | None:
@@ -336,11 +341,9 @@ def _split(d, *, heldout: bool) -> Split | None:
 
 def _write_bc_prompts(main: CapturePlan, path: str, *, tokens: int) -> None:
     """Prompts for behaviour cloning: the first `tokens` tokens of each training text, decoded
-    back to text, one JSON line per record (ids kept). Written once per name, atomically."""
+    back to text, one JSON line per record (ids kept), atomically."""
     from orchestrator.teacher_info import load_tokenizer
 
-    if os.path.exists(path):
-        return
     d = main.cfg.data
     tok = load_tokenizer(main.cfg.teacher.model, revision=main.cfg.teacher.revision)
     records = data_mod.iter_records(data_mod.dataset_files(d.path), field=d.text_field,

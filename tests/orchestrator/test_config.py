@@ -266,6 +266,6 @@ def test_the_demo_and_the_quickstart_plan_the_same_captures(tiny_teacher, texts,
     assert set(made) == {CaptureKind.MAIN, CaptureKind.HELDOUT, CaptureKind.BC}
     kd_only = dataclasses.replace(plain, train=dataclasses.replace(plain.train, baselines=[]))
     for command, cfg in (("run", plain), ("train", plain), ("tune", kd_only)):
-        plans = plan_captures(cfg, command=command)  # "holds another capture" would raise here
+        plans = plan_captures(cfg, command=command)  # the demo's own capture folders
         assert {p.kind: p.manifest.fingerprint for p in plans} == \
             {p.kind: made[p.kind] for p in plans}

@@ -18,7 +18,7 @@ def test_teacher_against_its_own_labels(captured):
     from orchestrator.kd.student import build_student
     from orchestrator.shapes import resolve_shape
 
-    samples = list(read_shards(captured["out"] + "/heldout"))
+    samples = list(read_shards(captured["out"], capture="heldout"))
     teacher = AutoModelForCausalLM.from_pretrained(captured["model"], dtype=torch.float32)
     m = finish(evaluate(teacher, samples, batch_size=4))
     assert m["eval_positions"] > 100

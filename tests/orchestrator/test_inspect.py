@@ -1,6 +1,6 @@
 """`raydistill inspect OUTPUT_DIR`: every capture of an output_dir (main, held-out,
-behaviour-cloning samples) on a real capture, and the experiments and sweeps in it (made by hand
-here, in the layout the pipeline writes)."""
+behaviour-cloning samples, of every config, and of the previous layout) on a real capture, and the
+experiments and sweeps in it (made by hand here, in the layout the pipeline writes)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from orchestrator.driver.inspect import describe
 from orchestrator.storage import filesystem
 from orchestrator.shards.manifest import load_manifest, save_manifest
 from orchestrator.winners import write_winners
+from tests.conftest import capture_folder
 from tune_spaces.leaderboard import COLUMNS
 
 
@@ -33,24 +34,37 @@ def _copy(captured, dest: Path) -> Path:
 
 
 def test_every_capture_of_a_real_output_dir(captured, tmp_path, capsys):
+    """Each capture folder, with its kind, fingerprint, totals, size and data file; a capture of
+    the previous layout (manifest.json directly in output_dir) is listed as such."""
     out = _copy(captured, tmp_path / "out")
+    main_folder = capture_folder(out)
+    shutil.copytree(main_folder, out, dirs_exist_ok=True)  # as the previous layout kept it
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
-    for label, where in (("capture", out), ("held-out", out / "heldout"),
-                         ("bc samples", out / "bc")):
+    assert f"captures in {out}: 4 (one folder per kind and fingerprint" in text
+    for label, where, head in (
+            ("capture", main_folder, f"capture {main_folder}"),
+            ("held-out", capture_folder(out, "heldout"), f"held-out {capture_folder(out, 'heldout')}"),
+            ("bc samples", capture_folder(out, "bc"), f"bc samples {capture_folder(out, 'bc')}"),
+            ("capture", out, f"capture {out}   (previous layout)")):
         shards, units, rows, tokens = _totals(where)
-        block = text[text.index(f"{label} {where}\n"):]
-        assert f"shards {shards}/{units}   samples {rows}   tokens {tokens}" in \
-            block.split("\n", 3)[2], label
+        block = text[text.index(f"{head}\n"):].split("\n", 5)
+        m = load_manifest(*filesystem(str(where)))
+        assert block[1].startswith(f"  fingerprint {m.fingerprint}   complete: True"), label
+        assert f"shards {shards}/{units}   samples {rows}   tokens {tokens}   " in block[2], label
+        assert block[2].split()[-4:-2] == [f"{sum(s.bytes for s in m.shards.values()) / 1e6:.1f}",
+                                          "MB"], label
+        assert block[3] == f"  data {m.capture['data']['path']}", label
+    assert str(main_folder.name).startswith("main-") and main_folder.parent.name == "captures"
     assert "complete: True" in text and "unfinished" not in text
-    assert '"capture": "main"' in text  # the main capture's first shard metadata
+    assert '"capture": "main"' in text  # a main capture's first shard metadata
     assert f"experiments: none in {out}/experiments" in text
     assert f"sweeps: none in {out}/sweeps" in text
 
 
 def test_an_unfinished_capture_says_how_to_resume_it(captured, tmp_path):
     out = _copy(captured, tmp_path / "out")
-    fs, root = filesystem(str(out / "heldout"))
+    fs, root = filesystem(str(capture_folder(out, "heldout")))
     m = load_manifest(fs, root)
     m.complete = False
     save_manifest(fs, root, m)
@@ -111,7 +125,7 @@ def test_experiments_and_sweeps(tmp_path, capsys):
     _sweeps(out)
     assert main(["inspect", str(out)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert f"capture: none in {out}" in lines and f"held-out: none in {out}/heldout" in lines
+    assert f"captures: none in {out}/captures" in lines
     me = command_name()
     expected = [
         f"experiments in {out}/experiments: 3",
@@ -137,8 +151,8 @@ def test_experiments_and_sweeps(tmp_path, capsys):
 
 def test_a_folder_with_nothing_of_a_run_is_refused(tmp_path, capsys):
     (tmp_path / "empty" / "notes").mkdir(parents=True)
-    with pytest.raises(ShardError, match=r"holds no capture \(manifest.json\), experiments/ or "
-                                         r"sweeps/; pass a run's output_dir"):
+    with pytest.raises(ShardError, match=r"holds no capture \(captures/, manifest.json\), "
+                                         r"experiments/ or sweeps/; pass a run's output_dir"):
         describe(str(tmp_path / "empty"))
     assert main(["inspect", str(tmp_path / "empty")]) == 2
     assert "raydistill: error:" in capsys.readouterr().err

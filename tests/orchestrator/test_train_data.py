@@ -10,6 +10,7 @@ from orchestrator.storage import filesystem
 from orchestrator.shards.manifest import load_manifest
 from orchestrator.train.stream import SampleStream, ShardWatcher, check_shard_origin, epoch_order
 from orchestrator.data import stable_fraction
+from tests.conftest import capture_folder
 
 
 def test_epoch_order_is_seeded_and_streaming_first_epoch_keeps_capture_order():
@@ -35,11 +36,11 @@ def _take(stream, n):
 
 
 def test_workers_see_every_sample_once_per_epoch(captured):
-    fs, root = filesystem(captured["out"])
+    fs, root = filesystem(str(capture_folder(captured["out"])))
     m = load_manifest(fs, root)
     units = sorted(m.shards)
     total = sum(s.rows for s in m.shards.values())
-    watcher = ShardWatcher(captured["out"], wait=False)
+    watcher = ShardWatcher(str(capture_folder(captured["out"])), wait=False)
     seen = []
     for rank in range(2):
         rows = sum(m.shards[u].rows for u in epoch_order(units, seed=3, epoch=0,
@@ -49,9 +50,9 @@ def test_workers_see_every_sample_once_per_epoch(captured):
 
 
 def test_resume_continues_exactly_where_the_position_says(captured):
-    fs, root = filesystem(captured["out"])
+    fs, root = filesystem(str(capture_folder(captured["out"])))
     units = sorted(load_manifest(fs, root).shards)
-    watcher = ShardWatcher(captured["out"], wait=False)
+    watcher = ShardWatcher(str(capture_folder(captured["out"])), wait=False)
     whole = _take(SampleStream(watcher, units=units, rank=0, world=1, seed=5), 140)  # > 1 epoch
     for position in (0, 13, 61, 100):
         resumed = _take(SampleStream(watcher, units=units, rank=0, world=1, seed=5,
@@ -60,7 +61,7 @@ def test_resume_continues_exactly_where_the_position_says(captured):
 
 
 def test_missing_shard_and_foreign_tokenizer_are_refused(captured):
-    watcher = ShardWatcher(captured["out"], wait=False)
+    watcher = ShardWatcher(str(capture_folder(captured["out"])), wait=False)
     with pytest.raises(ShardError, match="capture is incomplete"):
         watcher.info(999)
     with pytest.raises(ShardError, match="another tokenizer"):
