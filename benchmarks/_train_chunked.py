@@ -97,30 +97,37 @@ def agreement(model, batch, head) -> dict:
 
 
 def step_times(rounds: int) -> dict:
-    import os
+    """Per variant: the median CPU time of a step (process time, one torch thread) and the
+    median of its per-round ratios to each CE, plus the median wall time.
 
+    CPU time, one thread: on a shared machine whose load is many times its CPU count, wall times
+    of the same step vary 2-5× from round to round (seen here: 9-50 s), while the CPU time a step
+    consumes does not depend on how long it waited for a CPU; with one thread no OpenMP thread
+    spins at a barrier waiting for a descheduled sibling (which would count as CPU time)."""
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(1)
     model, opt, batch, head = setup()
     agree = agreement(model, batch, head)
     for v in VARIANTS:  # warm-up
         step(v, model, opt, batch, head)
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    cpu: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    wall: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for r in range(rounds):
         for v in VARIANTS:
-            t = time.perf_counter()
+            c, t = time.process_time(), time.perf_counter()
             step(v, model, opt, batch, head)
-            times[v].append(time.perf_counter() - t)
-        log(f"chunked round {r + 1}/{rounds}: "
-            + ", ".join(f"{v} {times[v][-1]:.2f}s" for v in VARIANTS))
+            cpu[v].append(time.process_time() - c)
+            wall[v].append(time.perf_counter() - t)
+        log(f"chunked round {r + 1}/{rounds} (CPU s): "
+            + ", ".join(f"{v} {cpu[v][-1]:.2f}" for v in VARIANTS))
     out: dict = {"agreement": agree}
     for v in VARIANTS:
-        out[v] = {"median_s": statistics.median(times[v]),
+        out[v] = {"median_s": statistics.median(cpu[v]), "wall_s": statistics.median(wall[v]),
                   "x_ce_dense": statistics.median(a / c for a, c in
-                                                  zip(times[v], times["ce_dense"])),
+                                                  zip(cpu[v], cpu["ce_dense"])),
                   "x_ce_chunked": statistics.median(a / c for a, c in
-                                                    zip(times[v], times["ce_chunked"]))}
+                                                    zip(cpu[v], cpu["ce_chunked"]))}
     return out
 
 
@@ -136,16 +143,18 @@ def markdown(R: dict, machine: str) -> str:
              "`kd/head.py` `final_hidden` + `lm_head`, then `kd/chunked.py` "
              f"`chunked_distill_loss` (default chunk: {CHUNK_BYTES // 2**20} MiB of fp32 "
              f"logits = {max(16, CHUNK_BYTES // (4 * VOCAB))} rows). {R['rounds']} paired "
-             "rounds; ratios "
-             "are medians of per-round ratios. Peak memory = RSS above the pre-step level during "
-             "one step (fresh process per variant).", "",
-             "| variant | step s (median) | × CE dense | × CE chunked | step peak MiB | "
-             "× CE dense | × CE chunked |", "|---|---|---|---|---|---|---|"]
+             "rounds; step time = CPU time of the step (process time, one torch thread: "
+             "the machine is shared and loaded far above its CPU count, so wall times are "
+             "shown but not compared); ratios are medians of per-round ratios. Peak memory = RSS "
+             "above the pre-step level during one step (fresh process per variant).", "",
+             "| variant | step CPU s (median) | × CE dense | × CE chunked | wall s (median) | "
+             "step peak MiB | × CE dense | × CE chunked |", "|---|---|---|---|---|---|---|---|"]
     fmt = lambda m, base: "–" if m is None or not base else f"{m / base:.2f}"  # noqa: E731
     for v, name in VARIANTS.items():
         m = peak[v]
         lines.append(f"| {name} | {st[v]['median_s']:.3f} | {st[v]['x_ce_dense']:.3f} | "
-                     f"{st[v]['x_ce_chunked']:.3f} | {'–' if m is None else f'{m:.0f}'} | "
+                     f"{st[v]['x_ce_chunked']:.3f} | {st[v]['wall_s']:.1f} | "
+                     f"{'–' if m is None else f'{m:.0f}'} | "
                      f"{fmt(m, peak['ce_dense'])} | {fmt(m, peak['ce_chunked'])} |")
     lines += ["", "Agreement of the chunked loss with the dense one (same model, same batch; "
               "gradient error = max over parameters of max |Δ grad| / max |grad|):", "",

@@ -132,9 +132,16 @@ class _FusedHeadLoss(torch.autograd.Function):
             *_, gh, gw, gb = _run(hidden, weight, bias, ctx.labels, ctx.spec,
                                   want=ctx.needs_input_grad[:3])
         else:
+            # scaled in place: a copy would hold a second [V, H] weight gradient at the peak
+            if getattr(ctx, "spent", False):
+                raise RuntimeError("chunked_distill_loss's gradients were already used by a "
+                                   "backward; compute the loss again for another one")
+            ctx.spent = True
             gh, gw, gb = ctx.saved_tensors
-        scaled = [None if g is None else g * grad_total.to(g.dtype) for g in (gh, gw, gb)]
-        return scaled[0], scaled[1], scaled[2], None, None
+        for g in (gh, gw, gb):
+            if g is not None:
+                g.mul_(grad_total.to(g.dtype))
+        return gh, gw, gb, None, None
 
 
 def _run(hidden, weight, bias, labels, spec: _Spec, *, want):
@@ -233,16 +240,14 @@ def _chunk(z, ids, t_lp, targets, has_target, labelled, r, w_ce, w_kd, spec: _Sp
         return nll_sum, kd_sum, None
     # dL/dl = w_ce (e_1 / s_1 − onehot) + (scatter(g) − Σg · e_t / s_t) / T, built in e_1's buffer
     scale = spec.logit_scale if cap_t is None else 1.0
-    coef_1 = w_ce.unsqueeze(1) / s_1
+    coef_1, coef_t = w_ce.unsqueeze(1) / s_1, None
     if g is not None:
         coef_t = -g.sum(-1, keepdim=True) / (T * s_t)
         if e_t is None:
-            coef_1 = coef_1 + coef_t
-        else:
-            e_t.mul_(coef_t * scale)
+            coef_1, coef_t = coef_1 + coef_t, None
     dl = e_1.mul_(coef_1 * scale)
-    if e_t is not None and g is not None:
-        dl.add_(e_t)
+    if coef_t is not None:
+        dl.addcmul_(e_t, coef_t * scale)
     if g is not None:
         dl.scatter_add_(1, ids, g * (scale / T))
     dl.scatter_add_(1, tgt, (-w_ce * scale).unsqueeze(1))

@@ -16,6 +16,10 @@ the k tokens, and one "tail" bucket holding everything else. The student's tail 
 Temperature T divides the stored (T = 1) teacher log-probs and the student logits; the divergence is
 multiplied by T² so its gradients keep their scale (Hinton et al.). With k = V every kind equals
 the dense divergence between the full distributions. No [tokens × vocab] teacher tensor is built.
+
+`distill_loss` takes the student's logits [N, V] (one, and at T ≠ 1 a second, [N, V] log-softmax);
+`chunked.chunked_distill_loss` computes the same loss from the final hidden states and the LM head in
+row chunks, never holding [N, V]. Both use `topk_divergence`.
 """
 
 from __future__ import annotations

@@ -232,3 +232,13 @@ def test_matches_across_many_random_settings():
         torch.testing.assert_close(got.total, ref.total, atol=1e-5, rtol=1e-5)
         for x, y in zip(a, b):
             torch.testing.assert_close(y.grad, x.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_a_second_backward_is_refused_not_silently_rescaled():
+    """backward scales the stored gradients in place (no second [V, H] copy at the peak), so a
+    second backward through the same loss (retain_graph) must fail loudly."""
+    hidden, weight, b = _head()
+    total = chunked_distill_loss(hidden, weight=weight, bias=b, **_labels()).total
+    total.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="compute the loss again"):
+        total.backward()
