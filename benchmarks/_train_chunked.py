@@ -144,8 +144,8 @@ def markdown(R: dict, machine: str) -> str:
              f"`chunked_distill_loss` (default chunk: {CHUNK_BYTES // 2**20} MiB of fp32 "
              f"logits = {max(16, CHUNK_BYTES // (4 * VOCAB))} rows). {R['rounds']} paired "
              "rounds; step time = CPU time of the step (process time, one torch thread: "
-             "the machine is shared and loaded far above its CPU count, so wall times are "
-             "shown but not compared); ratios are medians of per-round ratios. Peak memory = RSS "
+             "the machine is shared, its load often many times its CPU count, so wall "
+             "times are shown but not compared); ratios are medians of per-round ratios. Peak memory = RSS "
              "above the pre-step level during one step (fresh process per variant).", "",
              "| variant | step CPU s (median) | × CE dense | × CE chunked | wall s (median) | "
              "step peak MiB | × CE dense | × CE chunked |", "|---|---|---|---|---|---|---|---|"]

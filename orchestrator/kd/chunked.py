@@ -18,7 +18,7 @@ the final hidden states [N, H] and the head's weight [V, H] instead, and for eac
 So the gradients are complete when the forward ends (Liger-Kernel's fused linear cross-entropy
 does the same): backward only scales them by grad_output. Recomputing the logits in the backward
 instead (`recompute=True`) costs one more [N, V, H] matmul per step for no lower peak: the weight's
-gradient [V, H] exists at the peak either way (BENCHMARKS.md measures both). No tensor larger than
+gradient [V, H] exists at the peak either way (BENCHMARKS.md times both). No tensor larger than
 [chunk_rows, V] exists at any temperature; the means are normalised by the labelled / target
 positions of the whole batch, exactly as `distill_loss`.
 
@@ -159,7 +159,7 @@ def _run(hidden, weight, bias, labels, spec: _Spec, *, want):
     w_kd = spec.alpha * labelled.float() / labelled.sum().clamp(min=1)
     nll_sum = torch.zeros((), dtype=torch.float32, device=dev)
     kd_sum = torch.zeros((), dtype=torch.float32, device=dev)
-    gh = torch.empty_like(hidden) if want[0] else None
+    gh = torch.empty(hidden.shape, dtype=hidden.dtype, device=dev) if want[0] else None
     gw = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if want[1] else None
     gb = torch.zeros(bias.shape, dtype=torch.float32, device=dev) if want[2] else None
     with torch.autocast(dev.type, enabled=False):
