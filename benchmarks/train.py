@@ -1,10 +1,14 @@
 """Student-training benchmark: KD step time and peak memory against plain cross-entropy (same
 student, same batch, same run), measured here; the data-wait share of a streaming run and the
 quality table, *read* from a finished run's report.json and cited with its path and date (this
-benchmark does not train students). Writes the "## Training (issue 3)" section of BENCHMARKS.md.
+benchmark does not train students). Writes the "## Training (issue 3)" section of BENCHMARKS.md, and
+the "## Chunked KD + CE loss (issue 14)" section (the same measurements at a 128k vocabulary,
+dense against chunked losses).
 
     python -m benchmarks.train                  # ~5 min on 2 CPUs
     python -m benchmarks.train --rounds 1       # smallest run
+    python -m benchmarks.train --only chunked   # only the chunked-loss table at a 128k
+                                                # vocabulary (issue 14; benchmarks/_train_chunked.py)
     python -m benchmarks.train --report PATH    # take the streaming/quality figures from that
                                                 # report.json (default: the newest demo report
                                                 # under runs/; none: the section says so)
@@ -27,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks import _train_chunked as chunked
 from benchmarks._common import REPO, log, machine_facts, machine_line, peak_rss, write_section
 
 SECTION = "## Training (issue 3)"
@@ -118,19 +123,27 @@ def step_times(rounds: int) -> dict:
 
 
 def _memory_child(variant: str) -> None:
-    """Subprocess body: one warm-up step, trim the heap, then the measured step's RSS peak."""
-    model, opt, batch = _setup()
-    _step(variant, model, opt, batch)
+    """Subprocess body: one warm-up step, trim the heap, then the measured step's RSS peak.
+    `chunked:NAME` measures a variant of the chunked-loss table."""
+    if variant.startswith("chunked:"):
+        name = variant.split(":", 1)[1]
+        model, opt, batch, head = chunked.setup()
+        step = lambda: chunked.step(name, model, opt, batch, head)  # noqa: E731
+    else:
+        model, opt, batch = _setup()
+        step = lambda: _step(variant, model, opt, batch)  # noqa: E731
+    step()
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-    base, peak, _ = peak_rss(lambda: _step(variant, model, opt, batch), interval_s=0.001)
+    base, peak, _ = peak_rss(step, interval_s=0.001)
     print(json.dumps({"base_mib": base / 2**20, "peak_mib": (peak - base) / 2**20}))
 
 
-def peak_memory() -> dict:
+def peak_memory(variants=VARIANTS, prefix: str = "") -> dict:
     out = {}
-    for v in VARIANTS:
-        run = subprocess.run([sys.executable, "-m", "benchmarks.train", "--memory-child", v],
+    for v in variants:
+        run = subprocess.run([sys.executable, "-m", "benchmarks.train", "--memory-child",
+                              prefix + v],
                              capture_output=True, text=True, cwd=REPO, timeout=600)
         line = [x for x in run.stdout.splitlines() if x.startswith("{")]
         out[v] = json.loads(line[-1]) if line else {"error": run.stderr[-500:]}
@@ -219,6 +232,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--report", type=Path, default=None)
+    ap.add_argument("--only", choices=("kd", "chunked"), default=None,
+                    help="run one table: kd (issue 3, 32k vocabulary) or chunked (issue 14)")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
@@ -228,18 +243,32 @@ def main() -> None:
          "machine": machine_facts(),
          "command": "python -m benchmarks.train" + "".join(
              f" {a}" for a in sys.argv[1:] if not a.startswith("--memory-child"))}
-    log("step times (paired rounds)")
-    R["steps"] = step_times(args.rounds)
-    log("peak memory (one subprocess per variant)")
-    R["memory"] = peak_memory()
-    R["run"] = streaming_and_quality(args.report)
-    R["load_end"] = os.getloadavg()[0]
-    text = markdown(R)
-    print(text)
-    log(f"wrote {write_section(SECTION, text)}")
     (REPO / "benchmarks" / "results").mkdir(exist_ok=True)
-    (REPO / "benchmarks" / "results" / "train.json").write_text(json.dumps(R, indent=1,
-                                                                           default=str))
+    if args.only != "chunked":
+        log("step times (paired rounds)")
+        R["steps"] = step_times(args.rounds)
+        log("peak memory (one subprocess per variant)")
+        R["memory"] = peak_memory()
+        R["run"] = streaming_and_quality(args.report)
+        R["load_end"] = os.getloadavg()[0]
+        text = markdown(R)
+        print(text)
+        log(f"wrote {write_section(SECTION, text)}")
+        (REPO / "benchmarks" / "results" / "train.json").write_text(json.dumps(R, indent=1,
+                                                                               default=str))
+    if args.only != "kd":
+        C = {key: R[key] for key in ("date", "rounds", "command")}
+        C["machine"] = machine_facts()
+        log("chunked loss, 128k vocabulary: step times (paired rounds)")
+        C["steps"] = chunked.step_times(args.rounds)
+        log("chunked loss: peak memory (one subprocess per variant)")
+        C["memory"] = peak_memory([v for v in chunked.VARIANTS if not v.endswith("_rc")],
+                                  prefix="chunked:")
+        text = chunked.markdown(C, machine_line(C["machine"], load_end=os.getloadavg()[0]))
+        print(text)
+        log(f"wrote {write_section(chunked.SECTION, text)}")
+        (REPO / "benchmarks" / "results" / "train_chunked.json").write_text(
+            json.dumps(C, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,10 @@ the k tokens, and one "tail" bucket holding everything else. The student's tail 
 Temperature T divides the stored (T = 1) teacher log-probs and the student logits; the divergence is
 multiplied by T² so its gradients keep their scale (Hinton et al.). With k = V every kind equals
 the dense divergence between the full distributions. No [tokens × vocab] teacher tensor is built.
+
+`distill_loss` takes the student's logits [N, V] (one, and at T ≠ 1 a second, [N, V] log-softmax);
+`chunked.chunked_distill_loss` computes the same loss from the final hidden states and the LM head in
+row chunks, never holding [N, V]. Both use `topk_divergence`.
 """
 
 from __future__ import annotations
@@ -118,15 +122,30 @@ def divergence(logits: torch.Tensor, ids: torch.Tensor, teacher_lp: torch.Tensor
     """Per-row divergence × T² between teacher (top-k) and student (full logits [n, V]).
     teacher_tail: [n] the teacher's stored tail mass r_T at this temperature (tail=bucket);
     `student_logprobs` = log_softmax(logits / T) when the caller already has it."""
+    s_lp_all = student_logprobs if student_logprobs is not None else \
+        torch.log_softmax(logits / temperature, dim=-1)
+    return topk_divergence(s_lp_all.gather(-1, ids), teacher_lp, kind=kind,
+                           temperature=temperature, vocab=logits.shape[-1], beta=beta, tail=tail,
+                           teacher_tail=teacher_tail)
+
+
+def topk_divergence(student_top: torch.Tensor, teacher_lp: torch.Tensor, *, kind: LossKind,
+                    temperature: float, vocab: int, beta: float = 0.5,
+                    tail: TailMode = "renormalize",
+                    teacher_tail: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row divergence × T² over the k + 1 outcomes (the teacher's top-k, one tail bucket).
+
+    student_top: [n, k] the student's log-probs at temperature T (normalised over its whole
+    vocabulary of `vocab` tokens) on the teacher's top-k ids; teacher_lp: [n, k] the stored (T = 1)
+    teacher log-probs; teacher_tail: [n] r_T (tail=bucket). The one implementation of the
+    divergences: `divergence` (dense logits) and `chunked.chunked_distill_loss` (one row chunk of
+    the LM head at a time, which differentiates this on [n, k] only) both call it."""
     if kind not in LOSS_KINDS:
         raise ValueError(f"loss kind must be one of {', '.join(LOSS_KINDS)}, got {kind!r}")
     if tail not in TAIL_MODES:
         raise ValueError(f"tail must be one of {', '.join(TAIL_MODES)}, got {tail!r}")
-    T = temperature
-    vocab, k = logits.shape[-1], ids.shape[-1]
-    s_lp_all = student_logprobs if student_logprobs is not None else \
-        torch.log_softmax(logits / T, dim=-1)
-    s_top = s_lp_all.gather(-1, ids)                                 # [n, k]
+    T, k = temperature, student_top.shape[-1]
+    s_top = student_top
     s_tail = _log1mexp(torch.logsumexp(s_top, -1, keepdim=True))     # [n, 1]
     t_top, t_tail = _teacher(teacher_lp, T=T, vocab=vocab, k=k, tail=tail, r=teacher_tail)
     if (kind == "rkl" and tail == "renormalize") or k >= vocab:
