@@ -78,9 +78,7 @@ def connect() -> bool:
         _SAID.add(target.note)
         say(target.note)
     if target.address is None:
-        # address="local": a new Ray even if an address file exists (ray.init() would try it)
-        ray.init(address="local", include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.ERROR, object_store_memory=PRIVATE_OBJECT_STORE_BYTES)
+        _start_private(ray)
     elif os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False,
                  logging_level=logging.ERROR)
@@ -90,6 +88,30 @@ def connect() -> bool:
         # would not, and a token-protected head would refuse the driver)
         ray.init(address=None, log_to_driver=False, logging_level=logging.ERROR)
     return True
+
+
+NODE_START_TIMEOUT = "The current node timed out during startup"
+"""Ray's error when its raylet has not registered within a fixed 30 s (ray/_private/node.py)."""
+
+
+def _start_private(ray, *, attempts: int = 3) -> None:
+    """A new local Ray: address="local" starts one even if an address file exists (ray.init()
+    would try it). HACK (Ray 2.60): a new node waits a fixed 30 s, with no setting, for its raylet
+    to register; on a machine loaded by other work it can take longer, so the start is retried
+    (`attempts` in all) after stopping what the failed one left, saying so."""
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address="local", include_dashboard=False, log_to_driver=False,
+                     logging_level=logging.ERROR, object_store_memory=PRIVATE_OBJECT_STORE_BYTES)
+            return
+        except Exception as e:  # noqa: BLE001 — Ray raises a bare Exception for this
+            if NODE_START_TIMEOUT not in str(e) or attempt == attempts:
+                raise
+            ray.shutdown()
+            from orchestrator.console import say
+
+            say(f"Ray's local node did not start within Ray's fixed 30 s (a loaded machine?); "
+                f"starting it again ({attempt + 1}/{attempts})")
 
 
 def disconnect(started: bool) -> None:

@@ -163,3 +163,34 @@ def test_a_ray_start_cluster_is_used_and_said_private_mode_is_not_and_stale_afte
     seen, err = _connect_in_subprocess(ray_tmp)
     assert seen["gcs"] != address and seen["started"]
     assert f"names {address}, where no Ray runs any more" in " ".join(err.split())
+
+
+FLAKY_START = """
+import json, ray
+from orchestrator.driver import cluster
+real, calls = ray.init, []
+def init(*args, **kwargs):  # the first start fails as Ray's does on a loaded machine
+    calls.append(kwargs.get("address"))
+    if len(calls) == 1:
+        raise Exception(cluster.NODE_START_TIMEOUT + ". This could happen because some of the "
+                        "raylet failed to startup or the GCS has become overloaded.")
+    return real(*args, **kwargs)
+ray.init = init
+started = cluster.connect()
+print(json.dumps({"calls": calls, "up": ray.is_initialized()}))
+cluster.disconnect(started)
+"""
+
+
+def test_a_private_ray_that_timed_out_starting_is_started_again(ray_tmp):
+    """Ray gives a new node a fixed 30 s to register its raylet; under load the start is retried,
+    and said, instead of failing the command."""
+    base = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+    base |= {"RAY_TMPDIR": str(ray_tmp), "RAYDISTILL_RAY": "private",
+             "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    r = subprocess.run([sys.executable, "-c", FLAKY_START], env=base, capture_output=True,
+                       text=True, timeout=180, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out == {"calls": ["local", "local"], "up": True}
+    assert "did not start within Ray's fixed 30 s" in " ".join(r.stderr.split())
