@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from orchestrator.driver import tiny
-from tests.conftest import agree, capture_config, serve_settings, write_jsonl
+from tests.conftest import agree, capture_config, capture_folder, serve_settings, write_jsonl
 
 FAMILIES = tiny.FAMILIES
 K = 8
@@ -65,7 +65,8 @@ class Matrix:
                                [{"id": i, "text": t} for i, t in enumerate(self.texts[:24])])
             cfg = capture_config(root, self.teacher(family), data)
             manifest = capture(cfg)
-            self._captures[family] = {"out": cfg.output_dir, "units": manifest.total_units}
+            self._captures[family] = {"out": str(capture_folder(cfg.output_dir)),
+                                      "units": manifest.total_units}
         return self._captures[family]
 
     def student(self, family: str, *, init: bool) -> str:

@@ -31,7 +31,7 @@ from orchestrator.errors import ConfigError, RaydistillError
 from orchestrator.driver.jobs import jobs, project_root, submit
 from orchestrator.storage import filesystem
 from orchestrator.shards.manifest import load_manifest
-from tests.conftest import free_port, free_port_range, stop_ray_head, write_jsonl
+from tests.conftest import capture_folder, free_port, free_port_range, stop_ray_head, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -158,7 +158,7 @@ def test_capture_job_follows_to_success(finished):
     job_id = _job_id(out)
     assert job_id.startswith("raydistill-capture-") and f"jobs stop {job_id}" in out
     assert "captured" in out and f"{job_id} succeeded" in out
-    manifest = load_manifest(*filesystem(finished["out"]))
+    manifest = load_manifest(*filesystem(str(capture_folder(finished["out"]))))
     assert manifest is not None and manifest.complete and manifest.shards
 
 
@@ -188,7 +188,7 @@ def _cli_submit(cluster, scratch, tiny_teacher, texts, tmp_path, *flags):
                        capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "succeeded" in r.stdout
-    assert load_manifest(*filesystem(str(tmp_path / "out"))).complete
+    assert load_manifest(*filesystem(str(capture_folder(tmp_path / "out")))).complete
 
 
 def test_cli_submit(cluster, scratch, tiny_teacher, texts, tmp_path):
