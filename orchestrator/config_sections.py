@@ -132,6 +132,10 @@ class TrainConfig:
     """JSD mixing weight, in (0, 1)."""
     tail: Literal["renormalize", "bucket"] = "renormalize"
     """Probability mass outside the teacher's top-k: renormalise it away, or keep one tail bucket."""
+    fused_head: bool = True
+    """Run the student's LM head and the KD + CE loss together in row chunks, so no
+    [tokens × vocabulary] tensor exists beyond one chunk (same loss and gradients as the dense
+    path; a head it cannot fuse falls back to the dense path, saying why). false: always dense."""
     lr: float = 2e-3
     """Peak AdamW learning rate (linear warm-up, cosine decay to 10%)."""
     warmup_steps: int = 20

@@ -43,6 +43,9 @@ def test_local_mode_trains_kd_and_baselines_with_report_and_loadable_students(ca
         assert 0 < row["student_nll"] < 10 and 0 <= row["top1"] <= 1 and row["kl"] > 0, label
         assert row["teacher_nll"] == pytest.approx(report["students"]["kd"]["teacher_nll"])
     assert [h["step"] for h in report["history"]["kd"]] == [3, 6, 9, 12]
+    # the students' LM head ran fused with the loss in row chunks (kd/step.py)
+    assert {h["fused_head"] for label in report["history"] for h in report["history"][label]} \
+        == {1.0}
     assert "gap_recovered" in report["students"]["kd"]
     exp = Path(path).parent
     for plot in ("loss.png", "metrics.png"):
@@ -68,7 +71,7 @@ def test_two_ddp_workers(captured):
     path = pipeline.train(cfg)
     report = _report(path)
     kd = report["history"]["kd"]
-    assert kd[-1]["step"] == 12 and kd[-1]["workers"] == 2
+    assert kd[-1]["step"] == 12 and kd[-1]["workers"] == 2 and kd[-1]["fused_head"] == 1.0
     assert report["students"]["kd"]["student_nll"] < 10
     # the last evaluation's per-sequence sums, gathered from both workers' held-out slices
     from orchestrator.kd.evaluate import SEQUENCES_KEY

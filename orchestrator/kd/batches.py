@@ -49,7 +49,7 @@ def collate(samples: list[dict], *, pad_id: int = 0, hard_labels_from_prompt: bo
     top_ids = np.zeros((B, L, k), dtype=np.int64)
     top_lps = np.zeros((B, L, k), dtype=np.float32)
     kd = np.zeros((B, L), dtype=bool)
-    temps = np.asarray(samples[0]["tail_temperatures"], dtype=np.float32)
+    temps = np.array(samples[0]["tail_temperatures"], dtype=np.float32)  # a copy: writable
     tails = np.zeros((B, L, len(temps)), dtype=np.float32)
     for b, s in enumerate(samples):
         T = len(s["input_ids"])

@@ -21,6 +21,7 @@ import math
 import torch
 
 from orchestrator.kd.batches import collate
+from orchestrator.kd.head import LMHead, final_hidden
 from orchestrator.kd.losses import divergence, tail_at
 
 SUM_KEYS = ("positions", "student_nll", "teacher_nll", "teacher_positions", "kl", "top1")
@@ -31,23 +32,30 @@ SEQUENCES_KEY = "heldout_sequences"
 
 @torch.no_grad()
 def evaluate(model, samples: list[dict], *, batch_size: int = 16, device: str = "cpu",
-             pad_id: int = 0, per_sequence: dict | None = None) -> dict[str, float]:
+             pad_id: int = 0, per_sequence: dict | None = None, head: LMHead | None = None,
+             chunk_rows: int = 1024) -> dict[str, float]:
     """Sums over `samples` (decoded shard rows); see SUM_KEYS. `per_sequence`, if given, is
-    filled with each sample's own sums: {sample_id: [positions, student NLL sum]}."""
+    filled with each sample's own sums: {sample_id: [positions, student NLL sum]}. `head`: the
+    model's LM head (`kd.head.lm_head`, as training uses it): the logits are then computed from the
+    final hidden states `chunk_rows` scored positions at a time, never for the whole batch; None:
+    the model's own full logits."""
     was_training = model.training
     model.eval()
     sums = dict.fromkeys(SUM_KEYS, 0.0)
     for i in range(0, len(samples), batch_size):
         chunk = samples[i:i + batch_size]
         batch = collate(chunk, pad_id=pad_id)
-        logits = model(input_ids=batch.input_ids.to(device),
-                       attention_mask=batch.attention_mask.to(device)).logits.float()
-        V = logits.shape[-1]
+        inputs = {"input_ids": batch.input_ids.to(device),
+                  "attention_mask": batch.attention_mask.to(device)}
         flat = batch.flat()
         rows = (flat["kd_mask"] & (flat["targets"] >= 0)).nonzero().squeeze(1).to(device)
         if len(rows) == 0:
             continue
-        lg = logits.reshape(-1, V)[rows]
+        if head is None:
+            out = model(**inputs).logits
+        else:
+            out = final_hidden(model, **inputs)
+        out = out.reshape(-1, out.shape[-1])
         targets = flat["targets"].to(device)[rows]
         ids = flat["topk_ids"].to(device)[rows].long()
         lps = flat["topk_logprobs"].to(device)[rows]
@@ -55,16 +63,21 @@ def evaluate(model, samples: list[dict], *, batch_size: int = 16, device: str = 
         teacher_t = _teacher_target_lp(samples[i:i + batch_size], batch.input_ids.shape[1])
         teacher_t = teacher_t.to(device)[rows]
         known = ~torch.isnan(teacher_t)
-        nll = torch.nn.functional.cross_entropy(lg, targets, reduction="none")  # [positions]
+        nll = torch.empty(len(rows), dtype=torch.float32, device=out.device)
+        for a in range(0, len(rows), chunk_rows if head is not None else len(rows)):
+            part = slice(a, a + (chunk_rows if head is not None else len(rows)))
+            lg = out[rows[part]]
+            lg = (lg if head is None else head.logits(lg)).float()
+            nll[part] = torch.nn.functional.cross_entropy(lg, targets[part], reduction="none")
+            sums["kl"] += divergence(lg, ids[part], lps[part], kind="fkl", temperature=1.0,
+                                     tail="bucket", teacher_tail=tail[part]).sum().item()
+            sums["top1"] += (lg.argmax(-1) == ids[part, 0]).sum().item()
         sums["positions"] += len(rows)
         sums["student_nll"] += nll.sum().item()
         if per_sequence is not None:
             _add_per_sequence(per_sequence, chunk, rows // batch.input_ids.shape[1], nll, start=i)
         sums["teacher_nll"] += (-teacher_t[known]).sum().item()
         sums["teacher_positions"] += known.sum().item()
-        sums["kl"] += divergence(lg, ids, lps, kind="fkl", temperature=1.0, tail="bucket",
-                                 teacher_tail=tail).sum().item()
-        sums["top1"] += (lg.argmax(-1) == ids[:, 0]).sum().item()
     model.train(was_training)
     return sums
 

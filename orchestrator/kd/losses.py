@@ -58,6 +58,11 @@ class LossSpec:
     tail: TailMode
     """The teacher's mass outside its top-k: renormalised away, or kept as one tail bucket."""
 
+    def kwargs(self) -> dict:
+        """The loss settings as `distill_loss` / `chunked_distill_loss` keyword arguments."""
+        return {"kind": self.kind, "temperature": self.temperature, "alpha": self.alpha,
+                "beta": self.beta, "tail": self.tail}
+
 
 @dataclass
 class LossParts:

@@ -62,7 +62,6 @@ def train_worker(config: dict) -> None:
     from transformers import AutoConfig
 
     from orchestrator.kd.batches import collate
-    from orchestrator.kd.losses import distill_loss
     from orchestrator.kd.student import build_student
     from orchestrator.teacher_info import load_tokenizer
     from orchestrator.train.stream import SampleStream, ShardWatcher, heldout_samples
@@ -113,6 +112,7 @@ def train_worker(config: dict) -> None:
                                       "tokenizer_fingerprint": data.expect.get(
                                           "tokenizer_fingerprint")})
 
+    step_loss = None
     window = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "tokens": 0, "wait": 0.0, "time": 0.0, "n": 0}
     model.train()
     while step < opt.max_steps:
@@ -125,12 +125,10 @@ def train_worker(config: dict) -> None:
             batch = collate(rows, hard_labels_from_prompt=data.hard_labels_from_prompt)
             sync = micro == opt.grad_accum - 1 or world == 1
             with (model.no_sync() if not sync and hasattr(model, "no_sync") else _null()):
-                logits = model(input_ids=batch.input_ids.to(device),
-                               attention_mask=batch.attention_mask.to(device)).logits
-                flat = {k: v.to(device) for k, v in batch.flat().items()}
-                parts = distill_loss(logits.reshape(-1, logits.shape[-1]), kind=loss.kind,
-                                     temperature=loss.temperature, alpha=loss.alpha,
-                                     beta=loss.beta, tail=loss.tail, **flat)
+                if step_loss is None:  # once: the fused head, probed on the first batch
+                    step_loss = _student_loss(core, loss, run=run, world=world,
+                                              probe_ids=batch.input_ids[:1, :16].to(device))
+                parts = step_loss(model, batch, device=device)
                 (parts.total / opt.grad_accum).backward()
             window["loss"] += parts.total.item() / opt.grad_accum
             window["kd"] += parts.kd.item() / opt.grad_accum
@@ -149,7 +147,8 @@ def train_worker(config: dict) -> None:
         if step % run.log_every == 0 or evaluate_now:
             metrics = _window_metrics(window, step=step, lr=schedule.get_last_lr()[0],
                                       epoch=stream.epoch, world=world)
-            metrics.update(time=time.time(), pid=os.getpid())
+            metrics.update(time=time.time(), pid=os.getpid(),
+                           fused_head=float(step_loss is not None and step_loss.head is not None))
             if group is not None:  # lets a sweep reap the group of a trial Tune killed
                 metrics["placement_group"] = group.id.hex()
             if resumed_from is not None:
@@ -158,7 +157,8 @@ def train_worker(config: dict) -> None:
             sequences = None
             if evaluate_now and ev.heldout_uri:  # every rank, even one with no held-out
                 scores, sequences = _evaluate(    # samples: it enters the collectives
-                    core, heldout, device=device, world=world, per_sequence=step == opt.max_steps)
+                    core, heldout, device=device, world=world, per_sequence=step == opt.max_steps,
+                    head=step_loss.head if step_loss is not None else None)
                 metrics.update(scores)
             # the last evaluation's per-sequence sums stay in the history (the report pairs the
             # students on them); Ray Train, Tune and the board get only scalars
@@ -180,6 +180,27 @@ def _check_finite(loss: float, spec: TrainSpec, *, step: int) -> None:
             "train.warmup_steps, or use train.temperature closer to 1")
 
 
+def _student_loss(model, loss, *, run, world: int, probe_ids):
+    """The run's `StudentLoss`, the same path on every rank (DDP needs one graph shape): when one
+    rank's probe refuses the fused head, all take the dense path. A dense fallback is said once."""
+    from orchestrator.kd.step import StudentLoss
+
+    step_loss = StudentLoss(model, loss, fused=run.fused_head, probe_ids=probe_ids)
+    if world > 1:
+        import torch.distributed as dist
+
+        fused = torch.tensor([1 if step_loss.head is not None else 0])
+        dist.all_reduce(fused, op=dist.ReduceOp.MIN)
+        if fused.item() == 0 and step_loss.head is not None:
+            step_loss.head, step_loss.reason = None, "another worker's head check refused it"
+    if step_loss.head is None and run.fused_head:
+        import ray.train
+
+        if ray.train.get_context().get_world_rank() == 0:
+            print(f"[{run.label}] {step_loss.describe()}", flush=True)
+    return step_loss
+
+
 class _null:
     def __enter__(self):
         return self
@@ -197,15 +218,15 @@ def _window_metrics(window: dict, *, step: int, lr: float, epoch: int, world: in
             "tokens_per_s": window["tokens"] * world / max(window["time"], 1e-9)}
 
 
-def _evaluate(model, heldout: list[dict], *, device, world: int,
-              per_sequence: bool) -> tuple[dict, dict | None]:
+def _evaluate(model, heldout: list[dict], *, device, world: int, per_sequence: bool,
+              head=None) -> tuple[dict, dict | None]:
     """Held-out metrics over every rank's slice, and (if `per_sequence`) every held-out
     sequence's own sums, gathered from all ranks ({sample_id: [positions, NLL sum]}). Each rank
     enters the collectives, also one whose slice is empty (fewer held-out samples than workers)."""
     from orchestrator.kd.evaluate import SUM_KEYS, evaluate, finish
 
     sequences = {} if per_sequence else None
-    sums = evaluate(model, heldout, device=str(device), per_sequence=sequences)
+    sums = evaluate(model, heldout, device=str(device), per_sequence=sequences, head=head)
     if world > 1:
         import torch.distributed as dist
 
