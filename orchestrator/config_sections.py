@@ -154,6 +154,11 @@ class TrainConfig:
     """Ray Train workers (DDP); 0 trains in the driver process (local mode: quick checks)."""
     use_gpu: bool = False
     """Train on GPUs (one per worker)."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """How a student is spread over its workers: `ddp` (each worker holds the whole model,
+    gradients all-reduced) or `fsdp` (PyTorch FSDP2: weights, gradients and optimizer state
+    sharded across the workers, for students that do not fit one device). Checkpoints hold the
+    whole model either way (a plain Hugging Face directory)."""
     cpus_per_worker: float = 0.5
     """Logical CPUs each train worker reserves (on 2 CPUs keep ≤ 0.5 so Ray Data readers and a
     teacher fit beside two workers)."""

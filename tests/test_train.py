@@ -167,6 +167,55 @@ def test_killed_worker_resumes_from_checkpoint_and_matches_an_uninterrupted_run(
     assert hit.final["eval_kl"] == pytest.approx(clean.final["eval_kl"], abs=1e-4)
 
 
+@pytest.mark.timeout(600, method="thread")
+def test_fsdp_trains_like_ddp_exports_whole_weights_and_resumes_exactly(captured, tmp_path):
+    """train.strategy=fsdp on two workers (FSDP2 over gloo on the CPU here): the same student as
+    DDP's from the same seed and data (shards gathered into a plain Hugging Face checkpoint), and
+    a worker killed after a checkpoint resumes from it to the uninterrupted run's student."""
+    import ray
+    from transformers import AutoModelForCausalLM
+
+    from orchestrator.train.board import ShardBoard
+    from orchestrator.train.launch import fit_student
+
+    kw = dict(num_workers=2, use_gpu=False, cpus_per_worker=0.5)
+    short = dict(max_steps=20, batch_size=2)
+
+    def fit(name, strategy, *, board=None, failures=0):
+        run = {"strategy": strategy, "torch_threads": 1} | ({"board": board} if board else {})
+        return fit_student(_spec(captured, optim=short, run=run), storage=str(tmp_path),
+                           name=name, max_failures=failures, **kw)
+
+    fsdp, ddp = fit("fsdp", "fsdp"), fit("ddp", "ddp")
+    assert fsdp.final["workers"] == 2 and fsdp.final["fused_head"] == 1.0
+    for key in ("eval_student_nll", "eval_kl", "eval_top1"):
+        assert fsdp.final[key] == pytest.approx(ddp.final[key], abs=2e-3), key
+    a = AutoModelForCausalLM.from_pretrained(fsdp.model_dir)
+    b = AutoModelForCausalLM.from_pretrained(ddp.model_dir)
+    assert a.state_dict().keys() == b.state_dict().keys()
+    assert max((a.state_dict()[k] - v).abs().max().item() for k, v in b.state_dict().items()) < 1e-3
+
+    board = ray.remote(ShardBoard).options(num_cpus=0).remote(max_ahead=1)
+    killed = []
+
+    def killer():
+        while not killed:
+            m = ray.get(board.snapshot.remote())["metrics"].get("kd")
+            if m and m["step"] >= 15:  # the checkpoint at 10 is persisted
+                os.kill(m["pid"], signal.SIGKILL)
+                killed.append(m["step"])
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    hit = fit("fsdp-hit", "fsdp", board=board, failures=2)
+    killed.append(-1)
+    assert killed[0] > 0, "the worker was never killed"
+    assert hit.final["resumed_from"] == 10
+    assert hit.final["eval_student_nll"] == pytest.approx(fsdp.final["eval_student_nll"], abs=1e-4)
+    assert hit.final["eval_kl"] == pytest.approx(fsdp.final["eval_kl"], abs=1e-4)
+
+
 def test_a_killed_worker_with_no_retries_left_advises_resume(captured, tmp_path):
     """A lost worker is transient: with max_failures 0 the run fails, and the one message says the
     checkpoints are kept and to rerun with --resume (a deterministic error never says so:

@@ -33,4 +33,5 @@ def train_spec(cfg: Config, *, plan: CapturePlan, held: CapturePlan | None, alph
         eval=EvalSpec(every=tr.eval_every, heldout_uri=held.cfg.output_dir if held else None,
                       samples=tr.eval_samples, heldout_expect=held.expect() if held else None),
         run=RunSpec(log_every=tr.log_every, label=label, board=board,
-                    reader_cpus=tr.reader_cpus, fused_head=tr.fused_head))
+                    reader_cpus=tr.reader_cpus, fused_head=tr.fused_head,
+                    strategy=tr.strategy))

@@ -21,7 +21,7 @@ import math
 import torch
 
 from orchestrator.kd.batches import collate
-from orchestrator.kd.head import LMHead, final_hidden
+from orchestrator.kd.head import LMHead, current_head, final_hidden
 from orchestrator.kd.losses import divergence, tail_at
 
 SUM_KEYS = ("positions", "student_nll", "teacher_nll", "teacher_positions", "kl", "top1")
@@ -55,6 +55,7 @@ def evaluate(model, samples: list[dict], *, batch_size: int = 16, device: str = 
             out = model(**inputs).logits
         else:
             out = final_hidden(model, **inputs)
+            head = current_head(model, head)  # after the forward: a sharded model's whole head
         out = out.reshape(-1, out.shape[-1])
         targets = flat["targets"].to(device)[rows]
         ids = flat["topk_ids"].to(device)[rows].long()

@@ -80,6 +80,16 @@ def lm_head(model, *, probe_ids: torch.Tensor | None = None) -> LMHead:
     return head
 
 
+
+def current_head(model, head: LMHead) -> LMHead:
+    """`head` with the weight and bias the model's output layer holds now: read after the
+    model's forward, because a sharded model (FSDP) holds the whole parameters only from its
+    forward to its backward (`orchestrator.train.sharding`)."""
+    inner = getattr(model, "module", model)
+    out = inner.get_output_embeddings()
+    return dataclasses.replace(head, weight=out.weight, bias=out.bias)
+
+
 def final_hidden(model, *, input_ids: torch.Tensor,
                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """[B, T, H] the final (post-norm) hidden states, the head's input, with no logits computed.

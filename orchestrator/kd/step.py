@@ -18,7 +18,7 @@ import torch
 
 from orchestrator.kd.batches import Batch
 from orchestrator.kd.chunked import chunked_distill_loss
-from orchestrator.kd.head import HeadNotFused, LMHead, final_hidden, lm_head
+from orchestrator.kd.head import HeadNotFused, LMHead, current_head, final_hidden, lm_head
 from orchestrator.kd.losses import LossParts, LossSpec, distill_loss
 
 
@@ -50,13 +50,7 @@ class StudentLoss:
             logits = model(**inputs).logits
             return distill_loss(logits.reshape(-1, logits.shape[-1]), **self.spec.kwargs(), **flat)
         hidden = final_hidden(model, **inputs)
-        return chunked_distill_loss(hidden.reshape(-1, hidden.shape[-1]), **self.head.kwargs(),
+        return chunked_distill_loss(hidden.reshape(-1, hidden.shape[-1]),
+                                    **current_head(model, self.head).kwargs(),
                                     **self.spec.kwargs(), **flat, chunk_rows=self.chunk_rows)
 
-
-def head_or_none(model) -> LMHead | None:
-    """The model's fused head for no-grad use (evaluation), or None for the dense logits."""
-    try:
-        return lm_head(model)
-    except HeadNotFused:
-        return None

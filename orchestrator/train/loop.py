@@ -22,6 +22,7 @@ import torch
 
 from orchestrator.errors import ConfigError, DivergedError
 from orchestrator.kd.evaluate import SEQUENCES_KEY
+from orchestrator.train import sharding
 from orchestrator.train.specs import TrainSpec
 
 STATE_FILE = "train_state.pt"
@@ -84,18 +85,27 @@ def train_worker(config: dict) -> None:
     del teacher
     tokenizer = load_tokenizer(student.teacher_model)
     model.to(device)  # before the optimizer and its restored state
-    optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, weight_decay=0.01,
-                                  betas=(0.9, 0.95))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_lambda(s, warmup=opt.warmup_steps, total=opt.max_steps))
     layout = batch_layout(batch_size=opt.batch_size, grad_accum=opt.grad_accum,
                           num_workers=world, seed=opt.seed)
-    state = _restore(model, optimizer, schedule, layout=layout, label=run.label)
+    strategy = "fsdp" if sharding.sharded(run.strategy, world) else "ddp"
+    state = _restore(model, layout=layout, label=run.label, strategy=strategy)
     step, history = state.get("step", 0), state.get("history", [])
     resumed_from = step if state else None
     per_step = opt.batch_size * opt.grad_accum
     core = model
-    model = ray.train.torch.prepare_model(model) if world > 1 else model
+    # the fused head is checked on the whole model, before sharding (a fixed probe: every rank
+    # decides alike)
+    probe = (torch.arange(1, 17, device=device) % core.config.vocab_size).unsqueeze(0)
+    step_loss = _student_loss(core, loss, run=run, world=world, probe_ids=probe)
+    model = sharding.wrap(model, strategy=strategy, world=world)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, weight_decay=0.01,
+                                  betas=(0.9, 0.95))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, warmup=opt.warmup_steps, total=opt.max_steps))
+    if state:
+        sharding.load_optimizer(model, optimizer, state["optimizer"], strategy=strategy,
+                                world=world)
+        schedule.load_state_dict(state["schedule"])
 
     group = None if run.local else ray.util.get_current_placement_group()
     watcher = ShardWatcher(data.shards_uri, wait=data.streaming, board=run.board)
@@ -112,7 +122,6 @@ def train_worker(config: dict) -> None:
                                       "tokenizer_fingerprint": data.expect.get(
                                           "tokenizer_fingerprint")})
 
-    step_loss = None
     window = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "tokens": 0, "wait": 0.0, "time": 0.0, "n": 0}
     model.train()
     while step < opt.max_steps:
@@ -124,10 +133,9 @@ def train_worker(config: dict) -> None:
             wait += time.perf_counter() - tw
             batch = collate(rows, hard_labels_from_prompt=data.hard_labels_from_prompt)
             sync = micro == opt.grad_accum - 1 or world == 1
+            if strategy == "fsdp":
+                model.set_requires_gradient_sync(sync)
             with (model.no_sync() if not sync and hasattr(model, "no_sync") else _null()):
-                if step_loss is None:  # once: the fused head, probed on the first batch
-                    step_loss = _student_loss(core, loss, run=run, world=world,
-                                              probe_ids=batch.input_ids[:1, :16].to(device))
                 parts = step_loss(model, batch, device=device)
                 (parts.total / opt.grad_accum).backward()
             window["loss"] += parts.total.item() / opt.grad_accum
@@ -148,7 +156,7 @@ def train_worker(config: dict) -> None:
             metrics = _window_metrics(window, step=step, lr=schedule.get_last_lr()[0],
                                       epoch=stream.epoch, world=world)
             metrics.update(time=time.time(), pid=os.getpid(),
-                           fused_head=float(step_loss is not None and step_loss.head is not None))
+                           fused_head=float(step_loss.head is not None))
             if group is not None:  # lets a sweep reap the group of a trial Tune killed
                 metrics["placement_group"] = group.id.hex()
             if resumed_from is not None:
@@ -158,7 +166,7 @@ def train_worker(config: dict) -> None:
             if evaluate_now and ev.heldout_uri:  # every rank, even one with no held-out
                 scores, sequences = _evaluate(    # samples: it enters the collectives
                     core, heldout, device=device, world=world, per_sequence=step == opt.max_steps,
-                    head=step_loss.head if step_loss is not None else None)
+                    head=step_loss.head)
                 metrics.update(scores)
             # the last evaluation's per-sequence sums stay in the history (the report pairs the
             # students on them); Ray Train, Tune and the board get only scalars
@@ -167,7 +175,8 @@ def train_worker(config: dict) -> None:
                 run.board.train_update.remote(run.label, metrics)
             _report(metrics, history, step=step, position=step * per_step, model=core,
                     tokenizer=tokenizer, optimizer=optimizer, schedule=schedule, layout=layout,
-                    checkpoint=evaluate_now, rank=rank, keep=run.local)
+                    checkpoint=evaluate_now, rank=rank, keep=run.local, strategy=strategy,
+                    world=world)
 
 
 def _check_finite(loss: float, spec: TrainSpec, *, step: int) -> None:
@@ -241,22 +250,25 @@ def _evaluate(model, heldout: list[dict], *, device, world: int, per_sequence: b
 
 
 def _report(metrics: dict, history: list, *, step: int, position: int, model, tokenizer,
-            optimizer, schedule, layout: dict, checkpoint: bool, rank: int,
-            keep: bool) -> None:
-    """Every rank reports (Ray Train requires it); rank 0 attaches the checkpoint. Ray copies it
-    to storage, so the local copy is removed — except in local mode, where it is the checkpoint
-    (the driver exports it, then removes it)."""
+            optimizer, schedule, layout: dict, checkpoint: bool, rank: int, keep: bool,
+            strategy: str, world: int) -> None:
+    """Every rank reports (Ray Train requires it); rank 0 attaches the checkpoint (an fsdp run's
+    shards are gathered to it first, by every rank). Ray copies it to storage, so the local copy is
+    removed — except in local mode, where it is the checkpoint (the driver exports it, then
+    removes it)."""
     import ray.train
 
+    if checkpoint and (rank == 0 or sharding.sharded(strategy, world)):
+        weights, optim = sharding.full_state(model, optimizer, strategy=strategy, world=world)
     if not checkpoint or rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
     tmp = tempfile.mkdtemp(prefix="raydistill-ckpt-")
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                    "step": step, "position": position, "layout": layout},
+        torch.save({"optimizer": optim, "schedule": schedule.state_dict(), "step": step,
+                    "position": position, "layout": layout, "strategy": strategy},
                    os.path.join(tmp, STATE_FILE))
         with open(os.path.join(tmp, HISTORY_FILE), "w") as f:
             json.dump(history, f)
@@ -266,9 +278,11 @@ def _report(metrics: dict, history: list, *, step: int, position: int, model, to
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _restore(model, optimizer, schedule, *, layout: dict, label: str) -> dict:
-    """Load the last checkpoint of this run, if any (weights_only: no untrusted unpickling); refuse
-    one saved under another batch layout (the driver checks first; this catches other ways in)."""
+def _restore(model, *, layout: dict, label: str, strategy: str) -> dict:
+    """Load the last checkpoint of this run into the (unsharded) model, if any (weights_only: no
+    untrusted unpickling), and return its step, history, optimizer and schedule state; refuse one
+    saved under another batch layout (the driver checks first; this catches other ways in) or
+    another train.strategy (its optimizer state is laid out for that one)."""
     import ray.train
     from safetensors.torch import load_file
 
@@ -283,10 +297,15 @@ def _restore(model, optimizer, schedule, *, layout: dict, label: str) -> dict:
         if "lm_head.weight" in missing:
             model.tie_weights()
         state = torch.load(os.path.join(d, STATE_FILE), weights_only=True)
-        refuse_changed_layout(state.get("layout", {}), layout,
-                              what=f"the {label} student's checkpoint at step {state['step']}")
+        what = f"the {label} student's checkpoint at step {state['step']}"
+        refuse_changed_layout(state.get("layout", {}), layout, what=what)
+        if state.get("strategy", "ddp") != strategy:
+            raise ConfigError(
+                f"{what} was trained with train.strategy={state.get('strategy', 'ddp')} (on "
+                f"several workers), this run uses {strategy}; its optimizer state is laid out for "
+                "the other. Resume with the old train.strategy, or start a new experiment (omit "
+                "--resume)")
         with open(os.path.join(d, HISTORY_FILE)) as f:
             history = json.load(f)
-    optimizer.load_state_dict(state["optimizer"])
-    schedule.load_state_dict(state["schedule"])
-    return {"step": state["step"], "history": history}
+    return {"step": state["step"], "history": history, "optimizer": state["optimizer"],
+            "schedule": state["schedule"]}

@@ -100,6 +100,10 @@ class RunSpec:
     side by side get their CPU share: each using every core slows both down several-fold."""
     local: bool = False
     """Local mode (num_workers=0): Ray Train keeps the checkpoint where it was written."""
+    strategy: str = "ddp"
+    """How the student is spread over several workers: `ddp` (whole replicas) or `fsdp` (FSDP2
+    shards; `orchestrator.train.sharding`). It changes the memory each worker needs, not what
+    the student learns."""
     fused_head: bool = True
     """Fuse the LM head with the loss in row chunks (`orchestrator.kd.step.StudentLoss`); the same
     loss and gradients as the dense path, without its [tokens × vocabulary] tensors."""
