@@ -275,10 +275,13 @@ def test_health_is_open_and_valid_requests_still_work(http):
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
     streamed = _events(http.post("/v1/completions", json=P(stream=True), headers=AUTH))
     assert streamed[-1] == "[DONE]" and len(streamed) >= 2
+    before = http.get("/health").json()["stats"]
     ok = http.post(CHAT_URL, json=C(), headers=AUTH)
     assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["role"] == "assistant"
     streamed = _events(http.post(CHAT_URL, json=C(stream=True), headers=AUTH), chat=True)
     assert streamed[-1] == "[DONE]" and len(streamed) >= 3
+    after = http.get("/health").json()["stats"]  # chat requests pass admission control too
+    assert after["admitted"] - before["admitted"] == 2 and after["in_flight"] == 0
 
 
 # --------------------------------------------------------------------------- fuzzing
@@ -440,6 +443,7 @@ def test_fuzz_chat_bodies(http):
     from hypothesis import example, given
 
     st, bodies = _chat_strategies()
+    statuses = []
 
     @_settings(100)
     @given(body=bodies)
@@ -452,8 +456,10 @@ def test_fuzz_chat_bodies(http):
         r = http.post(CHAT_URL, content=content,
                       headers={**AUTH, "content-type": "application/json"})
         _check(r, body, chat=True)
+        statuses.append(r.status_code)
 
     fuzz()
+    assert statuses.count(200) >= 20 and statuses.count(400) >= 20  # both decoded and refused
 
 
 def test_fuzz_raw_bodies_routes_and_methods(http):
