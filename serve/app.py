@@ -96,7 +96,8 @@ def banner(url: str, models: list[ServedModel], settings: ServeConfig, *, keyed:
            else f"no API key; set ${settings.api_key_env} to require one")
     lines = [f"serving {len(models)} model(s) at {url}  ({key})"]
     lines += [f"  {m.id}" + (f"  {_metrics(m)}" if m.metrics else "") for m in models]
-    lines += ["", "routes: GET /health, GET /v1/models, POST /v1/completions (OpenAI format)",
+    lines += ["", "routes: GET /health, GET /v1/models, POST /v1/completions, "
+              "POST /v1/chat/completions (OpenAI format; chat needs a chat template)",
               "try:", f'  raydistill query "def f(" --url {url} --model {models[0].id} --stream',
               "  python - <<'EOF'", "  from openai import OpenAI",
               f'  client = OpenAI(base_url="{url}/v1", api_key="none")',

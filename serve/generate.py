@@ -7,6 +7,8 @@
         print(deltas[0].text, end="")
 
 Design. One batch = prompts for one model, decoded together step by step:
+- A row ends at the model's eos or at one of its request's `stop_ids` (a chat template's
+  end-of-turn token, serve/chat.py), neither of which is part of the text.
 - Prompts are left-padded into `ids: [batch, longest]` with `attention_mask` (0 on padding) and
   `position_ids = cumsum(mask) - 1`, so each row sees exactly the positions it would see alone;
   greedy output therefore equals `model.generate(do_sample=False)` of that prompt alone (up to
@@ -47,6 +49,9 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    stop_ids: frozenset[int] = frozenset()
+    """Tokens that end the row besides the model's eos (a chat template's end of turn); like
+    eos they are not part of the text and count as a completion token."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +63,7 @@ class Delta:
     tokens: int
     """Completion tokens generated so far (including an EOS that ended it)."""
     finish_reason: str | None = None
-    """"stop" (EOS or a stop string) or "length" (max_tokens) on the row's last delta."""
+    """"stop" (EOS, a stop id or stop string) or "length" (max_tokens) on the row's last delta."""
 
 
 @dataclass
@@ -71,6 +76,8 @@ class Student:
     """Longest sequence (prompt + completion) the model takes: max_position_embeddings."""
     eos_ids: frozenset[int]
     pad_id: int
+    end_of_turn_ids: frozenset[int] = frozenset()
+    """Tokens that end an assistant turn of its chat template (serve/chat.py); empty without one."""
 
 
 def load_student(path: str, *, threads: int | None = None) -> Student:
@@ -78,6 +85,7 @@ def load_student(path: str, *, threads: int | None = None) -> Student:
     from transformers import AutoModelForCausalLM
 
     from orchestrator.teacher_info import load_tokenizer
+    from serve.chat import end_of_turn_ids
 
     if threads:
         torch.set_num_threads(threads)
@@ -86,7 +94,8 @@ def load_student(path: str, *, threads: int | None = None) -> Student:
     model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=torch.float32)
     model.eval()
     return Student(model=model, tokenizer=tokenizer, context=_context(model.config),
-                   eos_ids=_eos_ids(model, tokenizer), pad_id=_pad_id(tokenizer))
+                   eos_ids=_eos_ids(model, tokenizer), pad_id=_pad_id(tokenizer),
+                   end_of_turn_ids=end_of_turn_ids(tokenizer))
 
 
 PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -198,7 +207,7 @@ class _Row:
     def push(self, token: int) -> Delta:
         """Record `token`; the text it releases and whether the row is done."""
         self.ids.append(token)
-        eos = token in self.student.eos_ids
+        eos = token in self.student.eos_ids or token in self.params.stop_ids
         text = decode_text(self.student, self.ids[:-1] if eos else self.ids)
         cut = _first_stop(text, self.params.stop)
         if cut is not None:

@@ -2,8 +2,11 @@
 several students (model multiplexing) and decodes requests for the same student together
 (request batching). Built and started by serve/app.py (`raydistill serve RUN_DIR`).
 
-Routes: `GET /health` (open), `GET /v1/models`, `POST /v1/completions` (the key, when one is
-set, is checked before any model work). Every error has OpenAI's shape
+Routes: `GET /health` (open), `GET /v1/models`, `POST /v1/completions`,
+`POST /v1/chat/completions` (the key, when one is set, is checked before any model work). A chat
+request is rendered with the student's own chat template (serve/chat.py: a 400 for a student
+without one) and decodes until the template's end-of-turn token or eos; it then goes through the
+same admission, batching and streaming as a completion. Every error has OpenAI's shape
 `{"error": {"message", "type", "param", "code"}}`.
 
 Design:
@@ -58,7 +61,7 @@ from starlette.exceptions import HTTPException
 
 from orchestrator.config import ServeConfig
 from orchestrator.winners import ServedModel
-from serve import protocol
+from serve import chat, protocol
 from serve.admission import RETRY_AFTER_S, Admission, Ticket
 from serve.generate import Delta, Sampling, Student, decode_batch, encode_prompt, load_student
 from serve.replica import Job, Stats, merged
@@ -87,7 +90,8 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     message = f"{request.method} {request.url.path}: {exc.detail}"
     if exc.status_code == 404:
-        message += "; routes are GET /health, GET /v1/models, POST /v1/completions"
+        message += ("; routes are GET /health, GET /v1/models, POST /v1/completions, "
+                    "POST /v1/chat/completions")
     return JSONResponse(protocol.error_body(message, code=str(exc.status_code)),
                         status_code=exc.status_code)
 
@@ -151,10 +155,17 @@ class StudentServer:
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
+        return await self._admitted(request, self._complete)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._admitted(request, self._chat)
+
+    async def _admitted(self, request: Request, handle):
         self._authorize(request)
         ticket = self._admission.admit()  # 429 at once when full: nothing parsed, no model work
         try:
-            response = await self._complete(await request.body(), ticket)
+            response = await handle(await request.body(), ticket)
         except BaseException:
             ticket.release()
             raise
@@ -165,27 +176,53 @@ class StudentServer:
     async def _complete(self, body: bytes, ticket: Ticket):
         req = protocol.parse_completion_request(body)
         student = await self._find_student(req.model, ticket)
-        jobs = [self._job(req, student, prompt) for prompt in req.prompts()]
+        jobs = [self._job(req, student, encode_prompt(student, prompt), seed=req.seed)
+                for prompt in req.prompts()]
+        events = protocol.Events(protocol.new_completion_id(), req.model, int(time.time()),
+                                 chat=False, include_usage=protocol.include_usage(req))
+        prompt_tokens = sum(len(j.prompt_ids) for j in jobs)
+        if req.stream:
+            return self._streaming(jobs, events, prompt_tokens, ticket)
+        results = await self._results(jobs)
+        choices = [protocol.choice(i, text, reason) for i, (text, reason, _) in enumerate(results)]
+        return protocol.completion(events.cid, req.model, choices, created=events.created,
+                                   prompt_tokens=prompt_tokens,
+                                   completion_tokens=sum(n for _, _, n in results))
+
+    async def _chat(self, body: bytes, ticket: Ticket):
+        req = protocol.parse_chat_request(body)
+        student = await self._find_student(req.model, ticket)
+        ids = self._chat_prompt(req, student)
+        jobs = [self._job(req, student, ids, seed=req.choice_seed(i),
+                          stop_ids=student.end_of_turn_ids) for i in range(req.n)]
+        events = protocol.Events(protocol.new_completion_id(chat=True), req.model,
+                                 int(time.time()), chat=True,
+                                 include_usage=protocol.include_usage(req))
+        if req.stream:
+            return self._streaming(jobs, events, len(ids), ticket)
+        results = await self._results(jobs)
+        return protocol.chat_completion(events.cid, req.model, [r[:2] for r in results],
+                                        created=events.created, prompt_tokens=len(ids),
+                                        completion_tokens=sum(n for _, _, n in results))
+
+    def _streaming(self, jobs: list[Job], events: protocol.Events, prompt_tokens: int,
+                   ticket: Ticket) -> StreamingResponse:
         self._stats.requests += 1
         self._stats.prompts += len(jobs)
-        cid, created = protocol.new_completion_id(), int(time.time())
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            # The stream's own `finally` releases the ticket; the background task is the backstop
-            # for a stream that never starts (the client left before the headers went out).
-            return StreamingResponse(self._stream(jobs, req.model, cid, created, include_usage,
-                                                  ticket),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"},
-                                     background=BackgroundTask(ticket.release))
+        # The stream's own `finally` releases the ticket; the background task is the backstop
+        # for a stream that never starts (the client left before the headers went out).
+        return StreamingResponse(self._stream(jobs, events, prompt_tokens, ticket),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"},
+                                 background=BackgroundTask(ticket.release))
+
+    async def _results(self, jobs: list[Job]) -> list[tuple[str, str, int]]:
+        self._stats.requests += 1
+        self._stats.prompts += len(jobs)
         try:
-            results = await asyncio.gather(*(self._collect(job) for job in jobs))
+            return await asyncio.gather(*(self._collect(job) for job in jobs))
         except Exception as e:  # noqa: BLE001 - any decode failure is the client's 500
             raise self._internal(e) from None
-        choices = [protocol.choice(i, text, reason) for i, (text, reason, _) in enumerate(results)]
-        return protocol.completion(cid, req.model, choices, created=created,
-                                   prompt_tokens=sum(len(j.prompt_ids) for j in jobs),
-                                   completion_tokens=sum(n for _, _, n in results))
 
     # ------------------------------------------------------------------------------------------
     # Checks
@@ -214,29 +251,49 @@ class StudentServer:
         except Exception as e:  # noqa: BLE001
             raise self._internal(e, what=f"loading model {model_id!r}") from None
 
-    def _job(self, req: protocol.CompletionRequest, student: Student, prompt: str) -> Job:
+    def _chat_prompt(self, req: protocol.ChatRequest, student: Student) -> list[int]:
+        """The messages rendered with the student's chat template, as prompt ids."""
+        if not chat.has_chat_template(student.tokenizer):
+            raise ApiError(400, f"model {req.model!r} has no chat template (its tokenizer declares "
+                                "no chat_template), so it cannot take messages; send the text "
+                                "as a prompt to POST /v1/completions instead", param="model",
+                           code="chat_template_missing")
+        try:
+            return chat.render(student.tokenizer, req.conversation())
+        except chat.TemplateRefused as e:
+            raise ApiError(400, f"{req.model}'s chat template refused these messages ({e}); "
+                                "send a conversation it accepts", param="messages") from None
+
+    def _job(self, req: protocol.CompletionRequest | protocol.ChatRequest, student: Student,
+             ids: list[int], *, seed: int | None, stop_ids: frozenset[int] = frozenset()) -> Job:
+        """A validated job: the prompt fits serve.max_prompt_tokens and, with the completion's
+        token limit, the model's context (a chat request without one gets what is left)."""
         s = self._settings
-        if req.max_tokens > s.max_tokens:
-            raise ApiError(400, f"max_tokens={req.max_tokens} is above this server's limit of "
-                                f"{s.max_tokens} (serve.max_tokens)", param="max_tokens",
+        max_tokens, param = req.token_limit()
+        what, where = ("prompt", "prompt") if isinstance(req, protocol.CompletionRequest) else (
+            f"the chat prompt (the messages in {req.model}'s chat template)", "messages")
+        if max_tokens is not None and max_tokens > s.max_tokens:
+            raise ApiError(400, f"{param}={max_tokens} is above this server's limit of "
+                                f"{s.max_tokens} (serve.max_tokens)", param=param,
                            code="max_tokens_too_large")
-        ids = encode_prompt(student, prompt)
         limit = min(s.max_prompt_tokens, student.context - 1)
         if not ids:
-            raise ApiError(400, "prompt is empty (0 tokens); send some text", param="prompt")
+            raise ApiError(400, f"{what} is empty (0 tokens); send some text", param=where)
         if len(ids) > limit:
-            raise ApiError(400, f"prompt is {len(ids)} tokens; the limit is {limit} tokens "
+            raise ApiError(400, f"{what} is {len(ids)} tokens; the limit is {limit} tokens "
                                 f"(serve.max_prompt_tokens={s.max_prompt_tokens}, {req.model}'s "
-                                f"context {student.context} - 1)", param="prompt",
+                                f"context {student.context} - 1)", param=where,
                            code="context_length_exceeded")
-        if len(ids) + req.max_tokens > student.context:
-            raise ApiError(400, f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) = "
-                                f"{len(ids) + req.max_tokens} is more than {req.model}'s context "
-                                f"of {student.context} tokens; ask for at most max_tokens="
-                                f"{student.context - len(ids)}", param="max_tokens",
+        if max_tokens is None:
+            max_tokens = min(s.max_tokens, student.context - len(ids))
+        elif len(ids) + max_tokens > student.context:
+            raise ApiError(400, f"{what} ({len(ids)} tokens) + {param} ({max_tokens}) = "
+                                f"{len(ids) + max_tokens} is more than {req.model}'s context "
+                                f"of {student.context} tokens; ask for at most {param}="
+                                f"{student.context - len(ids)}", param=param,
                            code="context_length_exceeded")
-        sampling = Sampling(max_tokens=req.max_tokens, temperature=req.temperature,
-                            top_p=req.top_p, seed=req.seed, stop=req.stops())
+        sampling = Sampling(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                            seed=seed, stop=req.stops(), stop_ids=stop_ids)
         return Job(model_id=req.model, student=student, prompt_ids=ids, sampling=sampling)
 
     def _internal(self, e: Exception, *, what: str = "decoding") -> ApiError:
@@ -292,16 +349,17 @@ class StudentServer:
             raise RuntimeError("the batch ended without producing any token")
         return "".join(parts), last.finish_reason, last.tokens
 
-    async def _stream(self, jobs: list[Job], model: str, cid: str, created: int,
-                      include_usage: bool, ticket: Ticket) -> AsyncIterator[str]:
-        """Server-sent events: one chunk per non-empty delta, then usage (if asked), [DONE]."""
+    async def _stream(self, jobs: list[Job], events: protocol.Events, prompt_tokens: int,
+                      ticket: Ticket) -> AsyncIterator[str]:
+        """Server-sent events (protocol.Events): the opening chunks, the deltas as they come,
+        then usage (if asked) and [DONE]."""
         tokens = 0
         try:
+            for event in events.start(len(jobs)):
+                yield event
             async for index, d in merged([self._deltas(j) for j in jobs]):
-                if d.text or d.finish_reason:
-                    yield protocol.chunk(cid, model, [protocol.choice(index, d.text,
-                                                                      d.finish_reason)],
-                                         created=created)
+                for event in events.delta(index, d.text, d.finish_reason):
+                    yield event
                 if d.finish_reason:
                     tokens += d.tokens
         except Exception as e:  # noqa: BLE001 - headers are sent: report it in the stream
@@ -309,9 +367,8 @@ class StudentServer:
             return
         finally:
             ticket.release()
-        if include_usage:
-            yield protocol.chunk(cid, model, [], created=created, usage_=protocol.usage(
-                sum(len(j.prompt_ids) for j in jobs), tokens))
+        if events.include_usage:
+            yield events.usage(prompt_tokens, tokens)
         yield protocol.DONE
 
     def _loaded(self) -> list[str]:

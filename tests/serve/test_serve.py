@@ -17,19 +17,22 @@ import torch
 
 from orchestrator.config import ServeConfig
 from orchestrator.errors import RaydistillError
-from orchestrator.winners import find_models
+from orchestrator.winners import ServedModel, find_models
 from tests.conftest import free_port, serve_settings, server_up, wait_until
+from tests.serve.conftest import CHAT, CONVERSATION
 
 RAYDISTILL = str(Path(sys.executable).with_name("raydistill"))
 A, B = "t0001-1x128", "t0002-1x128"
 
 
 @pytest.fixture(scope="module")
-def server(students, ray_session):
-    """The application on a free port, serving the sweep's two winners (found via winners.json)."""
+def server(students, chat_student, ray_session):
+    """The application on a free port, serving the sweep's two winners (found via winners.json;
+    no chat template) and the chat student."""
     from serve import app
 
-    models = find_models(students["sweep"])
+    models = find_models(students["sweep"]) + [ServedModel(id=CHAT, path=chat_student["path"],
+                                                           rank=3)]
     url = app.start(models, serve_settings())
     yield url
     app.stop()
@@ -70,10 +73,10 @@ def _error(response: httpx.Response, status: int) -> str:
 
 def test_health_and_model_list(server, client):
     health = httpx.get(f"{server}/health").json()
-    assert health["status"] == "ok" and health["models"] == [A, B]
+    assert health["status"] == "ok" and health["models"] == [A, B, CHAT]
     assert {"requests", "batches", "max_batch_size"} <= set(health["stats"])
     listed = client.models.list().data
-    assert [m.id for m in listed] == [A, B] and listed[0].owned_by == "raydistill"
+    assert [m.id for m in listed] == [A, B, CHAT] and listed[0].owned_by == "raydistill"
 
 
 def test_greedy_completion_equals_generate_streamed_or_not(client, local):
@@ -217,6 +220,101 @@ def test_busy_port_is_a_clear_error(students):
         port = s.getsockname()[1]
         with pytest.raises(RaydistillError, match=f"port {port}.*--set serve.port="):
             run_server(students["sweep"], ServeConfig(port=port), top=None)
+
+
+@pytest.fixture(scope="module")
+def chat_answer(chat_student):
+    """The chat student's greedy answer to CONVERSATION from transformers' generate, told to stop
+    at eos and <|im_end|>: (prompt ids, text, completion tokens including the <|im_end|>)."""
+    from serve.chat import render
+    from serve.generate import decode_text, load_student
+
+    student = load_student(chat_student["path"])
+    ids = render(student.tokenizer, CONVERSATION)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        out = student.model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                                     max_new_tokens=20, pad_token_id=0,
+                                     eos_token_id=sorted(student.end_of_turn_ids))
+    said = out[0, len(ids):].tolist()
+    assert said[-1] == chat_student["end_of_turn"]
+    return ids, decode_text(student, said[:-1]), len(said)
+
+
+def test_chat_greedy_stops_at_the_end_of_turn_streamed_or_not(client, chat_answer):
+    """The student's template renders the prompt; the answer ends at <|im_end|> (not the eos),
+    with no max_tokens given; the stream opens with the role, then content, then finish_reason."""
+    ids, want, tokens = chat_answer
+    out = client.chat.completions.create(model=CHAT, messages=CONVERSATION, temperature=0)
+    assert out.object == "chat.completion" and out.id.startswith("chatcmpl-")
+    message = out.choices[0].message
+    assert (message.role, message.content, out.choices[0].finish_reason) == (
+        "assistant", want, "stop")
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(ids), tokens)
+    chunks = list(client.chat.completions.create(
+        model=CHAT, messages=CONVERSATION, temperature=0, max_tokens=20, stream=True,
+        stream_options={"include_usage": True}))
+    assert {c.object for c in chunks} == {"chat.completion.chunk"}
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    last = [c for c in chunks if c.choices][-1]
+    assert last.choices[0].finish_reason == "stop" and not last.choices[0].delta.content
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == tokens
+
+
+def test_chat_parameters(client, chat_answer):
+    """Text parts read as a string; max_completion_tokens cuts ("length"); n choices, seeded:
+    choice 0 is the n=1 answer of that seed, and the same request gives the same choices."""
+    _, want, _ = chat_answer
+    parts = [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in CONVERSATION]
+    out = client.chat.completions.create(model=CHAT, messages=parts, temperature=0)
+    assert out.choices[0].message.content == want
+    cut = client.chat.completions.create(model=CHAT, messages=CONVERSATION, temperature=0,
+                                         max_completion_tokens=2)
+    assert (cut.choices[0].finish_reason, cut.usage.completion_tokens) == ("length", 2)
+
+    def sample(n):
+        out = client.chat.completions.create(model=CHAT, messages=CONVERSATION, n=n, seed=7,
+                                             temperature=1.0, max_tokens=12)
+        return [c.message.content for c in sorted(out.choices, key=lambda c: c.index)]
+
+    three = sample(3)
+    assert len(three) == 3 and sample(3) == three and sample(1) == three[:1]
+    streamed = client.chat.completions.create(model=CHAT, messages=CONVERSATION, n=3, seed=7,
+                                              temperature=1.0, max_tokens=12, stream=True)
+    texts = ["", "", ""]
+    for c in streamed:
+        texts[c.choices[0].index] += c.choices[0].delta.content or ""
+    assert texts == three
+
+
+def test_chat_errors_have_openai_shape(server, client):
+    """A student without a chat template: a 400 that says so and names /v1/completions (the
+    official client raises it with the message); bad messages and a too long chat prompt: 400s."""
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="has no chat template.*/v1/completions"):
+        client.chat.completions.create(model=A, messages=CONVERSATION)
+    post = lambda body: httpx.post(f"{server}/v1/chat/completions", json=body, timeout=30)
+    r = post({"model": A, "messages": CONVERSATION})
+    assert f"model '{A}' has no chat template" in _error(r, 400)
+    assert (r.json()["error"]["param"], r.json()["error"]["code"]) == (
+        "model", "chat_template_missing")
+    user = {"role": "user", "content": "hi"}
+    for body, phrase in [({}, "messages is required"),
+                         ({"messages": []}, "messages is an empty list"),
+                         ({"messages": [{"role": "robot", "content": "hi"}]},
+                          'messages[0].role must be one of system, developer, user, assistant; '
+                          'got "robot"'),
+                         ({"messages": [user, {"role": "user", "content": 5}]},
+                          "messages[1].content must be a string or a list of text parts"),
+                         ({"messages": [{"role": "user", "content": "x = 1\n" * 60}]},
+                          "the chat prompt (the messages in c0003-chat's chat template) is"),
+                         ({"messages": [user], "max_tokens": 201},
+                          "max_tokens=201 is above this server's limit of 200")]:
+        r = post({"model": CHAT, **body})
+        assert phrase in _error(r, 400), body
+    assert _error(post({"model": "nope", "messages": [user]}), 404)
 
 
 @pytest.mark.slow
