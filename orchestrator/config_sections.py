@@ -181,6 +181,11 @@ class TrainConfig:
     memory bandwidth and each runs ~3× slower (measured on 2 cores)."""
     bc_prompt_tokens: int = 32
     """Behaviour cloning: each training text's first tokens prompt the teacher's samples."""
+    report_prompts: int = 3
+    """Held-out prompts the report shows with the teacher's and each student's greedy
+    completions side by side (0: none). Their prompt part, or their first bc_prompt_tokens."""
+    report_new_tokens: int = 48
+    """Tokens each model writes for each of those prompts (greedy)."""
 
 
 @dataclass

@@ -52,6 +52,24 @@ def test_local_mode_trains_kd_and_baselines_with_report_and_loadable_students(ca
         assert (exp / "plots" / plot).read_bytes()[:8] == PNG
     md = Path(path).read_text()
     assert "| KD (soft labels) |" in md and "| hard labels |" in md and "behaviour cloning" in md
+    # greedy completions side by side: the teacher's are its own greedy continuation (cached in
+    # the held-out capture), each student has its own; tokens/s per student
+    rows = report["completions"]
+    assert len(rows) == 3 and all(set(r) == {"prompt", "teacher", "kd", "hard", "bc"}
+                                  for r in rows)
+    from orchestrator.driver.completions import prompts_of
+
+    prompt = prompts_of(str(capture_folder(captured["out"], "heldout")), count=1,
+                        prompt_tokens=8)[0]  # the config's train.bc_prompt_tokens
+    teacher_tok = AutoTokenizer.from_pretrained(captured["model"])
+    teacher = AutoModelForCausalLM.from_pretrained(captured["model"])
+    want = teacher.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=48,
+                            pad_token_id=teacher_tok.pad_token_id)[0, len(prompt):]
+    assert rows[0]["teacher"] == teacher_tok.decode(want)
+    assert rows[0]["prompt"] == teacher_tok.decode(prompt)
+    assert len(list(capture_folder(captured["out"], "heldout").glob("greedy-*.json"))) == 1
+    assert "## Greedy completions" in md and "| teacher |" in md
+    assert all(row["tokens_per_s"] > 0 for row in report["students"].values())
     # the students are plain Hugging Face directories
     model_dir = report["students"]["kd"]["model_dir"]
     assert not (Path(model_dir) / "train_state.pt").exists()

@@ -58,7 +58,8 @@ def report(cfg: Config, plans: list[CapturePlan], experiment: str, results: dict
     if streaming is not None:
         settings["streaming"] = {k: streaming[k] for k in ("streamed", "capture_paused_s")}
     path, written = write_report(experiment_dir(cfg.output_dir, experiment), results=results,
-                                 settings=settings, repeated=repeated_in_plans(plans))
+                                 settings=settings, repeated=repeated_in_plans(plans),
+                                 completions=_completions(cfg, plans, results))
     say(f"report: {path} (report.json, plots/*.png beside it)")
     for line in headline(written):
         say(line)
@@ -72,3 +73,19 @@ def _settings(cfg: Config, plans: list[CapturePlan]) -> dict:
                                    "rows": sum(s.rows for s in p.manifest.shards.values()),
                                    "tokens": sum(s.tokens for s in p.manifest.shards.values())}
                          for p in plans}}
+
+
+def _completions(cfg: Config, plans: list[CapturePlan], results: dict) -> list[dict]:
+    """The report's side-by-side greedy completions (`driver.completions`); [] without a
+    held-out capture or with train.report_prompts 0."""
+    from orchestrator.driver.completions import side_by_side
+    from orchestrator.shards.plan import CaptureKind
+
+    held = next((p for p in plans if p.kind is CaptureKind.HELDOUT), None)
+    if held is None or cfg.train.report_prompts <= 0:
+        return []
+    return side_by_side(teacher=cfg.teacher.model,
+                        students={label: r.model_dir for label, r in results.items()},
+                        heldout_uri=held.cfg.output_dir, count=cfg.train.report_prompts,
+                        prompt_tokens=cfg.train.bc_prompt_tokens,
+                        new_tokens=cfg.train.report_new_tokens, num_gpus=cfg.teacher.num_gpus)

@@ -18,6 +18,7 @@ import tempfile
 from orchestrator.kd.evaluate import SEQUENCES_KEY, gap_recovered
 from orchestrator.shards.plan import CaptureKind
 from orchestrator.storage import filesystem
+from orchestrator.driver.completions import markdown as completions_markdown
 from orchestrator.driver.verdict import NAMES, Z, paired_difference, verdict, warnings
 
 __all__ = ["NAMES", "headline", "summarise", "write_report"]
@@ -30,7 +31,8 @@ def summarise(results: dict) -> dict:
     for label, r in results.items():
         f = r.final
         row = {"model_dir": r.model_dir, "wall_s": round(r.wall_s, 1), "steps": f.get("step"),
-               "tokens_per_s": f.get("tokens_per_s"), "data_wait_share": _mean_wait(r.history)}
+               "tokens_per_s": _mean(r.history, "tokens_per_s"),
+               "data_wait_share": _mean_wait(r.history)}
         for key in ("eval_student_nll", "eval_student_ppl", "eval_teacher_nll", "eval_teacher_ppl",
                     "eval_kl", "eval_top1", "eval_positions"):
             if key in f:
@@ -54,6 +56,12 @@ def compare(results: dict) -> dict:
     return out
 
 
+def _mean(history: list[dict], key: str) -> float | None:
+    """The mean of a per-window metric over the run (training throughput: every report window)."""
+    values = [h[key] for h in history if h.get(key) is not None]
+    return sum(values) / len(values) if values else None
+
+
 def _mean_wait(history: list[dict]) -> float | None:
     times = sum(h.get("step_time_s", 0.0) for h in history)
     waits = sum(h.get("data_wait_s", 0.0) for h in history)
@@ -69,7 +77,8 @@ def _no_hard_reason(settings: dict) -> str | None:
     return None
 
 
-def build_report(results: dict, *, settings: dict, repeated: dict | None = None) -> dict:
+def build_report(results: dict, *, settings: dict, repeated: dict | None = None,
+                 completions: list[dict] | None = None) -> dict:
     """What report.json holds: verdict, warnings, per-student rows, the paired comparisons, the
     settings and each student's history (without its per-sequence sums)."""
     rows = summarise(results)
@@ -89,7 +98,8 @@ def build_report(results: dict, *, settings: dict, repeated: dict | None = None)
         "heldout": {"sequences": sequences if evaluated else None, "positions": tokens,
                     "repeated_texts": repeated},
         "comparisons": {k: None if p is None else p.as_dict() for k, p in comparisons.items()},
-        "students": rows, "settings": settings, "history": histories}
+        "students": rows, "settings": settings, "history": histories,
+        "completions": completions or []}
 
 
 def headline(report: dict) -> list[str]:
@@ -98,12 +108,13 @@ def headline(report: dict) -> list[str]:
                                                           for w in report.get("warnings", [])]
 
 
-def write_report(out_uri: str, *, results: dict, settings: dict,
-                 repeated: dict | None = None) -> tuple[str, dict]:
+def write_report(out_uri: str, *, results: dict, settings: dict, repeated: dict | None = None,
+                 completions: list[dict] | None = None) -> tuple[str, dict]:
     """Write report.json, report.md and plots/ under `out_uri` (local or s3://); returns the
     Markdown report's location and the report (`build_report`). `repeated`: texts repeated
     across the training and held-out data (`verdict.repeated_texts`), if counted."""
-    report = build_report(results, settings=settings, repeated=repeated)
+    report = build_report(results, settings=settings, repeated=repeated,
+                          completions=completions)
     rows = report["students"]
     with tempfile.TemporaryDirectory() as tmp:
         os.makedirs(os.path.join(tmp, "plots"))
@@ -175,8 +186,9 @@ def _markdown(report: dict, plots: list[str]) -> str:
         f"tail={tr['tail']}.", "",
         "Held-out split, teacher-scored. NLL in nats/token; KL(teacher‖student) over the teacher's "
         "top-k + tail; top-1 = the student's argmax is the teacher's.", "",
-        "| student | NLL | perplexity | teacher NLL | KL | top-1 | gap recovered | wall s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| student | NLL | perplexity | teacher NLL | KL | top-1 | gap recovered | wall s | "
+        "train tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     notes = _Notes()
     for label, r in rows.items():
@@ -185,7 +197,9 @@ def _markdown(report: dict, plots: list[str]) -> str:
                           ("kl", ".3f"), ("top1", ".1%")):
             value = r.get(key)
             cells.append(notes.dash(_NOT_EVALUATED) if value is None else format(value, spec))
-        cells += [_gap_cell(label, r, rows, settings, notes), f"{r['wall_s']:.0f}"]
+        cells += [_gap_cell(label, r, rows, settings, notes), f"{r['wall_s']:.0f}",
+                  f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s")
+                  else notes.dash("no training throughput was reported for this student")]
         lines.append("| " + " | ".join(cells) + " |")
     if notes.reasons:
         lines += [""] + notes.lines()
@@ -202,6 +216,8 @@ def _markdown(report: dict, plots: list[str]) -> str:
         lines.append(f"- {NAMES.get(label, label)}: `{r['model_dir']}` (Hugging Face directory)")
     lines.append("")
     lines += [f"![{os.path.splitext(os.path.basename(p))[0]}]({p})" for p in plots]
+    lines += [""] + completions_markdown(report.get("completions") or [],
+                                         {label: NAMES.get(label, label) for label in rows})
     return "\n".join(lines) + "\n"
 
 

@@ -331,3 +331,16 @@ def test_best_first_ranks_an_experiment_and_a_sweep_by_heldout_nll(tmp_path):
     assert len(notes) == 1 and notes[0].startswith(f"  nothing to serve from {empty}: ")
     with pytest.raises(RaydistillError, match="no finished students to serve"):
         models_of([str(empty), str(empty)])
+
+
+def test_greedy_completions_section_escapes_table_breakers():
+    from orchestrator.driver.completions import markdown
+
+    rows = [{"prompt": "def f(a|b):\n    return `x`", "teacher": " a\nb | c", "kd": "d", "hard": "e"}]
+    lines = markdown(rows, {"kd": "KD (soft labels)", "hard": "hard labels", "bc": "BC"})
+    text = "\n".join(lines)
+    assert lines[0] == "## Greedy completions"
+    assert "**Prompt 1.** `def f(a\\|b):⏎    return ˋxˋ`" in text
+    assert "| teacher |  a⏎b \\| c |" in text and "| KD (soft labels) | d |" in text
+    assert "| hard labels | e |" in text and "BC" not in text  # a student without a row is left out
+    assert markdown([], {"kd": "KD"}) == []
