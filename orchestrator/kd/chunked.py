@@ -214,8 +214,16 @@ def _chunk(z, ids, t_lp, targets, has_target, labelled, r, w_ce, w_kd, spec: _Sp
     ids = torch.where(labelled.unsqueeze(1), ids, torch.zeros_like(ids))
     l_top = logits.gather(1, ids) - top if kd_on else None    # [c, k]
     shifted = logits.sub_(top)
-    e_t = shifted.mul(1.0 / T).exp_() if kd_on and T != 1.0 else None
-    e_1 = shifted.exp_()                                      # the T = 1 exponentials, in place
+    e_t = None
+    if kd_on and T == 2.0:  # exp(l) = exp(l / 2)²: a multiply instead of a second exponential
+        e_t = shifted.mul(0.5).exp_()
+        e_1 = torch.mul(e_t, e_t, out=shifted)
+    elif kd_on and T == 0.5:  # exp(2l) = exp(l)²
+        e_1 = shifted.exp_()
+        e_t = e_1.square()
+    else:
+        e_t = shifted.mul(1.0 / T).exp_() if kd_on and T != 1.0 else None
+        e_1 = shifted.exp_()                                  # the T = 1 exponentials, in place
     s_1 = e_1.sum(-1, keepdim=True)
     log_s1 = s_1.log()
     nll = (log_s1 - l_tgt).squeeze(1)

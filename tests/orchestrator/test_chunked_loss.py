@@ -89,6 +89,15 @@ def test_equals_dense_loss_values_and_gradients(kind, tail, T, alpha, chunk_rows
     _close(*out, atol=2e-6, rtol=2e-5)
 
 
+@pytest.mark.parametrize("T", [0.5, 1.5, 2.0, 3.0])
+@pytest.mark.parametrize("kind", LOSS_KINDS)
+def test_every_temperature_path_equals_dense(kind, T):
+    """T = 2 and T = 0.5 take one exponential and a square, other temperatures two exponentials."""
+    out = _both(_labels(), kind=kind, tail="renormalize", temperature=T, alpha=0.5, beta=0.3,
+                chunk_rows=7)
+    _close(*out, atol=2e-6, rtol=2e-5)
+
+
 @pytest.mark.parametrize("softcap, logit_scale, bias", [(None, 0.25, True), (5.0, 1.0, False),
                                                         (5.0, 1.5, True)])
 @pytest.mark.parametrize("T", [1.0, 2.0])
