@@ -8,6 +8,9 @@ On every held-out position that has a teacher label and a next token:
   full-vocabulary KL,
 - top-1 agreement: the student's argmax is the teacher's most likely token.
 
+Teacher ids past the student's embedding rows are folded into the tail first
+(`batches.fold_vocab`), as in training: top-1 then means the most likely token the student has.
+
 `evaluate` returns sums, so data-parallel workers can add theirs before `finish` divides. It can
 also record each held-out sequence's own sums (`per_sequence`): students evaluated on the same
 sequences are then compared pairwise, sequence by sequence, which gives the difference of their
@@ -20,7 +23,7 @@ import math
 
 import torch
 
-from orchestrator.kd.batches import collate
+from orchestrator.kd.batches import collate, fold_vocab
 from orchestrator.kd.losses import divergence, tail_at
 
 SUM_KEYS = ("positions", "student_nll", "teacher_nll", "teacher_positions", "kl", "top1")
@@ -43,6 +46,7 @@ def evaluate(model, samples: list[dict], *, batch_size: int = 16, device: str = 
         logits = model(input_ids=batch.input_ids.to(device),
                        attention_mask=batch.attention_mask.to(device)).logits.float()
         V = logits.shape[-1]
+        batch, _ = fold_vocab(batch, V)  # teacher ids past the student's rows: into the tail
         flat = batch.flat()
         rows = (flat["kd_mask"] & (flat["targets"] >= 0)).nonzero().squeeze(1).to(device)
         if len(rows) == 0:
