@@ -32,8 +32,12 @@ from orchestrator.config import coerce_field
 from orchestrator.errors import ConfigError
 
 SPACES_DIR = Path(__file__).parent
-STUDENT_KEYS = ("preset", "layers", "hidden", "heads", "intermediate", "init_from_teacher")
-"""Student fields a trial may change."""
+STUDENT_KEYS = ("preset", "layers", "hidden", "heads", "intermediate", "init_from_teacher",
+                "model", "revision")
+"""Student fields a trial may change: a shape, or a pretrained `model` (categorical: `grid` or
+`choice` over model directories / cached hub ids that share the teacher's tokenizer)."""
+SHAPE_KEYS = ("preset", "layers", "hidden", "heads", "intermediate", "init_from_teacher")
+"""The fields of a student built from the teacher's config (a pretrained model has its own)."""
 TRAIN_KEYS = ("loss", "temperature", "alpha", "beta", "tail", "lr", "warmup_steps", "batch_size",
               "grad_accum", "seed")
 """Training fields a trial may change (the step budget and evaluation stay the sweep's)."""
@@ -207,6 +211,19 @@ def _typed(space: str, key: str, value):
         return coerce_field(key, value)
     except ConfigError as e:
         raise ConfigError(f"space {space}: {e}") from None
+
+
+def trial_student(base: dict, fields: dict) -> dict:
+    """A trial's student fields: the base config's, with the trial's `fields` over them. A trial
+    naming a pretrained model drops the base's shape; one naming a shape drops the base's model
+    (as `--set` does over a config file)."""
+    merged = dict(base)
+    if fields.get("model"):
+        merged.update(dict.fromkeys(SHAPE_KEYS), init_from_teacher=False, revision=None)
+    elif any(fields.get(k) is not None for k in SHAPE_KEYS if k != "init_from_teacher"):
+        merged.update(model="", revision=None)
+    merged.update(fields)
+    return merged
 
 
 def split_params(params: dict) -> tuple[dict, dict]:
