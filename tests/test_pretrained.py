@@ -182,6 +182,21 @@ def test_a_student_with_another_tokenizer_is_refused_naming_the_first_differing_
     assert info.parameters == sum(t.numel() for t in _weights(llama["student"]).values())
 
 
+def test_a_pretrained_student_not_smaller_than_the_teacher_is_warned_by_its_real_size(
+        llama, capsys):
+    """The size check counts the pretrained model's real parameters against the teacher's: the
+    teacher itself as a "student" is warned about, the 1-layer student is not."""
+    from orchestrator.driver.preflight import warn_if_not_smaller
+    from orchestrator.student_info import inspect_student
+
+    for model, warned in ((llama["teacher"], True), (llama["student"], False)):
+        info = inspect_student(model, revision=None, teacher=llama["teacher"])
+        warn_if_not_smaller(llama["teacher"], info.shape, parameters=info.parameters)
+        said = " ".join(capsys.readouterr().err.split())
+        assert ("is about 1.0× the teacher's size" in said and "pick a smaller student.model"
+                in said) == warned, said
+
+
 # --------------------------------------------------------------------------- sweeps
 
 def test_a_trial_may_vary_the_pretrained_model(llama, qwen2):
@@ -203,6 +218,17 @@ def test_a_trial_may_vary_the_pretrained_model(llama, qwen2):
     spec = spec_for(replace(base, student=replace(base.student, model=llama["student"])),
                     student=pretrained, params={"student": {"preset": "micro"}})
     assert (spec.student.model, spec.student.shape) == ("", resolve_shape(preset="micro"))
+
+
+def test_a_space_varies_the_model_only_categorically(tmp_path, monkeypatch):
+    from tune_spaces import load_space
+
+    with pytest.raises(ConfigError, match="student.model is categorical"):
+        load_space({"student.model": {"uniform": [0, 1]}})
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "m").mkdir()
+    (axis,) = load_space({"student": {"grid": [{"model": "~/m"}]}}).axes
+    assert axis.values == ({"model": str(tmp_path / "m")},)
 
 
 def test_a_space_of_models_is_checked_before_any_trial(llama, qwen2, tmp_path):

@@ -30,6 +30,7 @@ import yaml
 
 from orchestrator.config import coerce_field
 from orchestrator.errors import ConfigError
+from orchestrator.paths import expand
 
 SPACES_DIR = Path(__file__).parent
 STUDENT_KEYS = ("preset", "layers", "hidden", "heads", "intermediate", "init_from_teacher",
@@ -185,6 +186,9 @@ def _axis(space: str, key: str, dist) -> Axis:
     kind, values = next(iter(dist.items()))
     if not isinstance(values, list) or not values:
         raise ConfigError(f"space {space}: {key} {kind} needs a non-empty list, got {values!r}")
+    if key in ("student.model", "student.revision") and kind not in ("grid", "choice"):
+        raise ConfigError(f"space {space}: {key} is categorical (model directories or hub ids); "
+                          f"use {{grid: [...]}} or {{choice: [...]}}, not {kind}")
     if kind in ("uniform", "loguniform", "randint"):
         if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                         for v in values) or not values[0] < values[1]:
@@ -206,9 +210,11 @@ def _axis(space: str, key: str, dist) -> Axis:
 
 
 def _typed(space: str, key: str, value):
-    """A value as the config field holds it (`1e-3`, a string in YAML 1.1, becomes 0.001)."""
+    """A value as the config field holds it (`1e-3`, a string in YAML 1.1, becomes 0.001; a
+    student.model path with `~` or `$VAR` expanded, as in the config)."""
     try:
-        return coerce_field(key, value)
+        value = coerce_field(key, value)
+        return expand(key, value, absolute=False) if key == "student.model" else value
     except ConfigError as e:
         raise ConfigError(f"space {space}: {e}") from None
 
