@@ -286,7 +286,8 @@ def test_qwen2_student_with_a_smaller_table_trains_folding_the_padded_ids(qwen2,
     """A config file naming only student.model: a Qwen2 student with 512 rows learns from a
     teacher with 552 (40 padded, random, so they carry mass): no index error, the folded mass is
     reported, the run starts from the saved weights (each weight moved at most a few Adam steps
-    from it, a fresh init is far), and the exported directory loads with the tokenizer."""
+    from it, a fresh init is far), and the exported directory loads with the tokenizer and
+    serves."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -312,3 +313,22 @@ def test_qwen2_student_with_a_smaller_table_trains_folding_the_padded_ids(qwen2,
         moved = (end[name] - start[name]).abs().max().item()
         assert 0 < moved <= 4 * 3 * 3e-4, (name, moved)   # 4 Adam steps of at most ~3·lr each
         assert (fresh[name] - start[name]).abs().mean().item() > 5 * moved
+    _serves(model_dir)
+
+
+def _serves(model_dir: str) -> None:
+    """The exported student answers a completion through Ray Serve over real HTTP."""
+    from openai import OpenAI
+
+    from orchestrator.winners import ServedModel
+    from serve import app
+    from tests.conftest import serve_settings
+
+    url = app.start([ServedModel(id="pretrained", path=model_dir)], serve_settings())
+    try:
+        client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+        out = client.completions.create(model="pretrained", prompt="def f(", max_tokens=4,
+                                        temperature=0)
+        assert out.usage.completion_tokens >= 1, out
+    finally:
+        app.stop()
