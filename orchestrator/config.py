@@ -15,6 +15,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import yaml
 
 from orchestrator.config_checks import validate, validate_serve  # noqa: F401 (public here)
+from orchestrator.console import say
 from orchestrator.errors import ConfigError
 from orchestrator.config_sections import (CaptureConfig, Config, DataConfig,  # noqa: F401 (public)
                                           ServeConfig, StudentConfig, TeacherConfig, TrainConfig,
@@ -31,8 +32,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a YAML config, apply `key=value` overrides (values parsed as YAML), expand the path
     fields (`~`, environment variables: `orchestrator.paths`), validate."""
     raw = _read_yaml(path, fix="pass the path of a YAML run config")
+    in_file = raw.get("student")
+    in_file = dict(in_file) if isinstance(in_file, dict) else {}
     for item in overrides:
         _apply_override(raw, item)
+    _student_source(raw, in_file, path=path,
+                    overridden={item.partition("=")[0].strip() for item in overrides})
     cfg = _build(raw)
     expand_paths(cfg)  # once, here: everything downstream sees the expanded, absolute paths
     validate(cfg)
@@ -64,6 +69,50 @@ def _read_yaml(path: str | Path | None, *, fix: str) -> dict[str, Any]:
         raise ConfigError(f"config file {p} must hold a mapping of sections, got "
                           f"{type(raw).__name__}")
     return raw
+
+
+_SHAPE_KEYS = ("preset", "layers", "hidden", "heads", "intermediate", "init_from_teacher")
+"""What describes a student built from the teacher's config (a pretrained student.model has its
+own shape and weights)."""
+
+
+def _student_source(raw: dict, in_file: dict, *, path, overridden: set[str]) -> None:
+    """A student is pretrained (student.model) or built at a shape (preset / explicit fields),
+    never both: a config file naming both is refused (naming them); a `--set` of one over a file
+    naming the other replaces it, saying so. With a model, the default preset does not apply."""
+    student = raw.get("student")
+    if not isinstance(student, dict):
+        return  # absent or empty; not a mapping: `_build` names it
+
+    def named(values: dict, keys) -> list:
+        return [k for k in keys if values.get(k) is not None and values.get(k) != ""
+                and values.get(k) is not False]
+
+    file_model, file_shape = named(in_file, ("model",)), named(in_file, _SHAPE_KEYS)
+    if file_model and file_shape:
+        raise ConfigError(
+            f"config file {path} sets both student.model ({in_file['model']}) and "
+            f"student.{file_shape[0]} ({in_file[file_shape[0]]}); a pretrained student has its "
+            f"own shape and weights: remove student.{file_shape[0]} to start from the model, or "
+            "student.model to build the student from the teacher's config")
+    set_model = named(student, ("model",)) if "student.model" in overridden else []
+    set_shape = [k for k in named(student, _SHAPE_KEYS) if f"student.{k}" in overridden]
+    if set_model and set_shape:
+        raise ConfigError(
+            f"--set student.model={student['model']} and --set student.{set_shape[0]}="
+            f"{student[set_shape[0]]} name both a pretrained student and a shape; pass one")
+    if set_model and file_shape:
+        for key in _SHAPE_KEYS:
+            student.pop(key, None)
+        replaced = ", ".join(f"student.{k}={in_file[k]}" for k in file_shape)
+        say(f"student.model {student['model']} (--set) replaces the config file's {replaced}: "
+            "the pretrained model's own shape is used")
+    elif set_shape and file_model:
+        student["model"], student["revision"] = "", None
+        say(f"--set student.{set_shape[0]}={student[set_shape[0]]} replaces the config file's "
+            f"student.model {in_file['model']}: the student is built from the teacher's config")
+    if named(student, ("model",)):
+        student["preset"] = None  # the default preset is for students built at a shape
 
 
 def _apply_override(raw: dict, item: str) -> None:

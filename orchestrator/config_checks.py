@@ -123,8 +123,13 @@ def _validate_training(cfg: Config) -> None:
     from orchestrator.shapes import resolve_shape
 
     s, tr = cfg.student, cfg.train
-    resolve_shape(preset=s.preset, layers=s.layers, hidden=s.hidden, heads=s.heads,
-                  intermediate=s.intermediate)
+    if s.model:  # a pretrained student: its own shape (checked in the driver's preflight)
+        _check(not s.init_from_teacher,
+               f"student.init_from_teacher copies the teacher's weights into a student built at a "
+               f"shape; student.model {s.model} starts from its own weights: set one of them")
+    else:
+        resolve_shape(preset=s.preset, layers=s.layers, hidden=s.hidden, heads=s.heads,
+                      intermediate=s.intermediate)
     _check(tr.temperature > 0, f"train.temperature must be > 0, got {tr.temperature}")
     _check(0 <= tr.alpha <= 1, f"train.alpha must be in [0, 1] (weight of the KD term), got {tr.alpha}")
     _check(0 < tr.beta < 1, f"train.beta must be in (0, 1), got {tr.beta}")

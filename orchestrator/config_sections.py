@@ -106,6 +106,13 @@ class CaptureConfig:
 
 @dataclass
 class StudentConfig:
+    model: str = ""
+    """A pretrained student to start from: a local Hugging Face model directory (or a hub id
+    already in the local HF cache; nothing is downloaded). Its tokenizer must be the teacher's;
+    its embedding table may be smaller than the teacher's padded one. Empty: build the student
+    from the teacher's config at the shape below. A config file sets either this or a shape."""
+    revision: str | None = None
+    """Revision of `student.model` (hub ids only)."""
     preset: str | None = "nano"
     """Named size (orchestrator.shapes.PRESETS); explicit fields below override it."""
     layers: int | None = None

@@ -27,6 +27,7 @@ _VARIABLE = re.compile(r"\$(\w+)|\$\{([^}]*)\}")  # what os.path.expandvars repl
 def expand_paths(cfg: Config) -> None:
     """Expand every path field of `cfg` in place (see the module docstring)."""
     cfg.teacher.model = expand("teacher.model", cfg.teacher.model, absolute=False)
+    cfg.student.model = expand("student.model", cfg.student.model, absolute=False)
     cfg.data.path = expand("data.path", cfg.data.path)
     cfg.data.eval_path = expand("data.eval_path", cfg.data.eval_path)
     cfg.output_dir = expand("output_dir", cfg.output_dir)

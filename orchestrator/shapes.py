@@ -50,6 +50,15 @@ def resolve_shape(*, preset: str | None = None, layers: int | None = None,
     return StudentShape(**base)
 
 
+def pretrained_shape(config) -> StudentShape:
+    """A pretrained student's own shape, read from its transformers config (what messages, trial
+    names and the report show of it)."""
+    hidden = int(config.hidden_size)
+    return StudentShape(layers=int(config.num_hidden_layers), hidden=hidden,
+                        heads=int(config.num_attention_heads),
+                        intermediate=int(getattr(config, "intermediate_size", None) or 4 * hidden))
+
+
 def size_ratio(teacher_config, shape: StudentShape) -> float:
     """Estimated student parameters / teacher parameters, both by `param_estimate`: the one size
     estimator of every "student not smaller than the teacher" check (the driver's preflight, the

@@ -135,6 +135,27 @@ def _model_dir(kind: str):
     return mutate
 
 
+def _student_dir(kind: str):
+    """A pretrained student the teacher cannot distil into: `tokenizer` (another tokenizer) or
+    `rows` (the teacher's tokenizer, 1000 embedding rows for its 1024 tokens)."""
+    def mutate(cfg: dict, tmp_path: Path, teacher: str) -> None:
+        from orchestrator.driver import tiny
+
+        d = tmp_path / f"student-{kind}"
+        d.mkdir()
+        if kind == "tokenizer":
+            tiny.train_tokenizer(list(tiny.chunks_of_text(tiny.stdlib_sources()[200:215])), d,
+                                 vocab_size=1024)
+        else:
+            for f in Path(teacher).glob("*.json"):
+                if f.name != "config.json":
+                    shutil.copy(f, d)
+        rows = 1024 if kind == "tokenizer" else 1000
+        tiny.build_model(tiny.llama_config(rows, layers=1), d, seed=0)
+        cfg["student"] = {"model": str(d)}
+    return mutate
+
+
 CONFIG_CASES = [
     pytest.param("text", "teacher: {model: [unclosed\n", ["is not valid YAML"], id="yaml-syntax"),
     pytest.param("text", "- teacher\n- data\n", ["must hold a mapping of sections, got list"],
@@ -196,6 +217,19 @@ CONFIG_CASES = [
                  id="model-without-weights"),
     pytest.param("model", _model_dir("tokenizer"), ["its tokenizer cannot be loaded"],
                  id="model-without-tokenizer"),
+    pytest.param("mutate", _set("student.model", "/models/student"),
+                 ["sets both student.model (/models/student) and student.preset (nano)",
+                  "remove student.preset to start from the model, or student.model"],
+                 id="student-model-and-preset"),
+    pytest.param("mutate", _set("student", {"model": "/models/none"}),
+                 ["student.model /models/none does not exist"], id="student-model-missing"),
+    pytest.param("model", _student_dir("tokenizer"),
+                 ["its tokenizer differs from the teacher's at id",
+                  "cross-tokenizer distillation is not supported"],
+                 id="student-other-tokenizer"),
+    pytest.param("model", _student_dir("rows"),
+                 ["has 1000 embedding rows but its tokenizer (the teacher's) has 1024 tokens"],
+                 id="student-table-smaller-than-tokenizer"),
     pytest.param("mutate", _set("data.eval_path", "${RAYDISTILL_TEST_UNSET}/e.jsonl"),
                  ["data.eval_path ${RAYDISTILL_TEST_UNSET}/e.jsonl uses the environment variable "
                   "RAYDISTILL_TEST_UNSET, which is not set; export RAYDISTILL_TEST_UNSET="],

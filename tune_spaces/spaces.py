@@ -30,10 +30,15 @@ import yaml
 
 from orchestrator.config import coerce_field
 from orchestrator.errors import ConfigError
+from orchestrator.paths import expand
 
 SPACES_DIR = Path(__file__).parent
-STUDENT_KEYS = ("preset", "layers", "hidden", "heads", "intermediate", "init_from_teacher")
-"""Student fields a trial may change."""
+STUDENT_KEYS = ("preset", "layers", "hidden", "heads", "intermediate", "init_from_teacher",
+                "model", "revision")
+"""Student fields a trial may change: a shape, or a pretrained `model` (categorical: `grid` or
+`choice` over model directories / cached hub ids that share the teacher's tokenizer)."""
+SHAPE_KEYS = ("preset", "layers", "hidden", "heads", "intermediate", "init_from_teacher")
+"""The fields of a student built from the teacher's config (a pretrained model has its own)."""
 TRAIN_KEYS = ("loss", "temperature", "alpha", "beta", "tail", "lr", "warmup_steps", "batch_size",
               "grad_accum", "seed")
 """Training fields a trial may change (the step budget and evaluation stay the sweep's)."""
@@ -181,6 +186,9 @@ def _axis(space: str, key: str, dist) -> Axis:
     kind, values = next(iter(dist.items()))
     if not isinstance(values, list) or not values:
         raise ConfigError(f"space {space}: {key} {kind} needs a non-empty list, got {values!r}")
+    if key in ("student.model", "student.revision") and kind not in ("grid", "choice"):
+        raise ConfigError(f"space {space}: {key} is categorical (model directories or hub ids); "
+                          f"use {{grid: [...]}} or {{choice: [...]}}, not {kind}")
     if kind in ("uniform", "loguniform", "randint"):
         if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                         for v in values) or not values[0] < values[1]:
@@ -202,11 +210,26 @@ def _axis(space: str, key: str, dist) -> Axis:
 
 
 def _typed(space: str, key: str, value):
-    """A value as the config field holds it (`1e-3`, a string in YAML 1.1, becomes 0.001)."""
+    """A value as the config field holds it (`1e-3`, a string in YAML 1.1, becomes 0.001; a
+    student.model path with `~` or `$VAR` expanded, as in the config)."""
     try:
-        return coerce_field(key, value)
+        value = coerce_field(key, value)
+        return expand(key, value, absolute=False) if key == "student.model" else value
     except ConfigError as e:
         raise ConfigError(f"space {space}: {e}") from None
+
+
+def trial_student(base: dict, fields: dict) -> dict:
+    """A trial's student fields: the base config's, with the trial's `fields` over them. A trial
+    naming a pretrained model drops the base's shape; one naming a shape drops the base's model
+    (as `--set` does over a config file)."""
+    merged = dict(base)
+    if fields.get("model"):
+        merged.update(dict.fromkeys(SHAPE_KEYS), init_from_teacher=False, revision=None)
+    elif any(fields.get(k) is not None for k in SHAPE_KEYS if k != "init_from_teacher"):
+        merged.update(model="", revision=None)
+    merged.update(fields)
+    return merged
 
 
 def split_params(params: dict) -> tuple[dict, dict]:

@@ -25,7 +25,7 @@ from orchestrator import names
 from orchestrator.errors import RaydistillError, remote_errors
 from orchestrator.shapes import resolve_shape
 from orchestrator.train.specs import TrainSpec
-from tune_spaces.spaces import Space, split_params
+from tune_spaces.spaces import Space, split_params, trial_student
 from tune_spaces.sweep_lines import error_text, sweep_lines
 
 TRIALS_DIR = "trials"
@@ -81,13 +81,27 @@ def spec_for(base: TrainSpec, *, student: dict, params: dict) -> TrainSpec:
     """The base run's spec with one trial's params applied: the student (shape, init), the loss
     and the optimisation specs it varies; its data, evaluation and run stay the sweep's."""
     s_fields, t_fields = split_params(params)
-    merged = {**student, **s_fields}
+    merged = trial_student(student, s_fields)
     init = bool(merged.pop("init_from_teacher", base.student.init_from_teacher))
+    model, revision = merged.pop("model", "") or "", merged.pop("revision", None)
     loss = {_LOSS_FIELDS[k]: v for k, v in t_fields.items() if k in _LOSS_FIELDS}
     optim = {k: v for k, v in t_fields.items() if k not in _LOSS_FIELDS}
-    return replace(base, student=replace(base.student, shape=resolve_shape(**merged),
-                                         init_from_teacher=init),
+    return replace(base, student=replace(base.student, shape=_shape(model, revision, merged),
+                                         init_from_teacher=init, model=model,
+                                         revision=revision),
                    loss=replace(base.loss, **loss), optim=replace(base.optim, **optim))
+
+
+def _shape(model: str, revision: str | None, fields: dict):
+    """A pretrained student's own shape (its config), else the shape `fields` describe."""
+    if not model:
+        return resolve_shape(**fields)
+    from transformers import AutoConfig
+
+    from orchestrator.shapes import pretrained_shape
+
+    return pretrained_shape(AutoConfig.from_pretrained(model, revision=revision,
+                                                       local_files_only=True))
 
 
 def trial_label(index: int, spec: TrainSpec) -> str:
@@ -266,7 +280,9 @@ def _outcome(result, *, base: TrainSpec, student: dict, trials_dir: str) -> Tria
     params = dict(result.config or {})
     try:
         spec = spec_for(base, student=student, params=params)
-        settings = {**vars(spec.student.shape), "loss": spec.loss.kind,
+        settings = {**vars(spec.student.shape), **({"model": spec.student.model}
+                                                    if spec.student.model else {}),
+                    "loss": spec.loss.kind,
                     "temperature": spec.loss.temperature, "alpha": spec.loss.alpha,
                     "beta": spec.loss.beta, "lr": spec.optim.lr}
     except Exception:  # noqa: BLE001 — a bad combination that failed its trial

@@ -30,7 +30,7 @@ from orchestrator.console import progress_interval, quiet_third_party, say
 from orchestrator.driver.capture_run import Teachers
 from orchestrator.driver.experiments import experiment as _experiment
 from orchestrator.driver.experiments import interruptible, report
-from orchestrator.driver.preflight import check_resources, check_shards
+from orchestrator.driver.preflight import check_resources, check_shards, check_student
 from orchestrator.driver.streaming import CaptureThread
 from orchestrator.driver.specs import train_spec
 from orchestrator.driver.students import train_students
@@ -46,6 +46,7 @@ from orchestrator.shards.plan import CaptureKind, heldout_config, plan_captures
 def capture(cfg: Config, *, fresh: bool = False, repair: bool = False) -> Manifest:
     """Capture soft labels for every record of `cfg.data` into `cfg.output_dir`, resumably — and
     the held-out split (evaluation) and behaviour-cloning samples the students will need."""
+    check_student(cfg)  # a pretrained student that cannot learn from this teacher: before any work
     plans = plan_captures(cfg, fresh=fresh, repair=repair, command="capture")
     started_ray = _init_ray()
     try:
@@ -60,6 +61,7 @@ def capture(cfg: Config, *, fresh: bool = False, repair: bool = False) -> Manife
 def train(cfg: Config, *, resume: str | None = None) -> str:
     """Train the KD student and the baselines on complete captures; returns the report's path."""
     experiment = _experiment(cfg, resume)  # a bad --resume is refused before any other work
+    check_student(cfg)
     plans = plan_captures(cfg, command="train")
     for plan in plans:
         if plan.todo:
@@ -88,6 +90,7 @@ def run(cfg: Config, *, fresh: bool = False, resume: str | None = None) -> str:
     from orchestrator.train.board import ShardBoard
 
     experiment = _experiment(cfg, resume)
+    check_student(cfg)
     plans = plan_captures(cfg, fresh=fresh, command="run")
     main, held = plans[0], [p for p in plans if p.kind is CaptureKind.HELDOUT]
     later = [p for p in plans if p.kind is CaptureKind.BC]
@@ -133,6 +136,7 @@ def tune(cfg: Config, *, resume: str | None = None, fresh: bool = False) -> str:
     """Sweep students over `cfg.tune.space` on one capture (`fresh`: delete the captures in
     output_dir and capture again first); returns the sweep directory."""
     from tune_spaces import load_space
+    from tune_spaces.spaces import STUDENT_KEYS
     from tune_spaces.sweep import run_sweep
 
     if "://" in cfg.output_dir:
@@ -162,8 +166,7 @@ def tune(cfg: Config, *, resume: str | None = None, fresh: bool = False) -> str:
         steps, every = trial_steps(cfg)
         base = replace(base, optim=replace(base.optim, max_steps=steps), eval=replace(
             base.eval, every=every, samples=cfg.tune.eval_samples or cfg.train.eval_samples))
-        student = {k: getattr(cfg.student, k) for k in
-                   ("preset", "layers", "hidden", "heads", "intermediate", "init_from_teacher")}
+        student = {k: getattr(cfg.student, k) for k in STUDENT_KEYS}
         os.makedirs(sweep_dir, exist_ok=True)
         save_config(cfg, os.path.join(sweep_dir, "config.yaml"))
         say(f"sweep {sweep}: {space.describe()} — {space.grid_size() * cfg.tune.num_samples} "

@@ -62,13 +62,37 @@ def check_resources(cfg: Config, *, teachers: bool, extra: float = 0.0) -> None:
             f"has {have:g}; lower train.cpus_per_worker / train.num_workers / teacher.num_cpus")
 
 
-def warn_if_not_smaller(teacher: str, shape) -> None:
+def check_student(cfg: Config):
+    """A pretrained student (student.model) before any work: it loads, its tokenizer is the
+    teacher's, its table covers the tokenizer (`orchestrator.student_info`). Returns its
+    `PretrainedInfo`, or None for a student built at a shape."""
+    from orchestrator.student_info import inspect_student
+    from orchestrator.teacher_info import inspect_teacher
+
+    s, t = cfg.student, cfg.teacher
+    if not s.model:
+        return None
+    inspect_teacher(t.model, revision=t.revision)  # a broken teacher is named as the teacher
+    return inspect_student(s.model, revision=s.revision, teacher=t.model,
+                           teacher_revision=t.revision)
+
+
+def warn_if_not_smaller(teacher: str, shape, *, parameters: int | None = None) -> None:
+    """Warn when the student is not smaller than the teacher: a shape by `shapes.size_ratio`, a
+    pretrained student (`parameters`: its real count) against the teacher's real count."""
     from transformers import AutoConfig
 
     from orchestrator.shapes import size_ratio
+    from orchestrator.student_info import real_parameters
 
-    ratio = size_ratio(AutoConfig.from_pretrained(teacher), shape)
+    config = AutoConfig.from_pretrained(teacher)
+    if parameters is None:
+        ratio = size_ratio(config, shape)
+    else:
+        ratio = parameters / max(1, real_parameters(config))
     if ratio >= 1.0:
+        fix = ("pick a smaller student.model" if parameters is not None else
+               "pick a smaller student.preset or student.layers/hidden")
         say(f"[yellow]warning:[/] the student ({shape.layers}×{shape.hidden}) is about "
             f"{ratio:.1f}× the teacher's size; distillation normally trains a smaller model — "
-            "pick a smaller student.preset or student.layers/hidden")
+            f"{fix}")

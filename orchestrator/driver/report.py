@@ -224,6 +224,8 @@ def _markdown(report: dict, plots: list[str]) -> str:
 def _shape(student: dict) -> str:
     from orchestrator.shapes import resolve_shape
 
+    if student.get("model"):
+        return f"pretrained `{student['model']}`"
     s = resolve_shape(preset=student["preset"], layers=student["layers"], hidden=student["hidden"],
                       heads=student["heads"], intermediate=student["intermediate"])
     return f"{s.layers} layers × {s.hidden} hidden ({s.heads} heads, MLP {s.intermediate})"

@@ -15,14 +15,12 @@ def train_spec(cfg: Config, *, plan: CapturePlan, held: CapturePlan | None, alph
     evaluation). `alpha`: the KD weight (train.alpha for the KD student, 0 for a baseline);
     `streaming`: `plan`'s capture is still running; `board`: the run's ShardBoard actor."""
     from orchestrator.kd.losses import LossSpec
-    from orchestrator.shapes import resolve_shape
 
     t, s, tr = cfg.teacher, cfg.student, cfg.train
-    shape = resolve_shape(preset=s.preset, layers=s.layers, hidden=s.hidden, heads=s.heads,
-                          intermediate=s.intermediate)
     return TrainSpec(
-        student=StudentSpec(teacher_model=t.model, shape=shape,
-                            init_from_teacher=s.init_from_teacher),
+        student=StudentSpec(teacher_model=t.model, shape=student_shape(cfg),
+                            init_from_teacher=s.init_from_teacher, model=s.model,
+                            revision=s.revision),
         data=DataSpec(shards_uri=plan.cfg.output_dir,
                       units=list(range(plan.manifest.total_units)), streaming=streaming,
                       expect=plan.expect()),
@@ -35,3 +33,20 @@ def train_spec(cfg: Config, *, plan: CapturePlan, held: CapturePlan | None, alph
         run=RunSpec(log_every=tr.log_every, label=label, board=board,
                     reader_cpus=tr.reader_cpus, fused_head=tr.fused_head,
                     strategy=tr.strategy))
+
+
+def student_shape(cfg: Config):
+    """The student's shape: a pretrained student.model's own (read from its config), else the
+    preset / explicit fields."""
+    from orchestrator.shapes import resolve_shape
+
+    s = cfg.student
+    if s.model:
+        from transformers import AutoConfig
+
+        from orchestrator.shapes import pretrained_shape
+
+        return pretrained_shape(AutoConfig.from_pretrained(s.model, revision=s.revision,
+                                                           local_files_only=True))
+    return resolve_shape(preset=s.preset, layers=s.layers, hidden=s.hidden, heads=s.heads,
+                         intermediate=s.intermediate)

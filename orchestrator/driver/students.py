@@ -8,9 +8,9 @@ from dataclasses import replace
 
 from orchestrator.config import Config
 from orchestrator.console import say
-from orchestrator.driver.preflight import warn_if_not_smaller
+from orchestrator.driver.preflight import check_student, warn_if_not_smaller
 from orchestrator.driver.progress import TrainProgress
-from orchestrator.driver.specs import train_spec
+from orchestrator.driver.specs import student_shape, train_spec
 from orchestrator.names import experiment_dir
 from orchestrator.shards.plan import CaptureKind, CapturePlan
 
@@ -20,7 +20,6 @@ def train_students(cfg: Config, plans: list[CapturePlan], experiment: str, *, bo
     """Train the KD student and/or the baselines (same budget, seed, student); label → result."""
     import ray
 
-    from orchestrator.shapes import resolve_shape
     from orchestrator.train.launch import fit_student
 
     t, s, tr = cfg.teacher, cfg.student, cfg.train
@@ -28,9 +27,13 @@ def train_students(cfg: Config, plans: list[CapturePlan], experiment: str, *, bo
     main = by_kind[CaptureKind.MAIN]
     held = by_kind.get(CaptureKind.HELDOUT)
     bc = by_kind.get(CaptureKind.BC, main if t.mode == "sample" else None)
-    shape = resolve_shape(preset=s.preset, layers=s.layers, hidden=s.hidden, heads=s.heads,
-                          intermediate=s.intermediate)
-    warn_if_not_smaller(t.model, shape)
+    pretrained = check_student(cfg)
+    shape = pretrained.shape if pretrained else student_shape(cfg)
+    warn_if_not_smaller(t.model, shape,
+                        parameters=pretrained.parameters if pretrained else None)
+    size = f"{shape.layers}×{shape.hidden}"
+    if pretrained:
+        size = f"pretrained {s.model} ({size}, {pretrained.parameters / 1e6:.2f}M parameters)"
     runs = {"kd": (main, tr.alpha), "hard": (main, 0.0), "bc": (bc, 0.0)}
     storage = experiment_dir(cfg.output_dir, experiment)
     if board is None:
@@ -50,7 +53,7 @@ def train_students(cfg: Config, plans: list[CapturePlan], experiment: str, *, bo
                                  streaming=streaming and label == "kd", label=label)
         what = {"kd": f"KD student ({tr.loss}, T={tr.temperature}, alpha={tr.alpha})",
                 "hard": "hard-label baseline", "bc": "behaviour-cloning baseline"}[label]
-        say(f"training the {what}: {shape.layers}×{shape.hidden}, {tr.max_steps} steps × "
+        say(f"training the {what}: {size}, {tr.max_steps} steps × "
             f"{tr.batch_size * tr.grad_accum} sequences on {max(tr.num_workers, 1)} worker(s)")
     if not specs:
         return {}
@@ -84,6 +87,12 @@ def train_students(cfg: Config, plans: list[CapturePlan], experiment: str, *, bo
             results = {label: fit(label) for label in specs}
     for r in results.values():
         say(_describe_result(r))
+        folded = max((h.get("folded_mass", 0.0) for h in r.history), default=0.0)
+        if folded > 0:
+            say(f"[yellow]warning:[/] {r.label}: the teacher put {folded:.2%} of its "
+                "probability per position (the most of any logged window) on ids the student "
+                "has no embedding row for (its table is smaller than the teacher's); that mass "
+                "was folded into the tail (history metric folded_mass)")
     return results
 
 

@@ -19,18 +19,27 @@ from orchestrator.storage import write_atomic_local
 def check_space(cfg: Config, space) -> None:
     """Every combination a trial can draw must be a valid config — before any trial starts."""
     from orchestrator.config import validate
-    from tune_spaces.spaces import split_params
+    from orchestrator.driver.preflight import check_student
+    from tune_spaces.spaces import split_params, trial_student
 
-    bad = []
+    bad, models = [], {}
     corners = space.corners()
     for params in corners:
         s_fields, t_fields = split_params(params)
-        trial = replace(cfg, student=replace(cfg.student, **s_fields),
+        student = trial_student(asdict(cfg.student), s_fields)
+        trial = replace(cfg, student=replace(cfg.student, **student),
                         train=replace(cfg.train, **t_fields))
         try:
             validate(trial)
         except ConfigError as e:
             bad.append(f"{_short_params(params)}: {e}")
+        if trial.student.model:  # each pretrained student: its tokenizer, once
+            models.setdefault((trial.student.model, trial.student.revision), trial)
+    for (model, _), trial in models.items():
+        try:
+            check_student(trial)
+        except ConfigError as e:
+            bad.append(f"student.model={model}: {e}")
     if bad:
         listed = "\n  ".join(bad[:5]) + (f"\n  … and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise ConfigError(f"search space {space.name}: {len(bad)} of {len(corners)} combinations "
@@ -91,6 +100,13 @@ def leaderboard(cfg: Config, outcomes: list, *, settings, sweep_dir: str, title:
     for o in outcomes:
         if o.status == "finished":
             measured[o.label] = measure(o.model_dir, tokens=cfg.tune.latency_tokens)
+        elif o.settings.get("model"):  # no model exported: a pretrained one's own count
+            from transformers import AutoConfig
+
+            from orchestrator.student_info import real_parameters
+
+            measured[o.label] = {"params": real_parameters(AutoConfig.from_pretrained(
+                o.settings["model"], local_files_only=True))}
         elif o.settings:  # no model exported: its size from its shape
             measured[o.label] = {"params": shape_params(cfg.teacher.model, o.settings)}
     rows = build_rows(outcomes, metric=settings.metric, mode=settings.mode, measured=measured)

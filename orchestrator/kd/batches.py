@@ -3,12 +3,14 @@
 A sample from `shards.read_shards` holds input_ids [T], topk_ids [T, k], topk_logprobs [T, k],
 tail_mass [T, m] (the teacher's tail at each of the capture's tail_temperatures [m]) and
 label_start/prompt_len. `collate` pads a list of them into tensors the KD loss takes directly:
-position t of a row predicts token t + 1.
+position t of a row predicts token t + 1. `fold_vocab` then folds the teacher's top-k ids the
+student has no embedding row for (a smaller table over the same tokenizer) into the tail.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -67,3 +69,36 @@ def collate(samples: list[dict], *, pad_id: int = 0, hard_labels_from_prompt: bo
         tails[b, :T][labelled] = s["tail_mass"][labelled]
     return Batch(*(torch.from_numpy(x) for x in (ids, mask, targets, top_ids, top_lps, kd, tails,
                                                   temps)))
+
+
+def fold_vocab(batch: Batch, rows: int) -> tuple[Batch, float]:
+    """`batch` with every teacher top-k id >= `rows` (the student's embedding rows) folded into
+    the tail, and the probability mass (T = 1) folded, summed over the labelled positions.
+
+    Teacher and student share the tokenizer, but the teacher's table may be padded past it
+    (152,064 vs 151,936 rows): the student gives those ids probability 0, so their teacher mass
+    joins the tail bucket. At T = 1 the stored log-probs are normalised over the whole vocabulary:
+    the folded share is exp(lp). At another tail temperature T the partition comes from the
+    stored tail r_T: Z_T = Σ_topk exp(lp / T) / (1 − r_T), the share exp(lp / T) / Z_T. A folded
+    slot keeps a valid id (0) and log-prob −inf, moved behind the others (the order stays
+    descending); the losses give the student −inf there too (`losses.topk_divergence`). A
+    position whose whole top-k is folded has no label left (kd_mask False). No copy when nothing
+    needs folding."""
+    folded = (batch.topk_ids >= rows) & batch.kd_mask.unsqueeze(-1)  # [B, L, k]
+    if not bool(folded.any()):
+        return batch, 0.0
+    lps = batch.topk_logprobs.double()
+    temps = batch.tail_temperatures.double()                        # [m]
+    tails = batch.tail_mass.double()                                # [B, L, m]
+    tempered = torch.exp(lps.unsqueeze(-1) / temps)                 # [B, L, k, m]
+    z = tempered.sum(-2) / (1.0 - tails).clamp(min=1e-12)           # [B, L, m]
+    share = (tempered * folded.unsqueeze(-1)).sum(-2) / z
+    at_one = (lps.exp() * folded).sum(-1)                           # [B, L]
+    share = torch.where((temps - 1.0).abs() <= 1e-6, at_one.unsqueeze(-1), share)
+    order = torch.sort(folded.to(torch.int8), dim=-1, stable=True).indices  # kept ids first
+    ids = torch.where(folded, torch.zeros_like(batch.topk_ids), batch.topk_ids).gather(-1, order)
+    top = torch.where(folded, torch.full_like(batch.topk_logprobs, -math.inf),
+                      batch.topk_logprobs).gather(-1, order)
+    return replace(batch, topk_ids=ids, topk_logprobs=top,
+                   tail_mass=(tails + share).clamp(max=1.0).float(),
+                   kd_mask=batch.kd_mask & ~folded.all(-1)), float(at_one.sum())

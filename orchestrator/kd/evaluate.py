@@ -8,6 +8,9 @@ On every held-out position that has a teacher label and a next token:
   full-vocabulary KL,
 - top-1 agreement: the student's argmax is the teacher's most likely token.
 
+Teacher ids past the student's embedding rows are folded into the tail first
+(`batches.fold_vocab`), as in training: top-1 then means the most likely token the student has.
+
 `evaluate` returns sums, so data-parallel workers can add theirs before `finish` divides. It can
 also record each held-out sequence's own sums (`per_sequence`): students evaluated on the same
 sequences are then compared pairwise, sequence by sequence, which gives the difference of their
@@ -20,7 +23,7 @@ import math
 
 import torch
 
-from orchestrator.kd.batches import collate
+from orchestrator.kd.batches import collate, fold_vocab
 from orchestrator.kd.head import LMHead, current_head, final_hidden
 from orchestrator.kd.losses import divergence, tail_at
 
@@ -47,6 +50,7 @@ def evaluate(model, samples: list[dict], *, batch_size: int = 16, device: str = 
         batch = collate(chunk, pad_id=pad_id)
         inputs = {"input_ids": batch.input_ids.to(device),
                   "attention_mask": batch.attention_mask.to(device)}
+        batch, _ = fold_vocab(batch, _vocab_rows(model))  # ids past the student's rows: tail
         flat = batch.flat()
         rows = (flat["kd_mask"] & (flat["targets"] >= 0)).nonzero().squeeze(1).to(device)
         if len(rows) == 0:
@@ -81,6 +85,13 @@ def evaluate(model, samples: list[dict], *, batch_size: int = 16, device: str = 
         sums["teacher_positions"] += known.sum().item()
     model.train(was_training)
     return sums
+
+
+def _vocab_rows(model) -> int:
+    """The rows of the model's output layer: the token ids it can predict (a sharded layer's
+    whole shape)."""
+    inner = getattr(model, "module", model)
+    return int(inner.get_output_embeddings().weight.shape[0])
 
 
 def _add_per_sequence(out: dict, chunk: list[dict], which: torch.Tensor, nll: torch.Tensor, *,

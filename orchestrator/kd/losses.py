@@ -142,7 +142,7 @@ def topk_divergence(student_top: torch.Tensor, teacher_lp: torch.Tensor, *, kind
 
     student_top: [n, k] the student's log-probs at temperature T (normalised over its whole
     vocabulary of `vocab` tokens) on the teacher's top-k ids; teacher_lp: [n, k] the stored (T = 1)
-    teacher log-probs; teacher_tail: [n] r_T (tail=bucket). The one implementation of the
+    teacher log-probs (−inf: a slot folded into the tail); teacher_tail: [n] r_T (tail=bucket). The one implementation of the
     divergences: `divergence` (dense logits) and `chunked.chunked_distill_loss` (one row chunk of
     the LM head at a time, which differentiates this on [n, k] only) both call it."""
     if kind not in LOSS_KINDS:
@@ -150,7 +150,9 @@ def topk_divergence(student_top: torch.Tensor, teacher_lp: torch.Tensor, *, kind
     if tail not in TAIL_MODES:
         raise ValueError(f"tail must be one of {', '.join(TAIL_MODES)}, got {tail!r}")
     T, k = temperature, student_top.shape[-1]
-    s_top = student_top
+    # a slot the teacher gives -inf holds no token for the student either: an id folded into the
+    # tail because the student has no row for it (`batches.fold_vocab`)
+    s_top = torch.where(torch.isneginf(teacher_lp), -math.inf, student_top)
     s_tail = _log1mexp(torch.logsumexp(s_top, -1, keepdim=True))     # [n, 1]
     t_top, t_tail = _teacher(teacher_lp, T=T, vocab=vocab, k=k, tail=tail, r=teacher_tail)
     if (kind == "rkl" and tail == "renormalize") or k >= vocab:

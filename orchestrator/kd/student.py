@@ -1,7 +1,7 @@
 """Student builder: a real Hugging Face causal LM that shares the teacher's tokenizer (pure
 torch/transformers, no Ray). Sized by a named preset or explicit layers/hidden/heads/intermediate;
 optionally initialised from the teacher (embeddings, every n-th layer, final norm, LM head) when
-the shapes allow.
+the shapes allow. Or a pretrained student, loaded as it is (`load_pretrained`).
 """
 
 from __future__ import annotations
@@ -48,6 +48,19 @@ def build_student(teacher_config, shape: StudentShape, *, init_from_teacher=None
                       f"teacher (about {ratio:.1f}× its size); distillation normally shrinks the "
                       "model", stacklevel=2)
     return model, StudentInfo(params, 2 * params, copied)
+
+
+def load_pretrained(model: str, *, revision: str | None = None):
+    """A pretrained student (`student.model`): a local directory or a hub id already in the local
+    HF cache (never downloaded), loaded with fp32 master weights. Returns (model, StudentInfo).
+    The driver's preflight checked its tokenizer and size first."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(model, revision=revision, local_files_only=True,
+                                                  dtype=torch.float32)
+    params = sum(p.numel() for p in loaded.parameters())
+    return loaded, StudentInfo(params, 2 * params, [])
 
 
 def layer_mapping(teacher_layers: int, student_layers: int) -> list[int]:

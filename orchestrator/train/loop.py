@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 
 import torch
 
@@ -62,8 +63,8 @@ def train_worker(config: dict) -> None:
     import ray.train.torch
     from transformers import AutoConfig
 
-    from orchestrator.kd.batches import collate
-    from orchestrator.kd.student import build_student
+    from orchestrator.kd.batches import collate, fold_vocab
+    from orchestrator.kd.student import build_student, load_pretrained
     from orchestrator.teacher_info import load_tokenizer
     from orchestrator.train.stream import SampleStream, ShardWatcher, heldout_samples
 
@@ -75,14 +76,20 @@ def train_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    teacher_cfg = AutoConfig.from_pretrained(student.teacher_model)
-    teacher = None
-    if student.init_from_teacher:
-        from transformers import AutoModelForCausalLM
+    if student.model:  # pretrained: its own weights (fp32 master copy) and embedding rows
+        model, _ = load_pretrained(student.model, revision=student.revision)
+    else:
+        teacher_cfg = AutoConfig.from_pretrained(student.teacher_model)
+        teacher = None
+        if student.init_from_teacher:
+            from transformers import AutoModelForCausalLM
 
-        teacher = AutoModelForCausalLM.from_pretrained(student.teacher_model, dtype=torch.float32)
-    model, _ = build_student(teacher_cfg, student.shape, init_from_teacher=teacher, seed=opt.seed)
-    del teacher
+            teacher = AutoModelForCausalLM.from_pretrained(student.teacher_model,
+                                                           dtype=torch.float32)
+        model, _ = build_student(teacher_cfg, student.shape, init_from_teacher=teacher,
+                                 seed=opt.seed)
+        del teacher
+    vocab_rows = model.get_output_embeddings().weight.shape[0]  # teacher ids past it: the tail
     tokenizer = load_tokenizer(student.teacher_model)
     model.to(device)  # before the optimizer and its restored state
     layout = batch_layout(batch_size=opt.batch_size, grad_accum=opt.grad_accum,
@@ -122,7 +129,9 @@ def train_worker(config: dict) -> None:
                                       "tokenizer_fingerprint": data.expect.get(
                                           "tokenizer_fingerprint")})
 
-    window = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "tokens": 0, "wait": 0.0, "time": 0.0, "n": 0}
+    window = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "tokens": 0, "wait": 0.0, "time": 0.0, "n": 0,
+              "folded": 0.0, "kd_positions": 0}
+    warned_fold = False
     model.train()
     while step < opt.max_steps:
         t0 = time.perf_counter()
@@ -132,6 +141,16 @@ def train_worker(config: dict) -> None:
             rows = [next(samples) for _ in range(opt.batch_size)]
             wait += time.perf_counter() - tw
             batch = collate(rows, hard_labels_from_prompt=data.hard_labels_from_prompt)
+            batch, folded = fold_vocab(batch, vocab_rows)
+            window["folded"] += folded
+            window["kd_positions"] += int(batch.kd_mask.sum())
+            if folded > 0 and not warned_fold:
+                warned_fold = True
+                warnings.warn(f"the {run.label} student has {vocab_rows} embedding rows; teacher "
+                              "top-k ids past them carry "
+                              f"{folded / max(int(batch.kd_mask.sum()), 1):.2%} of the teacher's "
+                              "probability per position in this batch, folded into the tail "
+                              "(metric folded_mass)", stacklevel=1)
             sync = micro == opt.grad_accum - 1 or world == 1
             if strategy == "fsdp":
                 model.set_requires_gradient_sync(sync)
@@ -157,6 +176,9 @@ def train_worker(config: dict) -> None:
                                       epoch=stream.epoch, world=world)
             metrics.update(time=time.time(), pid=os.getpid(),
                            fused_head=float(step_loss.head is not None))
+            # teacher mass on ids the student has no row for, per labelled position (0 unless a
+            # pretrained student's table is smaller than the teacher's)
+            metrics["folded_mass"] = window["folded"] / max(window["kd_positions"], 1)
             if group is not None:  # lets a sweep reap the group of a trial Tune killed
                 metrics["placement_group"] = group.id.hex()
             if resumed_from is not None:

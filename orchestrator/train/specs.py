@@ -16,16 +16,21 @@ from orchestrator.shapes import StudentShape
 
 @dataclass(frozen=True)
 class StudentSpec:
-    """The student to build: a smaller model of the teacher's architecture (what a trial's
-    `student` axis varies)."""
+    """The student to build: a smaller model of the teacher's architecture, or a pretrained one
+    (what a trial's `student` axis varies)."""
 
     teacher_model: str
     """The teacher's name or directory: its config gives the student's architecture and
     vocabulary, its tokenizer is saved with every checkpoint."""
     shape: StudentShape
-    """Layers, hidden size, heads, MLP size."""
+    """Layers, hidden size, heads, MLP size (a pretrained student's own, for display)."""
     init_from_teacher: bool
     """Start from the teacher's embeddings and evenly spaced layers instead of random weights."""
+    model: str = ""
+    """A pretrained student (directory or cached hub id) to start from, weights and shape as
+    they are; empty: build one from the teacher's config at `shape`."""
+    revision: str | None = None
+    """Revision of `model` (hub ids)."""
 
 
 @dataclass(frozen=True)
