@@ -11,10 +11,14 @@ formats of `orchestrator.data`; the teacher actor calls `encode` with the teache
   and its end-of-turn marker. The span of turn i is found by rendering prefixes: the
   conversation up to turn i with the generation prompt ends where the reply starts; up to and
   including turn i (trailing whitespace dropped: ChatML's newline after `<|im_end|>`) ends where
-  it ends. That works for any template whose renderings of a conversation's prefixes are
-  prefixes of its rendering, and whose prefixes tokenize to prefixes of its tokens — both are
-  checked, and a template that breaks them (one that rewrites earlier turns, say) is refused
-  with `ChatTemplateError`, naming the record.
+  it ends. A token is learned when it holds a character of that span (the fast tokenizer's
+  offsets): a reply that starts with whitespace the tokenizer merges with the template's newline
+  before it (`"\n" + "\n    x"`) learns that merged token, as transformers'
+  `return_assistant_tokens_mask` does (a slow tokenizer, without offsets, is refused). Any
+  template whose renderings of a conversation's prefixes are prefixes of its rendering works;
+  one that breaks that (it rewrites earlier turns, like Qwen3's thinking template) is refused
+  with `ChatTemplateError`, naming the record — before any work for the probe conversation
+  `check_template` renders.
 
 `train_on_prompt` learns every token instead. In sample mode only the prompt is encoded: a chat's
 messages without a final assistant turn, rendered with the generation prompt; the teacher writes
@@ -93,17 +97,34 @@ def encode(record, tokenizer, *, template: str | None, mode: str = "score",
         return Encoded(_ids(tokenizer, _render(tokenizer, template, messages, True, record),
                             special=False), None)
     full = _render(tokenizer, template, messages, False, record)
-    ids = _ids(tokenizer, full, special=False)
     if train_on_prompt:
-        return Encoded(ids, None)
-    spans = []
+        return Encoded(_ids(tokenizer, full, special=False), None)
+    chars = []  # [start, end) characters of each assistant turn in `full`
     for i, m in enumerate(messages):
         if m["role"] == "assistant":
-            start = _prefix_len(tokenizer, template, messages[:i], True, full, ids, record)
-            end = _prefix_len(tokenizer, template, messages[:i + 1], False, full, ids, record)
+            start = _prefix_chars(tokenizer, template, messages[:i], True, full, record)
+            end = _prefix_chars(tokenizer, template, messages[:i + 1], False, full, record)
             if end > start:
-                spans.append((start, end))
-    return Encoded(ids, spans)
+                chars.append((start, end))
+    if not getattr(tokenizer, "is_fast", False):
+        raise ChatTemplateError(
+            f"record {record.sample_id}: marking the assistant tokens needs a fast tokenizer "
+            "(tokenizer.json: its character offsets place each turn); the teacher's has none — "
+            "save it as a fast tokenizer, or set data.train_on_prompt=true")
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = enc["offset_mapping"]
+    return Encoded(list(enc["input_ids"]),
+                   _runs([any(a < e and s < b for a, b in chars) for s, e in offsets]))
+
+
+def check_template(tokenizer, template: str) -> None:
+    """Render a probe conversation (two rounds) and mark its assistant tokens: a template that
+    cannot be used is refused (`ChatTemplateError`) before any work."""
+    from orchestrator.data import Record
+
+    probe = Record("(a probe conversation)", "", messages=(
+        ("user", "Hi"), ("assistant", "Hello"), ("user", "Bye"), ("assistant", "Bye")))
+    encode(probe, tokenizer, template=template)
 
 
 def stop_ids(tokenizer, template: str) -> list[int]:
@@ -137,10 +158,9 @@ def _render(tokenizer, template: str | None, messages: list[dict], generation: b
                                 "the template (data.chat_template)") from None
 
 
-def _prefix_len(tokenizer, template, messages, generation, full: str, ids: list[int],
-                record) -> int:
-    """Tokens of `full` (ids) up to the end of the rendering of `messages`; checks that the
-    rendering is a prefix of `full` and tokenizes to a prefix of `ids`."""
+def _prefix_chars(tokenizer, template, messages, generation, full: str, record) -> int:
+    """Characters of `full` up to the end of the rendering of `messages` (trailing whitespace
+    dropped unless `generation`); checks that the rendering is a prefix of `full`."""
     part = _render(tokenizer, template, messages, generation, record) if messages or \
         generation else ""
     if not generation:
@@ -151,12 +171,16 @@ def _prefix_len(tokenizer, template, messages, generation, full: str, ids: list[
             f"{len(messages)} message(s) as text that does not begin the whole conversation's "
             "(it rewrites earlier turns), so the assistant tokens cannot be marked; use a "
             "template without that (data.chat_template), or set data.train_on_prompt=true")
-    head = _ids(tokenizer, part, special=False)
-    if ids[:len(head)] != head:
-        raise ChatTemplateError(
-            f"record {record.sample_id}: the tokens of the conversation's first {len(messages)} "
-            "message(s) are not a prefix of the whole conversation's tokens (the tokenizer "
-            "merges across the turn boundary), so the assistant tokens cannot be marked; end "
-            "turns with a special token in the template (data.chat_template), or set "
-            "data.train_on_prompt=true")
-    return len(head)
+    return len(part)
+
+
+def _runs(flags: list[bool]) -> list[tuple[int, int]]:
+    """[start, end) runs of True in `flags`."""
+    out, start = [], None
+    for i, flag in enumerate([*flags, False]):
+        if flag and start is None:
+            start = i
+        elif not flag and start is not None:
+            out.append((start, i))
+            start = None
+    return out

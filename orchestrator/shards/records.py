@@ -20,8 +20,8 @@ def rendering_of(cfg: Config, formats: frozenset[str]) -> tuple[str, dict]:
     """The chat template (its text; "" without chat records) and what the fingerprint records of
     how records become tokens: nothing for text records (their tokens are the tokenizer's);
     the formats and train_on_prompt otherwise, and the template's digest for chat records. A
-    chat template is resolved (data.chat_template, else the teacher's) before any work; none
-    is a ConfigError."""
+    chat template is resolved (data.chat_template, else the teacher's) and tried on a probe
+    conversation before any work; none is a ConfigError, an unusable one a ChatTemplateError."""
     from orchestrator import chat
     from orchestrator.teacher_info import load_tokenizer
 
@@ -30,6 +30,7 @@ def rendering_of(cfg: Config, formats: frozenset[str]) -> tuple[str, dict]:
     if "chat" in formats or d.chat_template:
         tokenizer = load_tokenizer(t.model, revision=t.revision)
         template = chat.resolve_template(tokenizer, d.chat_template, teacher=t.model)
+        chat.check_template(tokenizer, template)
     if formats <= {"text"}:
         return "", {}
     rendering = {"formats": sorted(formats), "train_on_prompt": d.train_on_prompt}
