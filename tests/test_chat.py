@@ -60,13 +60,15 @@ def _chats(texts, n=24):
 @pytest.fixture(scope="module")
 def chat_capture(teachers, texts, ray_session, tmp_path_factory):
     """A finished score-mode capture of chat data (hf backend, the Llama teacher's own template),
-    with a held-out split."""
+    with a held-out split and behaviour-cloning samples (the teacher's own replies)."""
     from orchestrator.driver.pipeline import capture
 
     root = tmp_path_factory.mktemp("chat-capture")
     rows = _chats(texts)
     data = write_jsonl(root / "chat.jsonl", rows)
-    cfg = capture_config(root, teachers["llama"], data, **{"data.eval_fraction": 0.25})
+    cfg = capture_config(root, teachers["llama"], data, **{
+        "data.eval_fraction": 0.25, "train.baselines": "[bc]", "train.bc_prompt_tokens": 96,
+        "teacher.max_new_tokens": 16})
     capture(cfg)
     return {"out": cfg.output_dir, "rows": {r["id"]: r for r in rows}, "cfg": cfg}
 
@@ -111,6 +113,31 @@ def test_chat_capture_stores_the_assistant_tokens_mask(chat_capture, teachers):
                 assert tok.decode(r["input_ids"][:r["loss_mask"].argmax()]).rstrip(
                     "\n").endswith("<|im_start|>assistant")
     assert split, "no long conversation was split"
+
+
+def test_behaviour_cloning_prompts_are_the_conversations_before_the_last_reply(chat_capture,
+                                                                               teachers):
+    from orchestrator.shards.format import read_shards
+
+    rows = list(read_shards(chat_capture["out"], capture="bc"))
+    assert rows and all(r["sample_id"].endswith("#s0") for r in rows)
+    for r in rows:
+        row = chat_capture["rows"][r["sample_id"].removesuffix("#s0")]
+        prompt, _ = _expected(teachers["llama"], row, mode="sample")
+        room = 128 - (128 - 96 - 1)  # bc replies fill the context after bc_prompt_tokens
+        assert r["input_ids"][:r["prompt_len"]].tolist() == prompt[-room:]
+        assert r["loss_mask"].all()  # the reply is all the teacher's: every sampled token
+
+
+def test_the_heldout_of_a_sample_mode_capture_measures_every_prompt_token(chat_capture):
+    from dataclasses import replace
+
+    from orchestrator.shards.plan import heldout_config
+
+    cfg = chat_capture["cfg"]
+    sample = replace(cfg, teacher=replace(cfg.teacher, mode="sample"))
+    assert heldout_config(sample).data.train_on_prompt is True
+    assert heldout_config(cfg).data.train_on_prompt is False
 
 
 def test_the_fingerprint_follows_template_train_on_prompt_and_format_only_where_they_count(

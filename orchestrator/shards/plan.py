@@ -202,12 +202,15 @@ def heldout_config(cfg: Config) -> Config | None:
     """The held-out capture: teacher-scored text, in its own folder of output_dir. Long texts are
     truncated, whatever data.long_text says: the held-out set is a measurement, one sequence per
     record (its first max_length tokens), so train.eval_samples counts distinct texts and one
-    long text cannot fill the evaluation with its pieces (README, *Training students*)."""
+    long text cannot fill the evaluation with its pieces (README, *Training students*). The
+    held-out records of a sample-mode capture are prompts: every token of them is measured
+    (train_on_prompt), as for text prompts, since a chat prompt holds no reply to measure."""
     d = cfg.data
     if not d.eval_path and d.eval_fraction == 0:
         return None
     data = replace(d, path=d.eval_path or d.path, limit=cfg.train.eval_samples, eval_path="",
-                   eval_fraction=0.0, text_field=d.text_field, long_text="truncate")
+                   eval_fraction=0.0, text_field=d.text_field, long_text="truncate",
+                   train_on_prompt=d.train_on_prompt or cfg.teacher.mode == "sample")
     return replace(cfg, teacher=replace(cfg.teacher, mode="score"), data=data,
                    capture=replace(cfg.capture, samples_per_shard=64))
 
