@@ -145,7 +145,9 @@ def build_table(rows: list[tuple[str, SoftLabels]], meta: dict) -> pa.Table:
     Log-probs: per-row deltas of the quantised values in rank order (mostly < 255: one byte), with
     larger deltas as 255 plus a uint16 in `topk_logprob_ext`. zstd then packs the byte streams.
     """
-    all_ids = np.concatenate([sl.topk_ids.reshape(-1) for _, sl in rows]).astype(np.int64)
+    # no rows: a unit whose every record had nothing to learn within max_length (loss_mask)
+    all_ids = np.concatenate([np.zeros(0, np.int64)] + [sl.topk_ids.reshape(-1) for _, sl in rows]
+                             ).astype(np.int64)
     values, counts = np.unique(all_ids, return_counts=True)
     dictionary = values[np.argsort(-counts, kind="stable")]
     code_of = np.zeros(int(all_ids.max(initial=0)) + 1, dtype=np.int64)

@@ -190,6 +190,7 @@ def test_the_mask_is_split_with_a_long_text():
     assert [m.tolist() for _, m in pieces] == [[False, False, False, True], [True, True]]
     assert [p for p, _ in split_tokens(list(range(10)), 4, "truncate", mask=mask)] == \
         [[0, 1, 2, 3]]
+    assert split_tokens(list(range(10)), 3, "truncate", mask=mask) == []  # only prompt: dropped
 
 
 def _sample(ids, mask, k=2):
@@ -253,6 +254,10 @@ def test_shards_store_the_mask_and_refuse_format_3(tmp_path):
     assert table.column("loss_mask").to_pylist() == [[2, 4, 5, 6], None]
     rows = list(fmt.decode_rows(table))
     assert rows[0]["loss_mask"].tolist() == mask.tolist() and rows[1]["loss_mask"].all()
+    # a unit whose records all had nothing to learn (truncated to their prompt) is an empty shard
+    info = fmt.write_shard(fs, f"{root}/shards", 1, [], {"k": 2})
+    assert info.rows == 0 and list(fmt.decode_rows(fmt.load_shard(
+        (tmp_path / "shards" / info.file).read_bytes(), name=info.file))) == []
     # a shard of format 3: no loss_mask column, format_version 3 — refused, saying what to do
     meta = fmt.shard_metadata(table) | {"format_version": 3}
     old = table.drop_columns(["loss_mask"]).replace_schema_metadata(
