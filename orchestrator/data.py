@@ -166,7 +166,7 @@ def _json(line: str):
 
 
 def _format_of(obj: dict) -> str:
-    """A record's format by its keys: "messages" → chat, "completion" → completion, else text."""
+    """A record's format by its keys: "messages": chat, "completion": completion, else text."""
     return "chat" if "messages" in obj else "completion" if "completion" in obj else "text"
 
 
