@@ -22,10 +22,20 @@ class TeacherBackend(Protocol):
         ...
 
     def sample(self, prompts: list[list[int]], *, k: int, n: int, temperature: float, top_p: float,
-               max_new_tokens: int, seeds: list[int], eos_id: int | None) -> list[list[SoftLabels]]:
-        """`n` continuations per prompt, seeded per prompt; top-k at every sampled position."""
+               max_new_tokens: int, seeds: list[int], eos_id: int | list[int] | None
+               ) -> list[list[SoftLabels]]:
+        """`n` continuations per prompt, seeded per prompt; top-k at every sampled position. A
+        continuation ends at `eos_id` (one token, or several: EOS and a chat's end-of-turn)."""
         ...
 
     def close(self) -> None:
         """Release the engine (processes, memory)."""
         ...
+
+
+def stop_list(eos_id: int | list[int] | None) -> list[int]:
+    """The stop tokens of `TeacherBackend.sample` as a list, whether given as one id, several or
+    None."""
+    if eos_id is None:
+        return []
+    return [int(eos_id)] if isinstance(eos_id, int) else [int(i) for i in eos_id]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from actors.backend import stop_list
 from orchestrator.kd.softlabels import SoftLabels, head_transform, topk_from_hidden, topk_from_logits
 
 
@@ -74,7 +75,9 @@ class HFBackend:
 
     @torch.inference_mode()
     def sample(self, prompts: list[list[int]], *, k: int, n: int, temperature: float, top_p: float,
-               max_new_tokens: int, seeds: list[int], eos_id: int | None) -> list[list[SoftLabels]]:
+               max_new_tokens: int, seeds: list[int], eos_id: int | list[int] | None
+               ) -> list[list[SoftLabels]]:
+        """`eos_id`: the token, or tokens, that end a continuation (e.g. EOS and end-of-turn)."""
         return [self._sample_one(p, k=k, n=n, temperature=temperature, top_p=top_p,
                                  max_new_tokens=max_new_tokens, seed=s, eos_id=eos_id)
                 for p, s in zip(prompts, seeds)]
@@ -88,6 +91,7 @@ class HFBackend:
         tokens, top_ids, top_lps, tlps, tails = [], [], [], [], []
         done = torch.zeros(n, dtype=torch.bool, device=self.device)
         lengths = torch.full((n,), max_new_tokens, dtype=torch.long)
+        stops = torch.tensor(stop_list(eos_id), dtype=torch.long, device=self.device)
         for step in range(max_new_tokens):
             nxt = _sample_next(logits.float(), temperature=temperature, top_p=top_p, generator=gen)
             c = topk_from_logits(logits, k=k, targets=nxt, tail_temperatures=self.tail_temperatures)
@@ -96,10 +100,11 @@ class HFBackend:
             top_lps.append(c.logprobs)
             tlps.append(c.target_logprobs)
             tails.append(c.tail_mass)
-            if eos_id is not None:
-                newly = (nxt == eos_id) & ~done
+            if len(stops):
+                stopped = torch.isin(nxt, stops)
+                newly = stopped & ~done
                 lengths[newly.cpu()] = step + 1
-                done |= nxt == eos_id
+                done |= stopped
                 if bool(done.all()):
                     break
             out = self.model(input_ids=nxt[:, None], past_key_values=past, use_cache=True)

@@ -24,7 +24,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from orchestrator.shards.specs import CaptureSpec, EngineSpec
 from actors.teacher import TeacherWorker
-from orchestrator.errors import (ConfigError, RaydistillError, ShardError, is_transient,
+from orchestrator.errors import (ConfigError, DataError, RaydistillError, ShardError, is_transient,
                                  remote_cause, remote_errors)
 from orchestrator.shards.manifest import ShardInfo
 
@@ -46,8 +46,7 @@ class _Teacher:
         with remote_errors("teacher.ready"):
             return self.worker.ready()
 
-    def process(self, unit: int, records: list[tuple[str, str]],
-                capture: CaptureSpec) -> ShardInfo:
+    def process(self, unit: int, records: list, capture: CaptureSpec) -> ShardInfo:
         with remote_errors("teacher.process"):
             return self.worker.process(unit, records, capture)
 
@@ -86,7 +85,7 @@ class TeacherPool:
     def actor_handles(self) -> list:
         return list(self.actors)
 
-    def run(self, units: Iterable[tuple[int, list[tuple[str, str]]]],
+    def run(self, units: Iterable[tuple[int, list]],
             on_shard: Callable[[ShardInfo], None], *, capture: CaptureSpec,
             may_submit: Callable[[float], bool] | None = None) -> None:
         """Process every unit of one capture; `on_shard` is called in the driver as each shard is
@@ -130,6 +129,9 @@ class TeacherPool:
             except RayTaskError as e:
                 if isinstance(e.cause, ShardError):  # disk full, no permission: retrying won't help
                     raise ShardError(str(e.cause)) from None
+                if isinstance(e.cause, DataError):  # a record the teacher cannot take: the same
+                    raise DataError(str(e.cause)) from None  # every time
+
                 self._fail(unit, failures, e, queue)
 
     def _check(self, capture: CaptureSpec) -> None:

@@ -3,9 +3,15 @@ records into one published shard. `actors.pool` wraps it in a Ray actor."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
+
+from orchestrator import chat
+from orchestrator.data import Record
 from orchestrator.shards.manifest import ShardInfo
 from orchestrator.storage import filesystem
-from orchestrator.shards.format import write_shard
+from orchestrator.shards.format import spans_to_mask, write_shard
 from orchestrator.shards.specs import CaptureSpec, EngineSpec
 from orchestrator.kd.softlabels import SoftLabels
 from orchestrator.teacher_info import load_tokenizer
@@ -43,10 +49,9 @@ class TeacherWorker:
         return {"vocab_size": self.backend.vocab_size, "max_length": self.backend.max_length,
                 "max_k": self.backend.max_k, "mode": self.spec.mode, "pid": os.getpid()}
 
-    def process(self, unit: int, records: list[tuple[str, str]], capture: CaptureSpec
-                ) -> ShardInfo:
-        """Label one unit's (sample_id, text) records as `capture` says and publish them as one
-        shard in its output_dir, its metadata saying what was done."""
+    def process(self, unit: int, records: list[Record], capture: CaptureSpec) -> ShardInfo:
+        """Label one unit's records as `capture` says and publish them as one shard in its
+        output_dir, its metadata saying what was done."""
         _test_delay()
         rows = self.label(records, capture)
         if capture.output_dir not in self._outputs:
@@ -55,29 +60,42 @@ class TeacherWorker:
         return write_shard(fs, f"{root}/shards", unit, rows, {**capture.shard_meta,
                                                               **capture.done()})
 
-    def label(self, records: list[tuple[str, str]], capture: CaptureSpec
+    def label(self, records: list[Record], capture: CaptureSpec
               ) -> list[tuple[str, SoftLabels]]:
+        """Tokenize each record as its format says (`orchestrator.chat.encode`: chat records with
+        `capture.chat_template`) and score it (score mode; each SoftLabels carries the learned
+        tokens as `loss_mask`, None for all) or sample the teacher's continuation of it."""
         c = capture
         if c.mode != self.spec.mode:  # the driver starts one pool per mode; never mix them
             raise ValueError(f"a {c.mode}-mode capture sent to a {self.spec.mode}-mode engine")
-        texts = [text for _, text in records]
-        encoded = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+        encoded = [chat.encode(r, self.tokenizer, template=c.chat_template or None, mode=c.mode,
+                               train_on_prompt=c.train_on_prompt) for r in records]
         if c.mode == "score":
-            ids, seqs = [], []
-            for (sample_id, _), tokens in zip(records, encoded):
-                pieces = split_tokens(tokens, c.max_length, c.long_text)
-                for j, piece in enumerate(pieces):
-                    ids.append(sample_id if len(pieces) == 1 else f"{sample_id}#p{j}")
+            ids, seqs, masks = [], [], []
+            for record, enc in zip(records, encoded):
+                mask = None if enc.spans is None else spans_to_mask(enc.spans, len(enc.ids))
+                pieces = (split_tokens(enc.ids, c.max_length, c.long_text, mask=mask)
+                          if mask is not None else
+                          [(p, None) for p in split_tokens(enc.ids, c.max_length, c.long_text)])
+                for j, (piece, piece_mask) in enumerate(pieces):
+                    ids.append(record.sample_id if len(pieces) == 1
+                               else f"{record.sample_id}#p{j}")
                     seqs.append(piece)
-            return list(zip(ids, self.backend.score(seqs, k=c.k)))
+                    masks.append(piece_mask)
+            labels = self.backend.score(seqs, k=c.k)
+            return [(sid, sl if m is None else dataclasses.replace(sl, loss_mask=m))
+                    for sid, sl, m in zip(ids, labels, masks)]
         room = c.max_length - c.max_new_tokens
-        prompts = [tokens[-room:] for tokens in encoded]  # long prompts keep their end
-        seeds = [stable_seed(c.seed, sample_id) for sample_id, _ in records]
+        prompts = [enc.ids[-room:] for enc in encoded]  # long prompts keep their end
+        seeds = [stable_seed(c.seed, r.sample_id) for r in records]
+        stops = self.tokenizer.eos_token_id
+        if c.chat_template and any(r.format == "chat" for r in records):
+            stops = chat.stop_ids(self.tokenizer, c.chat_template)
         outs = self.backend.sample(prompts, k=c.k, n=c.num_samples, temperature=c.temperature,
                                    top_p=c.top_p, max_new_tokens=c.max_new_tokens, seeds=seeds,
-                                   eos_id=self.tokenizer.eos_token_id)
-        return [(f"{sample_id}#s{j}", sl)
-                for (sample_id, _), samples in zip(records, outs) for j, sl in enumerate(samples)]
+                                   eos_id=stops)
+        return [(f"{r.sample_id}#s{j}", sl)
+                for r, samples in zip(records, outs) for j, sl in enumerate(samples)]
 
     def close(self) -> None:
         self.backend.close()
@@ -95,16 +113,30 @@ def _test_delay() -> None:
         time.sleep(delay)
 
 
-def split_tokens(tokens: list[int], max_length: int, policy: str) -> list[list[int]]:
-    """A text longer than max_length: `split` into consecutive pieces, or `truncate` to the first."""
+def split_tokens(tokens: list[int], max_length: int, policy: str, *,
+                 mask: np.ndarray | None = None) -> list:
+    """A text longer than max_length: `split` into consecutive pieces, or `truncate` to the first.
+
+    Without `mask`: the pieces' token lists. With `mask` ([T] bool, the learned tokens): (tokens,
+    mask) pairs, the mask split alongside; a piece in which no token after its first is learned
+    has nothing to teach and is dropped."""
     if len(tokens) <= max_length:
-        return [tokens]
-    if policy == "truncate":
-        return [tokens[:max_length]]
-    pieces = [tokens[i:i + max_length] for i in range(0, len(tokens), max_length)]
-    if len(pieces) > 1 and len(pieces[-1]) < 2:  # a 1-token tail has nothing to predict
-        pieces.pop()
-    return pieces
+        pieces = [tokens]
+    elif policy == "truncate":
+        pieces = [tokens[:max_length]]
+    else:
+        pieces = [tokens[i:i + max_length] for i in range(0, len(tokens), max_length)]
+        if len(pieces) > 1 and len(pieces[-1]) < 2:  # a 1-token tail has nothing to predict
+            pieces.pop()
+    if mask is None:
+        return pieces
+    out, start = [], 0
+    for piece in pieces:
+        m = mask[start:start + len(piece)]
+        start += len(piece)
+        if m[1:].any():
+            out.append((piece, m))
+    return out
 
 
 def stable_seed(seed: int, sample_id: str) -> int:

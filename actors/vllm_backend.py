@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from actors.backend import stop_list
 from orchestrator.errors import RaydistillError
 from orchestrator.kd.softlabels import SoftLabels, TopK, flat_logprobs_to_arrays, head_transform, topk_from_hidden
 
@@ -156,13 +157,16 @@ class VLLMBackend:
         return results
 
     def sample(self, prompts: list[list[int]], *, k: int, n: int, temperature: float, top_p: float,
-               max_new_tokens: int, seeds: list[int], eos_id: int | None) -> list[list[SoftLabels]]:
+               max_new_tokens: int, seeds: list[int], eos_id: int | list[int] | None
+               ) -> list[list[SoftLabels]]:
+        """`eos_id`: the token, or tokens, that end a continuation (e.g. EOS and end-of-turn)."""
         from vllm import SamplingParams
+
         from vllm.inputs import TokensPrompt
 
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, seed=s,
                                  max_tokens=max_new_tokens, logprobs=k, flat_logprobs=True,
-                                 stop_token_ids=[eos_id] if eos_id is not None else None)
+                                 stop_token_ids=stop_list(eos_id) or None)
                   for s in seeds]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
                                  use_tqdm=False)

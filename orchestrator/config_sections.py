@@ -72,10 +72,21 @@ class TeacherConfig:
 class DataConfig:
     path: str = ""
     """JSONL file, a directory of *.jsonl files, or a glob; one JSON object per line."""
+    format: Literal["auto", "text", "completion", "chat"] = "auto"
+    """Record format: `text` ({"text"}), `completion` ({"prompt", "completion"}: the completion
+    and EOS are learned), `chat` ({"messages": [{"role", "content"}, …]}: rendered with the chat
+    template, the assistant turns are learned); `auto` decides per file from its first record
+    and refuses a file that mixes formats."""
+    chat_template: str = ""
+    """Jinja chat template file for chat records; empty: the teacher tokenizer's own."""
+    train_on_prompt: bool = False
+    """Learn (distil and count in the hard-label loss) every token of completion and chat
+    records, not only the completion / assistant tokens."""
     text_field: str = "text"
     """Field holding the text in `score` mode."""
     prompt_field: str = "prompt"
-    """Field holding the prompt in `sample` mode (falls back to `text_field`)."""
+    """Field holding the prompt in `sample` mode (falls back to `text_field`) and of completion
+    records."""
     id_field: str = "id"
     """Optional field with a stable sample id; else `<file name>:<line number>`."""
     max_length: int | None = None
@@ -289,7 +300,7 @@ class Config:
     """Where shards and the manifest go: a local path or an `s3://bucket/prefix` URI."""
 
     def capture_keys(self, *, format_version: int = 0, data_sha256: str = "",
-                     selection: str = "all") -> dict:
+                     selection: str = "all", rendering: dict | None = None) -> dict:
         """Every setting that changes what a capture's shards contain (not how fast they come):
         teacher, k, mode, engine length, the data settings and the shard format version. The
         data enter by content, not by path: `data_sha256` is `orchestrator.data.content_digest`
@@ -299,10 +310,14 @@ class Config:
         data.eval_fraction count only through those two, and each capture through its own data
         (the held-out file is in the held-out capture's keys, not the main one's). A local
         teacher counts by its real path (`orchestrator.paths.identity`): `~/t`, `/root/t/` and a
-        symlink to it are one teacher."""
+        symlink to it are one teacher. `rendering`: how the records become tokens where that is
+        more than their text — the formats found, train_on_prompt and the chat template's digest
+        (`orchestrator.shards.plan` knows them once the data and the teacher are read); the
+        format, template and train_on_prompt settings count only through it."""
         t, d = self.teacher, self.data
         data = {k: v for k, v in dataclasses.asdict(d).items()
-                if k not in ("path", "eval_path", "eval_fraction")}
+                if k not in ("path", "eval_path", "eval_fraction", "format", "chat_template",
+                             "train_on_prompt")} | (rendering or {})
         keys = {"format_version": format_version, "model": identity(t.model),
                 "revision": t.revision, "k": t.k, "mode": t.mode, "max_model_len": t.max_model_len,
                 "data": data | {"content_sha256": data_sha256, "selection": selection},

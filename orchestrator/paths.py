@@ -17,7 +17,8 @@ from orchestrator.errors import ConfigError
 if TYPE_CHECKING:
     from orchestrator.config import Config
 
-PATH_FIELDS = ("teacher.model", "data.path", "data.eval_path", "output_dir", "tune.space")
+PATH_FIELDS = ("teacher.model", "data.path", "data.eval_path", "data.chat_template", "output_dir",
+               "tune.space")
 """Every config field that holds a path (tune.space only when it names a YAML file; teacher.model
 may also be a hub id). The serve section has none."""
 
@@ -30,6 +31,7 @@ def expand_paths(cfg: Config) -> None:
     cfg.student.model = expand("student.model", cfg.student.model, absolute=False)
     cfg.data.path = expand("data.path", cfg.data.path)
     cfg.data.eval_path = expand("data.eval_path", cfg.data.eval_path)
+    cfg.data.chat_template = expand("data.chat_template", cfg.data.chat_template)
     cfg.output_dir = expand("output_dir", cfg.output_dir)
     space = cfg.tune.space
     if isinstance(space, str) and (space.endswith((".yaml", ".yml")) or "/" in space

@@ -260,6 +260,8 @@ def test_config_file(kind, change, phrases, intact, captured, tmp_path, capsys, 
 # --------------------------------------------------------------------------- dataset lines & files
 
 GOOD = json.dumps({"text": "x = 1"})
+CHAT = json.dumps({"messages": [{"role": "user", "content": "x?"},
+                                {"role": "assistant", "content": "x = 1"}]})
 
 DATA_CASES = [
     pytest.param("missing", None, {}, ["does not exist; point it at a JSONL file"],
@@ -294,6 +296,19 @@ DATA_CASES = [
                  id="duplicate-id"),
     pytest.param("lines", ["not json", '{"text": 5}'], {"on_bad_line": "skip"},
                  ["holds no usable records (2 bad lines skipped)"], id="all-lines-bad-skipped"),
+    pytest.param("lines", [GOOD, '{"prompt": "Q", "completion": "A"}'], {},
+                 ["d.jsonl:2: a completion record in a file of text records (data.format=auto "
+                  "decided from line 1); one file holds one format — move these records to a "
+                  "file of their own, or set data.format"], id="mixed-formats"),
+    pytest.param("lines", [CHAT], {},
+                 ["the data holds chat records but the teacher", "has no chat template",
+                  "set data.chat_template to a Jinja template file"], id="chat-without-template"),
+    pytest.param("lines", [CHAT], {"chat_template": "/nonexistent/chat.jinja"},
+                 ["data.chat_template /nonexistent/chat.jinja cannot be read"],
+                 id="chat-template-missing"),
+    pytest.param("lines", ['{"messages": [{"role": "user", "content": "hi"}]}'], {},
+                 ["d.jsonl:1: a chat record without an 'assistant' message has nothing to learn",
+                  "data.train_on_prompt=true"], id="chat-without-reply"),
 ]
 
 
@@ -598,11 +613,11 @@ SHARD_CASES = [
                  "train", [], ["was captured otherwise than the config says: long_text "
                                "'truncate' (the config's: 'split')", "Recapture with --fresh"],
                  id="captured-otherwise"),
-    pytest.param(lambda out: _rewrite_shard(out, "shard-000000.parquet", format_version=2),
-                 "inspect", [], ["has shard format 2", "this raydistill reads format 3"],
+    pytest.param(lambda out: _rewrite_shard(out, "shard-000000.parquet", format_version=3),
+                 "inspect", [], ["has shard format 3", "this raydistill reads format 4"],
                  id="other-shard-format"),
-    pytest.param(lambda out: _rewrite_shard(out, "shard-000000.parquet", format_version=2),
-                 "train", [], ["has shard format 2", "this raydistill reads format 3"],
+    pytest.param(lambda out: _rewrite_shard(out, "shard-000000.parquet", format_version=3),
+                 "train", [], ["has shard format 3", "this raydistill reads format 4"],
                  id="other-shard-format-train"),
     pytest.param(lambda out: (out / "shards" / "shard-000000.parquet").write_bytes(b"PAR1oops"),
                  "inspect", [], ["shard-000000.parquet is not a readable Parquet file"],

@@ -104,7 +104,7 @@ def test_one_engine_serves_captures_with_their_own_settings(tmp_path, tiny_teach
     records = data_mod.iter_records(data_mod.dataset_files(dataset), field="text",
                                     fallback_field=None, id_field="id", on_bad_line="stop",
                                     limit=8)
-    units = [(u, [(r.sample_id, r.text) for r in b]) for u, b in data_mod.units(records, 4)]
+    units = list(data_mod.units(records, 4))
     specs = {"a": _capture_spec(str(tmp_path / "a"), k=4, max_length=48, long_text="truncate"),
              "b": _capture_spec(str(tmp_path / "b"), k=8, max_length=96, long_text="split"),
              "c": _capture_spec(str(tmp_path / "c"), k=2, max_length=32, long_text="split")}
@@ -188,7 +188,7 @@ def test_actor_killed_midway_is_replaced(how, tmp_path, tiny_teacher, dataset, r
 
     records = data_mod.iter_records(data_mod.dataset_files(dataset), field="text",
                                     fallback_field=None, id_field="id", on_bad_line="stop")
-    units = [(u, [(r.sample_id, r.text) for r in b]) for u, b in data_mod.units(records, 4)]
+    units = list(data_mod.units(records, 4))
     try:
         pool.run(units, on_shard, capture=_capture_spec(cfg.output_dir, k=8, max_length=128))
     finally:

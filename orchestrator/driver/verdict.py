@@ -200,13 +200,13 @@ def plan_texts(plan) -> Iterator[str]:
     """The texts (or prompts, in sample mode) of a capture plan's records — the same records, in
     the same split, that its capture reads (`capture_plan.CapturePlan.units`)."""
     from orchestrator import data as data_mod
+    from orchestrator.shards.records import record_args
 
     d = plan.cfg.data
-    field = d.text_field if plan.cfg.teacher.mode == "score" else d.prompt_field
-    for record in data_mod.iter_records(data_mod.dataset_files(d.path), field=field,
-                                        fallback_field=d.text_field, id_field=d.id_field,
-                                        on_bad_line="skip", limit=d.limit, keep=plan.split):
-        yield record.text
+    for record in data_mod.iter_records(data_mod.dataset_files(d.path), id_field=d.id_field,
+                                        on_bad_line="skip", limit=d.limit, keep=plan.split,
+                                        **record_args(plan.cfg)):
+        yield record.content
 
 
 def repeated_in_plans(plans: list) -> dict | None:

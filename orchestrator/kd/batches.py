@@ -41,7 +41,9 @@ class Batch:
 
 def collate(samples: list[dict], *, pad_id: int = 0, hard_labels_from_prompt: bool = False) -> Batch:
     """Pad samples to the longest. Hard labels: every next token in score mode; in sample mode only
-    the sampled continuation (prompt positions are masked unless hard_labels_from_prompt)."""
+    the sampled continuation (prompt positions are masked unless hard_labels_from_prompt). A
+    sample's `loss_mask` [T] (the learned tokens, if it has one) keeps only the positions whose
+    next token it marks, for the hard labels and the KD positions alike."""
     B = len(samples)
     L = max(len(s["input_ids"]) for s in samples)
     k = samples[0]["topk_ids"].shape[1]
@@ -63,6 +65,11 @@ def collate(samples: list[dict], *, pad_id: int = 0, hard_labels_from_prompt: bo
         top_ids[b, :T][labelled] = s["topk_ids"][labelled]
         top_lps[b, :T][labelled] = s["topk_logprobs"][labelled]
         kd[b, :T] = labelled
+        learned = s.get("loss_mask")
+        if learned is not None and not learned.all():  # position t learns token t + 1
+            nxt = np.append(np.asarray(learned[1:], dtype=bool), False)
+            targets[b, :T][~nxt] = -100
+            kd[b, :T] &= nxt
         if not np.array_equal(np.asarray(s["tail_temperatures"], dtype=np.float32), temps):
             raise ShardError("one batch mixes samples of captures with different "
                              "teacher.tail_temperatures; train on one capture at a time")

@@ -133,7 +133,8 @@ class SoftLabels:
     tail_mass: [n, len(tail_temperatures)] float32, the teacher's exact tail mass (outside the top-k)
     at each temperature of `tail_temperatures` (always 1.0 first), computed before quantisation.
     In score mode label_start = 0 and n = T; in sample mode label_start = prompt_len - 1 and n is the
-    number of sampled tokens.
+    number of sampled tokens. loss_mask: [T] bool, the tokens that are learned (a completion's or
+    the assistant's), None for every token.
     """
 
     input_ids: np.ndarray
@@ -144,6 +145,7 @@ class SoftLabels:
     target_logprobs: np.ndarray
     tail_mass: np.ndarray
     tail_temperatures: tuple[float, ...] = (1.0,)
+    loss_mask: np.ndarray | None = None
 
 
 def flat_logprobs_to_arrays(flat, positions: range, *, k: int, has_target: bool = True):

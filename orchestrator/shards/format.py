@@ -28,7 +28,7 @@ from orchestrator.shards.manifest import MANIFEST, SHARDS_DIR, ShardInfo, load_m
 from orchestrator.storage import exists, filesystem, write_atomic
 from orchestrator.kd.softlabels import SoftLabels
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 LOGPROB_SCALE = 51
 """Stored top-k log-probs are ceil(-logprob × 51): steps of 1/51 nat, each at most 1/51 nat below
 the true value and never above (so Σ exp(stored) < 1 always). Target log-probs are rounded to
@@ -55,6 +55,7 @@ SCHEMA = pa.schema([
     ("topk_logprob_ext", pa.binary()),
     ("target_logprob", pa.list_(pa.uint16())),
     ("tail_mass", pa.list_(pa.float32())),
+    ("loss_mask", pa.list_(pa.int32())),
 ])
 
 
@@ -116,6 +117,25 @@ def _decode_targets(q: np.ndarray) -> np.ndarray:
     return out
 
 
+def mask_to_spans(mask: np.ndarray | None) -> np.ndarray | None:
+    """[T] bool learned tokens → int32 [start0, end0, start1, end1, …] ([start, end) runs of
+    True); None (every token learned) stays None (a null in the shard)."""
+    if mask is None:
+        return None
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], np.asarray(mask, np.int8), [0]])))
+    return edges.astype(np.int32)
+
+
+def spans_to_mask(spans, length: int) -> np.ndarray:
+    """The inverse of `mask_to_spans`: [length] bool, all True for None."""
+    if spans is None:
+        return np.ones(length, dtype=bool)
+    mask = np.zeros(length, dtype=bool)
+    for a, b in np.asarray(spans, dtype=np.int64).reshape(-1, 2):
+        mask[a:b] = True
+    return mask
+
+
 def build_table(rows: list[tuple[str, SoftLabels]], meta: dict) -> pa.Table:
     """Arrow table of one shard; `meta` (teacher, tokenizer, k, mode, …) goes in the schema.
 
@@ -125,7 +145,9 @@ def build_table(rows: list[tuple[str, SoftLabels]], meta: dict) -> pa.Table:
     Log-probs: per-row deltas of the quantised values in rank order (mostly < 255: one byte), with
     larger deltas as 255 plus a uint16 in `topk_logprob_ext`. zstd then packs the byte streams.
     """
-    all_ids = np.concatenate([sl.topk_ids.reshape(-1) for _, sl in rows]).astype(np.int64)
+    # no rows: a unit whose every record had nothing to learn within max_length (loss_mask)
+    all_ids = np.concatenate([np.zeros(0, np.int64)] + [sl.topk_ids.reshape(-1) for _, sl in rows]
+                             ).astype(np.int64)
     values, counts = np.unique(all_ids, return_counts=True)
     dictionary = values[np.argsort(-counts, kind="stable")]
     code_of = np.zeros(int(all_ids.max(initial=0)) + 1, dtype=np.int64)
@@ -148,6 +170,7 @@ def build_table(rows: list[tuple[str, SoftLabels]], meta: dict) -> pa.Table:
         cols["topk_logprob_ext"].append(lp_ext)
         cols["target_logprob"].append(_encode_targets(sl.target_logprobs))
         cols["tail_mass"].append(_tail_values(sl, temps))
+        cols["loss_mask"].append(mask_to_spans(sl.loss_mask))
     full_meta = {"format_version": FORMAT_VERSION, "logprob_scale": LOGPROB_SCALE,
                  "tail_temperatures": list(temps),
                  "logprob_semantics": LOGPROB_SEMANTICS, "id_dictionary": dictionary.tolist(),
@@ -241,8 +264,9 @@ def decode_table(table: pa.Table) -> dict[str, np.ndarray]:
 def decode_rows(table: pa.Table) -> Iterator[dict]:
     """Per-sample dicts: sample_id, input_ids [T], prompt_len, label_start, topk_ids [T, k] (-1 where
     a position has no label), topk_logprobs [T, k] (-inf there), target_logprobs [T] (NaN there),
-    tail_mass [T, m] (NaN there; column j at temperature tail_temperatures[j]) and
-    tail_temperatures [m] float32 (the shard's, 1.0 first)."""
+    tail_mass [T, m] (NaN there; column j at temperature tail_temperatures[j]),
+    tail_temperatures [m] float32 (the shard's, 1.0 first) and loss_mask [T] bool (the tokens
+    that are learned; all True when the shard stores no mask for the sample)."""
     flat = decode_table(table)
     k = flat["topk_ids"].shape[1]
     ends = np.cumsum(flat["num_labels"])
@@ -250,6 +274,7 @@ def decode_rows(table: pa.Table) -> Iterator[dict]:
     sample_ids = table.column("sample_id").to_pylist()
     prompt_lens = table.column("prompt_len").to_pylist()
     starts = table.column("label_start").to_pylist()
+    masks = table.column("loss_mask").to_pylist()
     for i in range(table.num_rows):
         ids = input_ids[i].values.to_numpy(zero_copy_only=False).astype(np.int32)
         T, start = len(ids), starts[i]
@@ -266,7 +291,7 @@ def decode_rows(table: pa.Table) -> Iterator[dict]:
         yield {"tail_mass": tail, "tail_temperatures": flat["tail_temperatures"],
                "sample_id": sample_ids[i], "input_ids": ids, "prompt_len": prompt_lens[i],
                "label_start": start, "topk_ids": topk_ids, "topk_logprobs": topk_lps,
-               "target_logprobs": target}
+               "target_logprobs": target, "loss_mask": spans_to_mask(masks[i], T)}
 
 
 def read_shards(path: str, *, capture: str = "main", verify: bool = True) -> Iterator[dict]:

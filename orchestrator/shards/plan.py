@@ -28,6 +28,7 @@ from orchestrator import data as data_mod
 from orchestrator.config import Config
 from orchestrator.shards.dirs import CAPTURES_DIR, join
 from orchestrator.shards.output import Found, locate, open_output, say_others
+from orchestrator.shards.records import record_args, rendering_of
 from orchestrator.errors import ConfigError, ShardError
 from orchestrator.shards.manifest import MANIFEST, SHARDS_DIR, Manifest, ShardInfo, reconcile, save_manifest
 from orchestrator.storage import exists, filesystem, write_atomic_local
@@ -87,20 +88,22 @@ class CapturePlan:
     """The config field that names this capture's data (`data.eval_path` for a held-out file)."""
     new: bool = False
     """Started by this command: nothing of it existed in output_dir."""
+    chat_template: str = ""
+    """The chat template's text when the data holds chat records (`orchestrator.chat`)."""
 
     @property
     def label(self) -> str:
         return self.kind.label
 
     def units(self):
+        """(unit, [Record, …]) of the units still to do, in order."""
         d = self.cfg.data
-        field = d.text_field if self.cfg.teacher.mode == "score" else d.prompt_field
         records = data_mod.iter_records(data_mod.dataset_files(d.path, key=self.data_key),
-                                        field=field, fallback_field=d.text_field,
                                         id_field=d.id_field, on_bad_line=d.on_bad_line,
-                                        limit=d.limit, keep=self.split, key=self.data_key)
+                                        limit=d.limit, keep=self.split, key=self.data_key,
+                                        **record_args(self.cfg))
         wanted = set(self.todo)
-        return ((u, [(r.sample_id, r.text) for r in batch])
+        return ((u, batch)
                 for u, batch in data_mod.units(records, self.cfg.capture.samples_per_shard)
                 if u in wanted)
 
@@ -112,7 +115,8 @@ class CapturePlan:
         return CaptureSpec(output_dir=self.cfg.output_dir, mode=t.mode, k=t.k,
                            max_length=self.max_length, long_text=d.long_text,
                            shard_meta=self.shard_meta, temperature=t.temperature, top_p=t.top_p,
-                           num_samples=t.num_samples, max_new_tokens=t.max_new_tokens, seed=t.seed)
+                           num_samples=t.num_samples, max_new_tokens=t.max_new_tokens, seed=t.seed,
+                           chat_template=self.chat_template, train_on_prompt=d.train_on_prompt)
 
     def expect(self) -> dict:
         """What every shard of this capture must record (checked before and during training):
@@ -148,6 +152,8 @@ class ScannedCapture:
     keys: dict
     """What the fingerprint covers (`Config.capture_keys` and, for bc, the prompts' origin)."""
     fingerprint: str
+    chat_template: str = ""
+    """The chat template's text when the data holds chat records."""
 
     def locate(self, *, fresh: bool, command: str) -> Found:
         """Where this capture lives in output_dir and what is there (reads only)."""
@@ -196,12 +202,15 @@ def heldout_config(cfg: Config) -> Config | None:
     """The held-out capture: teacher-scored text, in its own folder of output_dir. Long texts are
     truncated, whatever data.long_text says: the held-out set is a measurement, one sequence per
     record (its first max_length tokens), so train.eval_samples counts distinct texts and one
-    long text cannot fill the evaluation with its pieces (README, *Training students*)."""
+    long text cannot fill the evaluation with its pieces (README, *Training students*). The
+    held-out records of a sample-mode capture are prompts: every token of them is measured
+    (train_on_prompt), as for text prompts, since a chat prompt holds no reply to measure."""
     d = cfg.data
     if not d.eval_path and d.eval_fraction == 0:
         return None
     data = replace(d, path=d.eval_path or d.path, limit=cfg.train.eval_samples, eval_path="",
-                   eval_fraction=0.0, text_field=d.text_field, long_text="truncate")
+                   eval_fraction=0.0, text_field=d.text_field, long_text="truncate",
+                   train_on_prompt=d.train_on_prompt or cfg.teacher.mode == "sample")
     return replace(cfg, teacher=replace(cfg.teacher, mode="score"), data=data,
                    capture=replace(cfg.capture, samples_per_shard=64))
 
@@ -209,7 +218,7 @@ def heldout_config(cfg: Config) -> Config | None:
 def bc_config(cfg: Config) -> Config:
     """Behaviour cloning: the teacher samples continuations of each training text's first
     `train.bc_prompt_tokens` tokens (the prompts file: `_plan_bc`)."""
-    data = replace(cfg.data, path="", prompt_field="prompt", text_field="prompt",
+    data = replace(cfg.data, path="", prompt_field="prompt", text_field="prompt", format="auto",
                    id_field="id", eval_path="", eval_fraction=0.0, limit=None, on_bad_line="stop")
     # the BC student learns only the sampled tokens: k=1 keeps the sampling engine's per-token
     # log-prob bookkeeping (Python objects per rank) to a minimum
@@ -285,19 +294,20 @@ def _scan(cfg: Config, info: TeacherInfo, *, kind: CaptureKind, split: Split | N
     if t.mode == "sample" and t.max_new_tokens >= max_length:
         raise ConfigError(f"teacher.max_new_tokens ({t.max_new_tokens}) leaves no room for a prompt "
                           f"in the context of {max_length} tokens; lower it or raise data.max_length")
-    field = d.text_field if t.mode == "score" else d.prompt_field
-    scan = data_mod.scan(d.path, field=field, fallback_field=d.text_field, id_field=d.id_field,
-                         on_bad_line=d.on_bad_line, limit=d.limit, keep=split, key=key)
+    scan = data_mod.scan(d.path, id_field=d.id_field, on_bad_line=d.on_bad_line, limit=d.limit,
+                         keep=split, key=key, **record_args(cfg))
     for line in scan.skipped[:5]:
         say(f"[yellow]skipped[/] {line}")
     if scan.skipped:
         say(f"[yellow]{len(scan.skipped)} bad lines skipped[/] (data.on_bad_line=skip)")
+    template, rendering = rendering_of(cfg, scan.formats)
     digest = data_mod.content_digest(scan.files, key=key)
     keys = cfg.capture_keys(format_version=FORMAT_VERSION, data_sha256=digest["sha256"],
-                            selection=split.describe() if split else "all") | (extra or {})
+                            selection=split.describe() if split else "all",
+                            rendering=rendering) | (extra or {})
     fingerprint = hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
     return ScannedCapture(kind, cfg, split, key, max_length, scan.records, digest, keys,
-                          fingerprint)
+                          fingerprint, template)
 
 
 def _open(s: ScannedCapture, found: Found, info: TeacherInfo, *, repair: bool) -> CapturePlan:
@@ -329,7 +339,7 @@ def _open(s: ScannedCapture, found: Found, info: TeacherInfo, *, repair: bool) -
     if manifest.shards and todo:
         say(f"resuming {s.kind.label}: {len(manifest.shards)}/{total_units} shards already captured")
     return CapturePlan(s.kind, cfg, fs, root, manifest, todo, s.max_length, shard_meta, s.split,
-                       data_key=s.key, new=found.manifest is None)
+                       data_key=s.key, new=found.manifest is None, chat_template=s.chat_template)
 
 
 def _split(d, *, heldout: bool) -> Split | None:
@@ -340,19 +350,27 @@ def _split(d, *, heldout: bool) -> Split | None:
 
 
 def _write_bc_prompts(main: CapturePlan, path: str, *, tokens: int) -> None:
-    """Prompts for behaviour cloning: the first `tokens` tokens of each training text, decoded
-    back to text, one JSON line per record (ids kept), atomically."""
+    """Prompts for behaviour cloning, one JSON line per record (ids kept), atomically: the first
+    `tokens` tokens of each training text, decoded back to text; a completion record's prompt;
+    a chat record's messages before its last assistant turn (the teacher writes that turn)."""
     from orchestrator.teacher_info import load_tokenizer
 
     d = main.cfg.data
     tok = load_tokenizer(main.cfg.teacher.model, revision=main.cfg.teacher.revision)
-    records = data_mod.iter_records(data_mod.dataset_files(d.path), field=d.text_field,
-                                    fallback_field=None, id_field=d.id_field,
-                                    on_bad_line=d.on_bad_line, limit=d.limit, keep=main.split)
+    records = data_mod.iter_records(data_mod.dataset_files(d.path), id_field=d.id_field,
+                                    on_bad_line=d.on_bad_line, limit=d.limit, keep=main.split,
+                                    **record_args(main.cfg))
     lines = []
     for r in records:
-        ids = tok(r.text, add_special_tokens=False)["input_ids"][:tokens]
-        lines.append(json.dumps({"id": r.sample_id, "prompt": tok.decode(ids)}))
+        if r.format == "chat":
+            turns = r.messages[:-1] if r.messages[-1][0] == "assistant" else r.messages
+            lines.append(json.dumps({"id": r.sample_id, "messages": [
+                {"role": role, "content": content} for role, content in turns]}))
+            continue
+        prompt = r.text
+        if r.format == "text":
+            prompt = tok.decode(tok(r.text, add_special_tokens=False)["input_ids"][:tokens])
+        lines.append(json.dumps({"id": r.sample_id, "prompt": prompt}))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     write_atomic_local(path, "\n".join(lines) + "\n")
 

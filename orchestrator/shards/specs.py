@@ -76,6 +76,10 @@ class CaptureSpec:
     """Sample mode: the longest continuation."""
     seed: int = 0
     """Sample mode: the per-prompt seeds derive from it and the sample id."""
+    chat_template: str = ""
+    """The chat template's text (Jinja) chat records are rendered with; "" without chat records."""
+    train_on_prompt: bool = False
+    """Learn every token of completion and chat records (no loss mask), not only the reply's."""
 
     def done(self) -> dict:
         """What this capture does to the records, recorded in each shard's metadata (training

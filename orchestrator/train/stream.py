@@ -31,7 +31,7 @@ from orchestrator.storage import exists, filesystem
 from orchestrator.shards.format import decode_rows, load_shard, read_bytes, shard_metadata
 
 _FIELDS = ("sample_id", "input_ids", "prompt_len", "topk_ids", "topk_logprobs", "tail_mass",
-           "tail_temperatures")
+           "tail_temperatures", "loss_mask")
 _EPOCHS_PER_PIPELINE = 8
 
 

@@ -87,7 +87,7 @@ def test_round_trip_and_plain_pyarrow(tmp_path):
     # the same file is plain Parquet with self-describing metadata
     table = pq.read_table(f"{root}/shards/{info.file}")
     meta = shards.shard_metadata(table)
-    assert meta["k"] == 8 and meta["format_version"] == shards.FORMAT_VERSION == 3
+    assert meta["k"] == 8 and meta["format_version"] == shards.FORMAT_VERSION == 4
     assert meta["tail_temperatures"] == [1.0, 2.0]
     assert "temperature 1" in meta["logprob_semantics"]
     assert not list(tmp_path.glob("shards/*.tmp"))
@@ -170,5 +170,5 @@ def test_other_format_refused_clearly(tmp_path):
         {shards.META_KEY: b'{"format_version": 0, "k": 2}'})
     buf = io.BytesIO()
     pq.write_table(old, buf)
-    with pytest.raises(ShardError, match="format 0 .* reads format 3.*--fresh"):
+    with pytest.raises(ShardError, match="format 0 .* reads format 4.*--fresh"):
         shards.load_shard(buf.getvalue(), name="old.parquet")
