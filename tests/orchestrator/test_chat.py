@@ -224,6 +224,9 @@ def test_collate_learns_only_the_masked_next_tokens_and_evaluation_counts_them()
         def forward(self, input_ids, attention_mask):
             return type("Out", (), {"logits": torch.zeros(*input_ids.shape, 10)})()
 
+        def get_output_embeddings(self):  # 10 rows: what evaluation folds the teacher's ids to
+            return torch.nn.Linear(1, 10, bias=False)
+
     sums = evaluate(Uniform(), [masked, plain])
     assert sums["positions"] == 3 + 2 and sums["teacher_positions"] == 5
     assert sums["teacher_nll"] == pytest.approx(5 * 0.5)
