@@ -9,6 +9,7 @@ run's own infrastructure. The driver builds them in one place from the config
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from orchestrator.kd.losses import LossSpec
 from orchestrator.shapes import StudentShape
@@ -63,6 +64,15 @@ class OptimSpec:
     """Optimizer steps of the run."""
     seed: int
     """Seed of the student's initialisation and of the data order."""
+    packing: bool = False
+    """Pack each micro-batch's samples into one row without padding (`kd.batches.pack`):
+    as many samples as fit in `max_tokens_per_batch` tokens, instead of `batch_size` padded."""
+    max_tokens_per_batch: int = 0
+    """Tokens of a packed micro-batch, at most (with `packing`; at least the capture's
+    max_length)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """`bf16`: forward and loss under bfloat16 autocast; weights, gradients and the optimizer
+    state stay fp32."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +110,9 @@ class RunSpec:
     side by side get their CPU share: each using every core slows both down several-fold."""
     local: bool = False
     """Local mode (num_workers=0): Ray Train keeps the checkpoint where it was written."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward instead of keeping them (less memory,
+    ~⅓ more compute; the same gradients)."""
 
 
 @dataclass(frozen=True)
