@@ -128,8 +128,12 @@ def _spec(captured, *, optim: dict | None = None, eval: dict | None = None,
         run=RunSpec(**{"log_every": 5, **(run or {})}))
 
 
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
 def test_killed_worker_resumes_from_checkpoint_and_matches_an_uninterrupted_run(captured,
-                                                                                 tmp_path):
+                                                                                 tmp_path,
+                                                                                 packing):
+    """Packed, each micro-batch holds as many samples as fit 300 tokens: the checkpoint's data
+    position is the samples consumed, not step × batch_size."""
     import ray
 
     from orchestrator.train.board import ShardBoard
@@ -149,7 +153,8 @@ def test_killed_worker_resumes_from_checkpoint_and_matches_an_uninterrupted_run(
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     kw = dict(num_workers=1, use_gpu=False, cpus_per_worker=0.5)
-    hit = fit_student(_spec(captured, optim=dict(max_steps=40), run=dict(board=board)),
+    optim = dict(max_steps=40, packing=packing, max_tokens_per_batch=300 if packing else 0)
+    hit = fit_student(_spec(captured, optim=optim, run=dict(board=board)),
                       storage=str(tmp_path), name="hit", max_failures=2, **kw)
     killed.append(-1)  # stop the killer if the run ended first
     assert killed[0] > 0, "the worker was never killed"
@@ -157,7 +162,7 @@ def test_killed_worker_resumes_from_checkpoint_and_matches_an_uninterrupted_run(
     assert steps == sorted(set(steps)) and steps[-1] == 40  # no step lost or repeated
     # the last checkpoint Ray Train had registered before the kill
     assert hit.final["resumed_from"] in (10, 20, 30) and hit.final["resumed_from"] < killed[0]
-    clean = fit_student(_spec(captured, optim=dict(max_steps=40)), storage=str(tmp_path),
+    clean = fit_student(_spec(captured, optim=optim), storage=str(tmp_path),
                         name="clean", max_failures=0, **kw)
     # same seed, exact data position and optimizer state: the same student
     assert hit.final["eval_student_nll"] == pytest.approx(clean.final["eval_student_nll"], abs=1e-4)
