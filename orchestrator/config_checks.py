@@ -168,6 +168,6 @@ def check_packed_room(max_tokens_per_batch: int, *, max_length: int) -> None:
     the pipeline calls this again with the engine's context when data.max_length is unset."""
     _check(max_tokens_per_batch >= max_length,
            f"train.max_tokens_per_batch ({max_tokens_per_batch}) is smaller than the capture's "
-           f"longest sample (data.max_length {max_length}): such a sample fits no packed "
-           f"micro-batch. Raise train.max_tokens_per_batch to at least {max_length}, or lower "
-           "data.max_length")
+           f"longest sample ({max_length} tokens: data.max_length, else the teacher's context): "
+           f"such a sample fits no packed micro-batch. Raise train.max_tokens_per_batch to at "
+           f"least {max_length}, or set data.max_length lower")

@@ -101,8 +101,9 @@ def test_fewer_heldout_samples_than_workers_does_not_hang(captured, tmp_path):
 
 
 def _spec(captured, *, optim: dict | None = None, eval: dict | None = None,
-          run: dict | None = None):
-    """A KD student run on the shared capture; `optim`, `eval`, `run`: fields to change."""
+          run: dict | None = None, data: dict | None = None):
+    """A KD student run on the shared capture; `optim`, `eval`, `run`, `data`: fields to
+    change."""
     from orchestrator.kd.losses import LossSpec
     from orchestrator.storage import filesystem
     from orchestrator.shards.manifest import load_manifest
@@ -117,9 +118,10 @@ def _spec(captured, *, optim: dict | None = None, eval: dict | None = None,
     return TrainSpec(
         student=StudentSpec(teacher_model=captured["model"], shape=resolve_shape(preset="nano"),
                             init_from_teacher=False),
-        data=DataSpec(shards_uri=shards, units=list(range(m.total_units)),
-                      streaming=False,
-                      expect={"tokenizer_fingerprint": info.tokenizer_fingerprint}),
+        data=DataSpec(**{"shards_uri": shards, "units": list(range(m.total_units)),
+                         "streaming": False,
+                         "expect": {"tokenizer_fingerprint": info.tokenizer_fingerprint},
+                         **(data or {})}),
         loss=LossSpec(kind="fkl", temperature=2.0, alpha=0.5, beta=0.5, tail="renormalize"),
         optim=OptimSpec(**{"lr": 2e-3, "warmup_steps": 5, "batch_size": 4, "grad_accum": 2,
                            "max_steps": 60, "seed": 7, **(optim or {})}),
@@ -132,8 +134,8 @@ def _spec(captured, *, optim: dict | None = None, eval: dict | None = None,
 def test_killed_worker_resumes_from_checkpoint_and_matches_an_uninterrupted_run(captured,
                                                                                  tmp_path,
                                                                                  packing):
-    """Packed, each micro-batch holds as many samples as fit 300 tokens: the checkpoint's data
-    position is the samples consumed, not step × batch_size."""
+    """Packed, each micro-batch holds as many samples as fit 3 rows of 128 tokens: the
+    checkpoint's data position is the samples consumed, not step × batch_size."""
     import ray
 
     from orchestrator.train.board import ShardBoard
@@ -153,8 +155,9 @@ def test_killed_worker_resumes_from_checkpoint_and_matches_an_uninterrupted_run(
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     kw = dict(num_workers=1, use_gpu=False, cpus_per_worker=0.5)
-    optim = dict(max_steps=40, packing=packing, max_tokens_per_batch=300 if packing else 0)
-    hit = fit_student(_spec(captured, optim=optim, run=dict(board=board)),
+    optim = dict(max_steps=40, packing=packing, max_tokens_per_batch=384 if packing else 0)
+    data = dict(max_length=128)  # the capture's
+    hit = fit_student(_spec(captured, optim=optim, run=dict(board=board), data=data),
                       storage=str(tmp_path), name="hit", max_failures=2, **kw)
     killed.append(-1)  # stop the killer if the run ended first
     assert killed[0] > 0, "the worker was never killed"
@@ -162,7 +165,7 @@ def test_killed_worker_resumes_from_checkpoint_and_matches_an_uninterrupted_run(
     assert steps == sorted(set(steps)) and steps[-1] == 40  # no step lost or repeated
     # the last checkpoint Ray Train had registered before the kill
     assert hit.final["resumed_from"] in (10, 20, 30) and hit.final["resumed_from"] < killed[0]
-    clean = fit_student(_spec(captured, optim=optim), storage=str(tmp_path),
+    clean = fit_student(_spec(captured, optim=optim, data=data), storage=str(tmp_path),
                         name="clean", max_failures=0, **kw)
     # same seed, exact data position and optimizer state: the same student
     assert hit.final["eval_student_nll"] == pytest.approx(clean.final["eval_student_nll"], abs=1e-4)

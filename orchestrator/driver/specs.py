@@ -25,7 +25,7 @@ def train_spec(cfg: Config, *, plan: CapturePlan, held: CapturePlan | None, alph
                             init_from_teacher=s.init_from_teacher),
         data=DataSpec(shards_uri=plan.cfg.output_dir,
                       units=list(range(plan.manifest.total_units)), streaming=streaming,
-                      expect=plan.expect()),
+                      expect=plan.expect(), max_length=plan.max_length),
         loss=LossSpec(kind=tr.loss, temperature=tr.temperature, alpha=alpha, beta=tr.beta,
                       tail=tr.tail),
         optim=OptimSpec(lr=tr.lr, warmup_steps=tr.warmup_steps, batch_size=tr.batch_size,

@@ -6,11 +6,14 @@ label_start/prompt_len. Two layouts feed the KD loss directly; in both, position
 predicts its token t + 1:
 
 - `collate` pads a list of samples to the longest: [B, L], attention_mask marks the real tokens.
-- `pack` concatenates them without padding into one row [1, ΣT] (`train.packing`); position ids
-  restart at 0 for each sample, which transformers reads as packed sequences (attention_mask None,
-  no cache): a block-diagonal causal mask for sdpa / eager, the varlen path for flash attention,
-  sliding windows kept within each sample. Attention never crosses a sample boundary, and the
-  last position of a sample has no hard target (the next token in the row is another sample's).
+- `pack` concatenates them into rows of at most `row_tokens` (`train.packing`; `Packer` draws
+  a micro-batch's samples from the stream); position ids restart at 0 for each sample, which
+  transformers reads as packed sequences (attention_mask None, no cache): a block-diagonal causal
+  mask for sdpa / eager, the varlen path for flash attention, sliding windows kept within each
+  sample. Attention never crosses a sample boundary, and the last position of a sample has no
+  hard target (the next token in the row is another sample's). Rows as long as the capture's
+  max_length keep the attention's cost that of the padded layout (a masked row of n tokens costs
+  n² on sdpa), with the padding gone but for each row's end.
 
 `check_packing` asks a model once whether it honours packed position ids (a family whose forward
 does not would silently attend across samples).
@@ -111,33 +114,66 @@ def collate(samples: list[dict], *, pad_id: int = 0, hard_labels_from_prompt: bo
     return out.batch()
 
 
-def pack(samples: list[dict], *, max_tokens: int | None = None,
+def rows_of(lengths: list[int], *, row_tokens: int) -> list[list[int]]:
+    """First-fit: the indices of the samples in each row; each sample, in order, goes to the
+    first row with room for it, else starts a new row (short samples fill the ends that long ones
+    left)."""
+    rows: list[list[int]] = []
+    fills: list[int] = []
+    for i, T in enumerate(lengths):
+        r = _first_fit(fills, T, row_tokens)
+        if r == len(rows):
+            rows.append([])
+            fills.append(0)
+        rows[r].append(i)
+        fills[r] += T
+    return rows
+
+
+def _first_fit(fills: list[int], T: int, row_tokens: int) -> int:
+    """The first row with room for T more tokens; len(fills) when none has."""
+    return next((r for r, fill in enumerate(fills) if fill + T <= row_tokens), len(fills))
+
+
+def pack(samples: list[dict], *, row_tokens: int | None = None,
          hard_labels_from_prompt: bool = False) -> Batch:
-    """Concatenate samples into one row [1, ΣT] with no padding; position ids restart at 0 for
-    each sample. `max_tokens`: refuse a row longer than this (train.max_tokens_per_batch)."""
+    """Concatenate samples into rows of at most `row_tokens` tokens (`rows_of`; None: one row),
+    [R, longest row]. Position ids restart at 0 for each sample; a row shorter than the
+    longest ends in padding (attention_mask 0, no labels), whose positions continue its last
+    sample's — after it, so no real token attends to them."""
     lengths = [len(s["input_ids"]) for s in samples]
-    total = sum(lengths)
-    if max_tokens is not None and total > max_tokens:
-        raise ConfigError(f"{len(samples)} samples of {total} tokens do not fit "
-                          f"train.max_tokens_per_batch={max_tokens}; raise it to at least the "
-                          "capture's longest sample (data.max_length)")
-    out = _layout(samples, 1, total, 0)
-    at = 0
-    for s, T in zip(samples, lengths):
-        out.place(s, row=0, at=at, hard_labels_from_prompt=hard_labels_from_prompt)
-        at += T
-    positions = np.concatenate([np.arange(T, dtype=np.int64) for T in lengths])[None]
+    rows = rows_of(lengths, row_tokens=row_tokens or sum(lengths))
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    if row_tokens is not None and max(lengths) > row_tokens:
+        raise ConfigError(f"a sample of {max(lengths)} tokens does not fit a packed row of "
+                          f"{row_tokens}; train.max_tokens_per_batch and the row length must be "
+                          "at least the capture's data.max_length")
+    out = _layout(samples, len(rows), width, 0)
+    positions = np.zeros((len(rows), width), dtype=np.int64)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            out.place(samples[i], row=r, at=at, hard_labels_from_prompt=hard_labels_from_prompt)
+            positions[r, at:at + lengths[i]] = np.arange(lengths[i])
+            at += lengths[i]
+        if at < width:  # the padding continues the last sample's positions
+            positions[r, at:] = positions[r, at - 1] + 1 + np.arange(width - at)
     return out.batch(position_ids=positions)
 
 
 class Packer:
-    """Draws packed micro-batches from a sample stream: samples in stream order until the next
-    would take the row past `max_tokens`; that one is held back and starts the next row. So a
+    """Draws packed micro-batches from a sample stream: samples in stream order, first-fit into
+    rows of `row_tokens` (`rows_of`), while they fit max_tokens // row_tokens rows — a micro-batch
+    never has more token slots than `max_tokens`, like a padded one of max_tokens / row_tokens
+    samples. The sample that did not fit is held back and starts the next micro-batch, so a
     micro-batch holds a variable number of samples, and the data position of a checkpoint is the
-    samples the stream yielded minus the `held` one (`train.loop`)."""
+    samples the stream yielded minus the `held` one (`train.loop`). `row_tokens` None or above
+    max_tokens: one row of up to max_tokens."""
 
-    def __init__(self, samples: Iterator[dict], *, max_tokens: int):
-        self.samples, self.max_tokens = samples, max_tokens
+    def __init__(self, samples: Iterator[dict], *, max_tokens: int, row_tokens: int | None = None):
+        self.samples = samples
+        self.row_tokens = min(row_tokens or max_tokens, max_tokens)
+        self.max_rows = max_tokens // self.row_tokens
         self._held: dict | None = None
 
     @property
@@ -148,18 +184,26 @@ class Packer:
     def take(self) -> list[dict]:
         first = self._held if self._held is not None else next(self.samples)
         self._held = None
-        rows, tokens = [first], len(first["input_ids"])
-        if tokens > self.max_tokens:
-            raise ConfigError(f"a sample of {tokens} tokens does not fit "
-                              f"train.max_tokens_per_batch={self.max_tokens}; raise it to at "
-                              "least the capture's data.max_length")
-        while True:
-            s = next(self.samples)
-            if tokens + len(s["input_ids"]) > self.max_tokens:
+        self._fits(first)
+        taken, fills = [first], [len(first["input_ids"])]
+        for s in self.samples:
+            self._fits(s)
+            T = len(s["input_ids"])
+            r = _first_fit(fills, T, self.row_tokens)
+            if r == self.max_rows:
                 self._held = s
-                return rows
-            rows.append(s)
-            tokens += len(s["input_ids"])
+                return taken
+            if r == len(fills):
+                fills.append(0)
+            fills[r] += T
+            taken.append(s)
+        return taken  # a finite iterator ended (a training stream never does)
+
+    def _fits(self, s: dict) -> None:
+        if len(s["input_ids"]) > self.row_tokens:
+            raise ConfigError(f"a sample of {len(s['input_ids'])} tokens does not fit a packed "
+                              f"row of {self.row_tokens} tokens; raise train.max_tokens_per_batch "
+                              "to at least the capture's data.max_length")
 
 
 def unpacked_slots(lengths: list[int], *, batch_size: int) -> int:

@@ -1,12 +1,16 @@
 """The Ray Train worker loop: one student, data-parallel over `train.num_workers` workers.
 
 Each worker streams its samples from the shards (`train.stream.SampleStream`, read by Ray Data),
+builds micro-batches of `batch_size` padded samples or, packed, of as many samples as fit
+`max_tokens_per_batch` token slots (`kd.batches`), runs the forward and loss in fp32 or under
+bf16 autocast (fp32 weights and optimizer state), optionally with gradient checkpointing,
 runs `grad_accum` micro-batches per optimizer step (DDP syncs only on the last), clips gradients,
 steps AdamW under a warm-up + cosine schedule, and every `eval_every` steps evaluates on its slice
 of the held-out capture (sums all-reduced), saves a checkpoint — a Hugging Face directory that
 transformers and vLLM load, plus `train_state.pt` (optimizer, schedule, step, data position) — and
 reports. On a restart (FailureConfig, or the same run name after a driver crash) it resumes from the
-last checkpoint: same weights, optimizer, schedule, and the exact data position.
+last checkpoint: same weights, optimizer, schedule, and the exact data position (the samples each
+worker consumed).
 """
 
 from __future__ import annotations
@@ -39,10 +43,10 @@ def lr_lambda(step: int, *, warmup: int, total: int) -> float:
 def batch_layout(*, batch_size: int, grad_accum: int, num_workers: int, seed: int,
                  max_tokens_per_batch: int | None = None) -> dict:
     """What fixes a run's data position: a checkpoint at step s has consumed s · batch_size ·
-    grad_accum samples of each worker's stream (packed, `max_tokens_per_batch` given: as many
-    samples as filled s · grad_accum rows of at most that many tokens), and the streams depend on
-    the number of workers (local mode, 0, streams like 1) and the seed. A resume must keep all of
-    them."""
+    grad_accum samples of each worker's stream (packed, `max_tokens_per_batch` given: as many as
+    filled s · grad_accum micro-batches of that many token slots, counted in the checkpoint), and
+    the streams depend on the number of workers (local mode, 0, streams like 1) and the seed. A
+    resume must keep all of them."""
     layout = {"train.batch_size": batch_size, "train.grad_accum": grad_accum,
               "train.num_workers": max(1, num_workers), "train.seed": seed,
               "train.packing": max_tokens_per_batch is not None}
@@ -119,7 +123,8 @@ def train_worker(config: dict) -> None:
                           reader_cpus=run.reader_cpus,
                           report_to=(run.board, run.label) if run.board is not None else None)
     samples = iter(stream)
-    packer = Packer(samples, max_tokens=opt.max_tokens_per_batch) if opt.packing else None
+    packer = (Packer(samples, max_tokens=opt.max_tokens_per_batch,
+                     row_tokens=data.max_length or None) if opt.packing else None)
     heldout = []
     if ev.heldout_uri:
         heldout = heldout_samples(ShardWatcher(ev.heldout_uri, wait=False), rank=rank,
@@ -138,8 +143,9 @@ def train_worker(config: dict) -> None:
             tw = time.perf_counter()
             rows = packer.take() if packer else [next(samples) for _ in range(opt.batch_size)]
             wait += time.perf_counter() - tw
-            batch = (pack if packer else collate)(
-                rows, hard_labels_from_prompt=data.hard_labels_from_prompt)
+            batch = (pack(rows, row_tokens=packer.row_tokens,
+                          hard_labels_from_prompt=data.hard_labels_from_prompt) if packer else
+                     collate(rows, hard_labels_from_prompt=data.hard_labels_from_prompt))
             sync = micro == opt.grad_accum - 1 or world == 1
             with (model.no_sync() if not sync and hasattr(model, "no_sync") else _null()):
                 with torch.autocast(device.type, dtype=torch.bfloat16,

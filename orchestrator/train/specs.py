@@ -45,6 +45,9 @@ class DataSpec:
     long_text…; `orchestrator.train.stream.check_shard_origin`)."""
     hard_labels_from_prompt: bool = False
     """Also learn the prompt tokens' hard labels (sample mode; `orchestrator.kd.batches.collate`)."""
+    max_length: int = 0
+    """The capture's longest sample (its max_length): the length of a packed row (`OptimSpec.
+    packing`); 0: one row per micro-batch."""
 
 
 @dataclass(frozen=True)
@@ -65,10 +68,11 @@ class OptimSpec:
     seed: int
     """Seed of the student's initialisation and of the data order."""
     packing: bool = False
-    """Pack each micro-batch's samples into one row without padding (`kd.batches.pack`):
-    as many samples as fit in `max_tokens_per_batch` tokens, instead of `batch_size` padded."""
+    """Pack each micro-batch's samples into rows of `DataSpec.max_length` tokens without padding
+    (`kd.batches.Packer`, `pack`): as many samples as fit max_tokens_per_batch // max_length rows,
+    instead of `batch_size` samples padded to the longest."""
     max_tokens_per_batch: int = 0
-    """Tokens of a packed micro-batch, at most (with `packing`; at least the capture's
+    """Token slots of a packed micro-batch (with `packing`; at least the capture's
     max_length)."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """`bf16`: forward and loss under bfloat16 autocast; weights, gradients and the optimizer

@@ -70,7 +70,23 @@ def test_packer_fills_each_row_to_the_token_budget_and_holds_back_the_next_sampl
     packer = Packer(iter([sample(n, 2) for n in lengths]), max_tokens=10)
     rows = [[len(s["input_ids"]) for s in packer.take()] for _ in range(3)]
     assert rows == [[5, 4], [3], [9]] and packer.held == 1  # the 2 drawn, not yet batched
-    with pytest.raises(ConfigError, match="train.max_tokens_per_batch=4"):
+    with pytest.raises(ConfigError, match="a sample of 5 tokens does not fit a packed row of 4"):
         Packer(iter([sample(5, 2)] * 2), max_tokens=4).take()
+    # rows of 10 tokens, 20 slots: two rows, first-fit (the 4 fills the second row's end)
+    packer = Packer(iter([sample(n, 2) for n in [6, 6, 3, 4, 9, 1]]), max_tokens=20,
+                    row_tokens=10)
+    assert [len(s["input_ids"]) for s in packer.take()] == [6, 6, 3, 4]  # 9 needs a 3rd row
+    assert [len(s["input_ids"]) for s in packer.take()] == [9, 1]
     # padded in groups of 2: (5, 4) → 10 slots, (3, 9) → 18, (2,) → 2
     assert unpacked_slots([5, 4, 3, 9, 2], batch_size=2) == 30
+
+
+def test_pack_into_rows_pads_only_each_row_s_end():
+    from orchestrator.kd.batches import pack
+
+    b = pack([sample(n, 2) for n in (6, 6, 3, 4)], row_tokens=10)  # first-fit: (6, 3), (6, 4)
+    assert b.input_ids.shape == (2, 10)
+    assert b.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 0, 1, 2, 3]]
+    assert b.attention_mask[0].tolist() == [1] * 9 + [0]  # the padding: no labels, not counted
+    assert b.targets[0, 8:].tolist() == [-100, -100] and not b.kd_mask[0, 9]
+    assert b.input_ids[0, 6:9].tolist() == [10, 11, 12]  # the 3-token sample, after the first

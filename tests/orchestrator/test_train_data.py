@@ -81,7 +81,7 @@ def test_packed_micro_batches_resume_from_the_samples_consumed(captured):
 
     def micro_batches(position, n):
         stream = SampleStream(watcher, units=units, rank=0, world=1, seed=5, position=position)
-        packer = Packer(iter(stream), max_tokens=300)
+        packer = Packer(iter(stream), max_tokens=300, row_tokens=128)  # 2 rows of 128
         taken = [[s["sample_id"] for s in packer.take()] for _ in range(n)]
         return taken, stream.position - packer.held
 
