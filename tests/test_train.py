@@ -304,6 +304,32 @@ def test_resume_with_another_batch_layout_is_refused(captured, copied_capture, c
                     cpus_per_worker=0.5, max_failures=0)
 
 
+def test_packed_bf16_checkpointed_run_goes_through_the_pipeline_and_keeps_its_layout(
+        captured, copied_capture, capsys):
+    """train.packing, max_tokens_per_batch, precision and gradient_checkpointing reach the
+    worker: the checkpoint's data position is the samples its packed micro-batches held (not
+    step × batch_size), the metrics carry the padding share packing removed, and a resume that
+    turns packing off is refused like any other change of batch layout."""
+    import torch
+
+    short = ("train.max_steps=4", "train.eval_every=4", "train.log_every=2", "train.baselines=[]")
+    packed = ("train.packing=true", "train.max_tokens_per_batch=384", "train.precision=bf16",
+              "train.gradient_checkpointing=true")
+    assert _train_cli(captured, copied_capture, *short, *packed) == 0
+    [exp] = os.listdir(copied_capture / "experiments")
+    kd = _report(str(copied_capture / "experiments" / exp / "report.md"))["history"]["kd"]
+    assert [h["step"] for h in kd] == [2, 4]
+    assert all(0 < h["padding_share"] < 1 and h["tokens_per_s"] > 0 for h in kd)
+    [state] = (copied_capture / "experiments" / exp / "kd").glob("*/train_state.pt")
+    state = torch.load(state, weights_only=True)
+    assert state["layout"]["train.packing"] and state["layout"]["train.max_tokens_per_batch"] == 384
+    assert state["positions"] == [state["position"]] and state["position"] != 4 * 4
+    (copied_capture / "experiments" / exp / "kd" / "done.json").unlink()
+    capsys.readouterr()
+    assert _train_cli(captured, copied_capture, *short, resume=exp) == 2
+    assert "train.packing True → False" in capsys.readouterr().err
+
+
 def test_two_datasets_in_one_output_dir_both_capture_and_train(captured, copied_capture, texts,
                                                                tmp_path, capsys):
     """Own data with only data.path changed, in an output_dir that holds another config's
