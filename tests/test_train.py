@@ -60,15 +60,24 @@ def test_local_mode_trains_kd_and_baselines_with_report_and_loadable_students(ca
     assert torch.isfinite(model(ids).logits).all()
 
 
-def test_two_ddp_workers(captured):
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_two_ddp_workers(captured, packing):
+    import torch
+
     from orchestrator.driver import pipeline
 
+    packed = {"train.packing": "true", "train.max_tokens_per_batch": 256} if packing else {}
     cfg = train_config(captured["out"], captured["model"], captured["data"],
-                       **{"train.num_workers": 2, "train.baselines": "[]"})
+                       **{"train.num_workers": 2, "train.baselines": "[]", **packed})
     path = pipeline.train(cfg)
     report = _report(path)
     kd = report["history"]["kd"]
     assert kd[-1]["step"] == 12 and kd[-1]["workers"] == 2
+    # each worker's own data position is in the checkpoint (packed: the samples it consumed)
+    last = max((Path(path).parent / "kd").glob("checkpoint_*/train_state.pt"),
+               key=lambda p: torch.load(p, weights_only=True)["step"])
+    positions = torch.load(last, weights_only=True)["positions"]
+    assert len(positions) == 2 and (packing or positions == [12 * 4] * 2)
     assert report["students"]["kd"]["student_nll"] < 10
     # the last evaluation's per-sequence sums, gathered from both workers' held-out slices
     from orchestrator.kd.evaluate import SEQUENCES_KEY
