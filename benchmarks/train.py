@@ -9,6 +9,9 @@ dense against chunked losses).
     python -m benchmarks.train --rounds 1       # smallest run
     python -m benchmarks.train --only chunked   # only the chunked-loss table at a 128k
                                                 # vocabulary (issue 14; benchmarks/_train_chunked.py)
+    python -m benchmarks.train --only packing   # only the packing table: tokens/s packed vs
+                                                # padded on the demo's texts (issue 14;
+                                                # benchmarks/_train_packing.py; ~3 min)
     python -m benchmarks.train --report PATH    # take the streaming/quality figures from that
                                                 # report.json (default: the newest demo report
                                                 # under runs/; none: the section says so)
@@ -32,6 +35,7 @@ import time
 from pathlib import Path
 
 from benchmarks import _train_chunked as chunked
+from benchmarks import _train_packing as packing
 from benchmarks._common import REPO, log, machine_facts, machine_line, peak_rss, write_section
 
 SECTION = "## Training (issue 3)"
@@ -232,8 +236,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--report", type=Path, default=None)
-    ap.add_argument("--only", choices=("kd", "chunked"), default=None,
-                    help="run one table: kd (issue 3, 32k vocabulary) or chunked (issue 14)")
+    ap.add_argument("--only", choices=("kd", "chunked", "packing"), default=None,
+                    help="run one table: kd (issue 3, 32k vocabulary), chunked or packing "
+                         "(issue 14)")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
@@ -244,7 +249,7 @@ def main() -> None:
          "command": "python -m benchmarks.train" + "".join(
              f" {a}" for a in sys.argv[1:] if not a.startswith("--memory-child"))}
     (REPO / "benchmarks" / "results").mkdir(exist_ok=True)
-    if args.only != "chunked":
+    if args.only in (None, "kd"):
         log("step times (paired rounds)")
         R["steps"] = step_times(args.rounds)
         log("peak memory (one subprocess per variant)")
@@ -256,7 +261,7 @@ def main() -> None:
         log(f"wrote {write_section(SECTION, text)}")
         (REPO / "benchmarks" / "results" / "train.json").write_text(json.dumps(R, indent=1,
                                                                                default=str))
-    if args.only != "kd":
+    if args.only in (None, "chunked"):
         C = {key: R[key] for key in ("date", "rounds", "command")}
         C["machine"] = machine_facts()
         log("chunked loss, 128k vocabulary: step times (paired rounds)")
@@ -269,6 +274,14 @@ def main() -> None:
         log(f"wrote {write_section(chunked.SECTION, text)}")
         (REPO / "benchmarks" / "results" / "train_chunked.json").write_text(
             json.dumps(C, indent=1, default=str))
+    if args.only in (None, "packing"):
+        P = {key: R[key] for key in ("date", "rounds", "command")} | {"machine": machine_facts()}
+        log("packing: tokens/s packed vs padded on the demo's texts (paired rounds)")
+        P["packing"] = packing.measure(args.rounds)
+        text = packing.markdown(P, machine_line(P["machine"], load_end=os.getloadavg()[0]))
+        print(text)
+        log(f"wrote {write_section(packing.SECTION, text)}")
+        packing.save(P, REPO / "benchmarks" / "results" / "train_packing.json")
 
 
 if __name__ == "__main__":

@@ -143,9 +143,36 @@ def _validate_training(cfg: Config) -> None:
     _check(tr.max_failures >= 0, f"train.max_failures must be >= 0, got {tr.max_failures}")
     _check(tr.cpus_per_worker > 0, f"train.cpus_per_worker must be > 0, got {tr.cpus_per_worker}")
     _check(tr.reader_cpus > 0, f"train.reader_cpus must be > 0, got {tr.reader_cpus}")
+    _check_packing(cfg)
     unknown = [b for b in tr.baselines if b not in BASELINES]
     _check(not unknown, f"train.baselines has {unknown}; valid baselines: {', '.join(BASELINES)} "
                         "(or [] for none)")
     d = cfg.data
     _check(0 <= d.eval_fraction < 1, f"data.eval_fraction must be in [0, 1), got {d.eval_fraction}")
 
+
+
+def _check_packing(cfg: Config) -> None:
+    tr, max_length = cfg.train, cfg.data.max_length
+    if tr.max_tokens_per_batch is not None:
+        _check(tr.max_tokens_per_batch >= 2,
+               f"train.max_tokens_per_batch must be at least 2, got {tr.max_tokens_per_batch}")
+    if not tr.packing:
+        return
+    example = (f"e.g. train.max_tokens_per_batch={tr.batch_size * max_length} (train.batch_size "
+               "× data.max_length)" if max_length else "at least the teacher's context length")
+    _check(tr.max_tokens_per_batch is not None,
+           "train.packing=true needs train.max_tokens_per_batch, the tokens of one packed "
+           f"micro-batch, at least data.max_length: {example}")
+    if max_length is not None:
+        check_packed_room(tr.max_tokens_per_batch, max_length=max_length)
+
+
+def check_packed_room(max_tokens_per_batch: int, *, max_length: int) -> None:
+    """Every sample of a capture (up to its max_length tokens) must fit one packed micro-batch;
+    the pipeline calls this again with the engine's context when data.max_length is unset."""
+    _check(max_tokens_per_batch >= max_length,
+           f"train.max_tokens_per_batch ({max_tokens_per_batch}) is smaller than the capture's "
+           f"longest sample ({max_length} tokens: data.max_length, else the teacher's context): "
+           f"such a sample fits no packed micro-batch. Raise train.max_tokens_per_batch to at "
+           f"least {max_length}, or set data.max_length lower")

@@ -162,6 +162,21 @@ class TrainConfig:
     """Sequences per micro-batch per worker."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
+    packing: bool = False
+    """Sequence packing: a micro-batch is as many samples as fit, concatenated without padding,
+    in `max_tokens_per_batch` // data.max_length rows of data.max_length tokens (position ids
+    restart per sample, attention never crosses a sample boundary), instead of `batch_size`
+    samples padded to the longest. The training metrics' `padding_share` is the padding this
+    removes, `tokens_per_s` the throughput."""
+    max_tokens_per_batch: int | None = None
+    """Token slots of a packed micro-batch (required with `packing`; at least the capture's
+    data.max_length; batch_size × data.max_length gives padded batches' memory)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """`bf16`: forward and loss under bfloat16 autocast (GPUs with bf16, or recent CPUs); the
+    weights, gradients and optimizer state stay fp32 (master weights)."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward instead of keeping them: less memory
+    for long sequences and big students, ~⅓ more compute, the same gradients."""
     max_steps: int = 500
     """Optimizer steps of the run."""
     eval_every: int = 100

@@ -81,15 +81,24 @@ def test_local_mode_trains_kd_and_baselines_with_report_and_loadable_students(ca
     assert torch.isfinite(model(ids).logits).all()
 
 
-def test_two_ddp_workers(captured):
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_two_ddp_workers(captured, packing):
+    import torch
+
     from orchestrator.driver import pipeline
 
+    packed = {"train.packing": "true", "train.max_tokens_per_batch": 256} if packing else {}
     cfg = train_config(captured["out"], captured["model"], captured["data"],
-                       **{"train.num_workers": 2, "train.baselines": "[]"})
+                       **{"train.num_workers": 2, "train.baselines": "[]", **packed})
     path = pipeline.train(cfg)
     report = _report(path)
     kd = report["history"]["kd"]
     assert kd[-1]["step"] == 12 and kd[-1]["workers"] == 2 and kd[-1]["fused_head"] == 1.0
+    # each worker's own data position is in the checkpoint (packed: the samples it consumed)
+    last = max((Path(path).parent / "kd").glob("checkpoint_*/train_state.pt"),
+               key=lambda p: torch.load(p, weights_only=True)["step"])
+    positions = torch.load(last, weights_only=True)["positions"]
+    assert len(positions) == 2 and (packing or positions == [12 * 4] * 2)
     assert report["students"]["kd"]["student_nll"] < 10
     # the last evaluation's per-sequence sums, gathered from both workers' held-out slices
     from orchestrator.kd.evaluate import SEQUENCES_KEY
@@ -122,8 +131,9 @@ def test_fewer_heldout_samples_than_workers_does_not_hang(captured, tmp_path):
 
 
 def _spec(captured, *, optim: dict | None = None, eval: dict | None = None,
-          run: dict | None = None):
-    """A KD student run on the shared capture; `optim`, `eval`, `run`: fields to change."""
+          run: dict | None = None, data: dict | None = None):
+    """A KD student run on the shared capture; `optim`, `eval`, `run`, `data`: fields to
+    change."""
     from orchestrator.kd.losses import LossSpec
     from orchestrator.storage import filesystem
     from orchestrator.shards.manifest import load_manifest
@@ -138,9 +148,10 @@ def _spec(captured, *, optim: dict | None = None, eval: dict | None = None,
     return TrainSpec(
         student=StudentSpec(teacher_model=captured["model"], shape=resolve_shape(preset="nano"),
                             init_from_teacher=False),
-        data=DataSpec(shards_uri=shards, units=list(range(m.total_units)),
-                      streaming=False,
-                      expect={"tokenizer_fingerprint": info.tokenizer_fingerprint}),
+        data=DataSpec(**{"shards_uri": shards, "units": list(range(m.total_units)),
+                         "streaming": False,
+                         "expect": {"tokenizer_fingerprint": info.tokenizer_fingerprint},
+                         **(data or {})}),
         loss=LossSpec(kind="fkl", temperature=2.0, alpha=0.5, beta=0.5, tail="renormalize"),
         optim=OptimSpec(**{"lr": 2e-3, "warmup_steps": 5, "batch_size": 4, "grad_accum": 2,
                            "max_steps": 60, "seed": 7, **(optim or {})}),
@@ -149,8 +160,12 @@ def _spec(captured, *, optim: dict | None = None, eval: dict | None = None,
         run=RunSpec(**{"log_every": 5, **(run or {})}))
 
 
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
 def test_killed_worker_resumes_from_checkpoint_and_matches_an_uninterrupted_run(captured,
-                                                                                 tmp_path):
+                                                                                 tmp_path,
+                                                                                 packing):
+    """Packed, each micro-batch holds as many samples as fit 3 rows of 128 tokens: the
+    checkpoint's data position is the samples consumed, not step × batch_size."""
     import ray
 
     from orchestrator.train.board import ShardBoard
@@ -170,7 +185,9 @@ def test_killed_worker_resumes_from_checkpoint_and_matches_an_uninterrupted_run(
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     kw = dict(num_workers=1, use_gpu=False, cpus_per_worker=0.5)
-    hit = fit_student(_spec(captured, optim=dict(max_steps=40), run=dict(board=board)),
+    optim = dict(max_steps=40, packing=packing, max_tokens_per_batch=384 if packing else 0)
+    data = dict(max_length=128)  # the capture's
+    hit = fit_student(_spec(captured, optim=optim, run=dict(board=board), data=data),
                       storage=str(tmp_path), name="hit", max_failures=2, **kw)
     killed.append(-1)  # stop the killer if the run ended first
     assert killed[0] > 0, "the worker was never killed"
@@ -178,7 +195,7 @@ def test_killed_worker_resumes_from_checkpoint_and_matches_an_uninterrupted_run(
     assert steps == sorted(set(steps)) and steps[-1] == 40  # no step lost or repeated
     # the last checkpoint Ray Train had registered before the kill
     assert hit.final["resumed_from"] in (10, 20, 30) and hit.final["resumed_from"] < killed[0]
-    clean = fit_student(_spec(captured, optim=dict(max_steps=40)), storage=str(tmp_path),
+    clean = fit_student(_spec(captured, optim=optim, data=data), storage=str(tmp_path),
                         name="clean", max_failures=0, **kw)
     # same seed, exact data position and optimizer state: the same student
     assert hit.final["eval_student_nll"] == pytest.approx(clean.final["eval_student_nll"], abs=1e-4)
@@ -364,6 +381,32 @@ def test_resume_with_another_batch_layout_is_refused(captured, copied_capture, c
     with pytest.raises(RaydistillError, match="train.batch_size 4 → 2"):
         fit_student(spec, storage=str(run.parent), name="kd", num_workers=1, use_gpu=False,
                     cpus_per_worker=0.5, max_failures=0)
+
+
+def test_packed_bf16_checkpointed_run_goes_through_the_pipeline_and_keeps_its_layout(
+        captured, copied_capture, capsys):
+    """train.packing, max_tokens_per_batch, precision and gradient_checkpointing reach the
+    worker: the checkpoint's data position is the samples its packed micro-batches held (not
+    step × batch_size), the metrics carry the padding share packing removed, and a resume that
+    turns packing off is refused like any other change of batch layout."""
+    import torch
+
+    short = ("train.max_steps=4", "train.eval_every=4", "train.log_every=2", "train.baselines=[]")
+    packed = ("train.packing=true", "train.max_tokens_per_batch=384", "train.precision=bf16",
+              "train.gradient_checkpointing=true")
+    assert _train_cli(captured, copied_capture, *short, *packed) == 0
+    [exp] = os.listdir(copied_capture / "experiments")
+    kd = _report(str(copied_capture / "experiments" / exp / "report.md"))["history"]["kd"]
+    assert [h["step"] for h in kd] == [2, 4]
+    assert all(0 < h["padding_share"] < 1 and h["tokens_per_s"] > 0 for h in kd)
+    [state] = (copied_capture / "experiments" / exp / "kd").glob("*/train_state.pt")
+    state = torch.load(state, weights_only=True)
+    assert state["layout"]["train.packing"] and state["layout"]["train.max_tokens_per_batch"] == 384
+    assert state["positions"] == [state["position"]] and state["position"] != 4 * 4
+    (copied_capture / "experiments" / exp / "kd" / "done.json").unlink()
+    capsys.readouterr()
+    assert _train_cli(captured, copied_capture, *short, resume=exp) == 2
+    assert "train.packing True → False" in capsys.readouterr().err
 
 
 def test_two_datasets_in_one_output_dir_both_capture_and_train(captured, copied_capture, texts,

@@ -27,7 +27,9 @@ def experiment(cfg: Config, resume: str | None) -> str:
     check_experiment_layout(fs, experiment_dir(root, resume),
                             batch_layout(batch_size=cfg.train.batch_size,
                                          grad_accum=cfg.train.grad_accum,
-                                         num_workers=cfg.train.num_workers, seed=cfg.train.seed))
+                                         num_workers=cfg.train.num_workers, seed=cfg.train.seed,
+                                         max_tokens_per_batch=cfg.train.max_tokens_per_batch
+                                         if cfg.train.packing else None))
     return resume
 
 

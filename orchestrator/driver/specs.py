@@ -23,16 +23,19 @@ def train_spec(cfg: Config, *, plan: CapturePlan, held: CapturePlan | None, alph
                             revision=s.revision),
         data=DataSpec(shards_uri=plan.cfg.output_dir,
                       units=list(range(plan.manifest.total_units)), streaming=streaming,
-                      expect=plan.expect()),
+                      expect=plan.expect(), max_length=plan.max_length),
         loss=LossSpec(kind=tr.loss, temperature=tr.temperature, alpha=alpha, beta=tr.beta,
                       tail=tr.tail),
         optim=OptimSpec(lr=tr.lr, warmup_steps=tr.warmup_steps, batch_size=tr.batch_size,
-                        grad_accum=tr.grad_accum, max_steps=tr.max_steps, seed=tr.seed),
+                        grad_accum=tr.grad_accum, max_steps=tr.max_steps, seed=tr.seed,
+                        packing=tr.packing, max_tokens_per_batch=tr.max_tokens_per_batch or 0,
+                        precision=tr.precision),
         eval=EvalSpec(every=tr.eval_every, heldout_uri=held.cfg.output_dir if held else None,
                       samples=tr.eval_samples, heldout_expect=held.expect() if held else None),
         run=RunSpec(log_every=tr.log_every, label=label, board=board,
                     reader_cpus=tr.reader_cpus, fused_head=tr.fused_head,
-                    strategy=tr.strategy))
+                    strategy=tr.strategy,
+                    gradient_checkpointing=tr.gradient_checkpointing))
 
 
 def student_shape(cfg: Config):

@@ -2,20 +2,36 @@
 
 A sample from `shards.read_shards` holds input_ids [T], topk_ids [T, k], topk_logprobs [T, k],
 tail_mass [T, m] (the teacher's tail at each of the capture's tail_temperatures [m]) and
-label_start/prompt_len. `collate` pads a list of them into tensors the KD loss takes directly:
-position t of a row predicts token t + 1. `fold_vocab` then folds the teacher's top-k ids the
-student has no embedding row for (a smaller table over the same tokenizer) into the tail.
+label_start/prompt_len. Two layouts feed the KD loss directly; in both, position t of a sample
+predicts its token t + 1:
+
+- `collate` pads a list of samples to the longest: [B, L], attention_mask marks the real tokens.
+- `pack` concatenates them into rows of at most `row_tokens` (`train.packing`; `Packer` draws
+  a micro-batch's samples from the stream); position ids restart at 0 for each sample, which
+  transformers reads as packed sequences (attention_mask None, no cache): a block-diagonal causal
+  mask for sdpa / eager, the varlen path for flash attention, sliding windows kept within each
+  sample. Attention never crosses a sample boundary, and the last position of a sample has no
+  hard target (the next token in the row is another sample's). Rows as long as the capture's
+  max_length keep the attention's cost that of the padded layout (a masked row of n tokens costs
+  n² on sdpa), with the padding gone but for each row's end.
+
+`check_packing` asks a model once whether it honours packed position ids (a family whose forward
+does not would silently attend across samples).
+
+`fold_vocab` then folds the teacher's top-k ids the student has no embedding row for (a smaller
+table over the same tokenizer) into the tail.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-from orchestrator.errors import ShardError
+from orchestrator.errors import ConfigError, ShardError
 
 
 @dataclass
@@ -28,6 +44,7 @@ class Batch:
     kd_mask: torch.Tensor        # [B, L] bool: positions with teacher labels
     tail_mass: torch.Tensor      # [B, L, m] float32: the teacher's tail at each temperature, 0 where no label
     tail_temperatures: torch.Tensor  # [m] float32: the capture's tail temperatures (1.0 first)
+    position_ids: torch.Tensor | None = None  # [1, L] int64 when packed: restarts at each sample
 
     def flat(self) -> dict[str, torch.Tensor]:
         """The [B·L, ...] views `losses.distill_loss` takes."""
@@ -38,44 +55,74 @@ class Batch:
                 "tail_mass": self.tail_mass.reshape(-1, self.tail_mass.shape[-1]),
                 "tail_temperatures": self.tail_temperatures}
 
+    def model_inputs(self, device=None) -> dict[str, torch.Tensor]:
+        """The student's forward arguments (to pass with use_cache=False): ids and the padding
+        mask, or (packed) ids and the restarting position ids with no mask — what makes
+        transformers keep each sample's attention to itself."""
+        extra = ({"attention_mask": self.attention_mask} if self.position_ids is None
+                 else {"position_ids": self.position_ids})
+        out = {"input_ids": self.input_ids, **extra}
+        return out if device is None else {k: v.to(device) for k, v in out.items()}
 
-def collate(samples: list[dict], *, pad_id: int = 0, hard_labels_from_prompt: bool = False) -> Batch:
-    """Pad samples to the longest. Hard labels: every next token in score mode; in sample mode only
-    the sampled continuation (prompt positions are masked unless hard_labels_from_prompt). A
-    sample's `loss_mask` [T] (the learned tokens, if it has one) keeps only the positions whose
-    next token it marks, for the hard labels and the KD positions alike."""
-    B = len(samples)
-    L = max(len(s["input_ids"]) for s in samples)
-    k = samples[0]["topk_ids"].shape[1]
-    ids = np.full((B, L), pad_id, dtype=np.int64)
-    mask = np.zeros((B, L), dtype=np.int64)
-    targets = np.full((B, L), -100, dtype=np.int64)
-    top_ids = np.zeros((B, L, k), dtype=np.int64)
-    top_lps = np.zeros((B, L, k), dtype=np.float32)
-    kd = np.zeros((B, L), dtype=bool)
-    temps = np.array(samples[0]["tail_temperatures"], dtype=np.float32)  # a copy: writable
-    tails = np.zeros((B, L, len(temps)), dtype=np.float32)
-    for b, s in enumerate(samples):
+
+class _Layout:
+    """The arrays of a batch being built; `place` writes one sample's labels at a row/offset."""
+
+    def __init__(self, rows: int, length: int, *, k: int, temps: np.ndarray, pad_id: int):
+        self.ids = np.full((rows, length), pad_id, dtype=np.int64)
+        self.mask = np.zeros((rows, length), dtype=np.int64)
+        self.targets = np.full((rows, length), -100, dtype=np.int64)
+        self.top_ids = np.zeros((rows, length, k), dtype=np.int64)
+        self.top_lps = np.zeros((rows, length, k), dtype=np.float32)
+        self.kd = np.zeros((rows, length), dtype=bool)
+        self.tails = np.zeros((rows, length, len(temps)), dtype=np.float32)
+        self.temps = temps
+
+    def place(self, s: dict, *, row: int, at: int, hard_labels_from_prompt: bool) -> None:
+        """Sample `s` at positions at … at + T − 1 of `row`. Hard labels: every next token of the
+        sample in score mode; in sample mode only the sampled continuation (prompt positions are
+        masked unless hard_labels_from_prompt). Its last position has none: the token after it
+        is not the sample's. A sample's `loss_mask` [T] (the learned tokens, if it has one) keeps
+        only the positions whose next token it marks, for the hard labels and the KD positions
+        alike."""
         T = len(s["input_ids"])
-        ids[b, :T] = s["input_ids"]
-        mask[b, :T] = 1
+        end = at + T
+        self.ids[row, at:end] = s["input_ids"]
+        self.mask[row, at:end] = 1
         first = 0 if hard_labels_from_prompt else max(0, s["prompt_len"] - 1)
-        targets[b, first:T - 1] = s["input_ids"][first + 1:T]
+        self.targets[row, at + first:end - 1] = s["input_ids"][first + 1:T]
         labelled = s["topk_ids"][:, 0] >= 0
-        top_ids[b, :T][labelled] = s["topk_ids"][labelled]
-        top_lps[b, :T][labelled] = s["topk_logprobs"][labelled]
-        kd[b, :T] = labelled
+        self.top_ids[row, at:end][labelled] = s["topk_ids"][labelled]
+        self.top_lps[row, at:end][labelled] = s["topk_logprobs"][labelled]
+        self.kd[row, at:end] = labelled
         learned = s.get("loss_mask")
         if learned is not None and not learned.all():  # position t learns token t + 1
             nxt = np.append(np.asarray(learned[1:], dtype=bool), False)
-            targets[b, :T][~nxt] = -100
-            kd[b, :T] &= nxt
-        if not np.array_equal(np.asarray(s["tail_temperatures"], dtype=np.float32), temps):
+            self.targets[row, at:end][~nxt] = -100
+            self.kd[row, at:end] &= nxt
+        if not np.array_equal(np.asarray(s["tail_temperatures"], dtype=np.float32), self.temps):
             raise ShardError("one batch mixes samples of captures with different "
                              "teacher.tail_temperatures; train on one capture at a time")
-        tails[b, :T][labelled] = s["tail_mass"][labelled]
-    return Batch(*(torch.from_numpy(x) for x in (ids, mask, targets, top_ids, top_lps, kd, tails,
-                                                  temps)))
+        self.tails[row, at:end][labelled] = s["tail_mass"][labelled]
+
+    def batch(self, position_ids: np.ndarray | None = None) -> Batch:
+        arrays = (self.ids, self.mask, self.targets, self.top_ids, self.top_lps, self.kd,
+                  self.tails, self.temps)
+        pos = None if position_ids is None else torch.from_numpy(position_ids)
+        return Batch(*(torch.from_numpy(x) for x in arrays), position_ids=pos)
+
+
+def _layout(samples: list[dict], rows: int, length: int, pad_id: int) -> _Layout:
+    return _Layout(rows, length, k=samples[0]["topk_ids"].shape[1], pad_id=pad_id,
+                   temps=np.array(samples[0]["tail_temperatures"], dtype=np.float32))  # writable
+
+
+def collate(samples: list[dict], *, pad_id: int = 0, hard_labels_from_prompt: bool = False) -> Batch:
+    """Pad samples to the longest: [B, L]."""
+    out = _layout(samples, len(samples), max(len(s["input_ids"]) for s in samples), pad_id)
+    for b, s in enumerate(samples):
+        out.place(s, row=b, at=0, hard_labels_from_prompt=hard_labels_from_prompt)
+    return out.batch()
 
 
 def fold_vocab(batch: Batch, rows: int) -> tuple[Batch, float]:
@@ -109,3 +156,131 @@ def fold_vocab(batch: Batch, rows: int) -> tuple[Batch, float]:
     return replace(batch, topk_ids=ids, topk_logprobs=top,
                    tail_mass=(tails + share).clamp(max=1.0).float(),
                    kd_mask=batch.kd_mask & ~folded.all(-1)), float(at_one.sum())
+
+
+
+def rows_of(lengths: list[int], *, row_tokens: int) -> list[list[int]]:
+    """First-fit: the indices of the samples in each row; each sample, in order, goes to the
+    first row with room for it, else starts a new row (short samples fill the ends that long ones
+    left)."""
+    rows: list[list[int]] = []
+    fills: list[int] = []
+    for i, T in enumerate(lengths):
+        r = _first_fit(fills, T, row_tokens)
+        if r == len(rows):
+            rows.append([])
+            fills.append(0)
+        rows[r].append(i)
+        fills[r] += T
+    return rows
+
+
+def _first_fit(fills: list[int], T: int, row_tokens: int) -> int:
+    """The first row with room for T more tokens; len(fills) when none has."""
+    return next((r for r, fill in enumerate(fills) if fill + T <= row_tokens), len(fills))
+
+
+def pack(samples: list[dict], *, row_tokens: int | None = None,
+         hard_labels_from_prompt: bool = False) -> Batch:
+    """Concatenate samples into rows of at most `row_tokens` tokens (`rows_of`; None: one row),
+    [R, longest row]. Position ids restart at 0 for each sample; a row shorter than the
+    longest ends in padding (attention_mask 0, no labels), whose positions continue its last
+    sample's — after it, so no real token attends to them."""
+    lengths = [len(s["input_ids"]) for s in samples]
+    rows = rows_of(lengths, row_tokens=row_tokens or sum(lengths))
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    if row_tokens is not None and max(lengths) > row_tokens:
+        raise ConfigError(f"a sample of {max(lengths)} tokens does not fit a packed row of "
+                          f"{row_tokens}; train.max_tokens_per_batch and the row length must be "
+                          "at least the capture's data.max_length")
+    out = _layout(samples, len(rows), width, 0)
+    positions = np.zeros((len(rows), width), dtype=np.int64)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            out.place(samples[i], row=r, at=at, hard_labels_from_prompt=hard_labels_from_prompt)
+            positions[r, at:at + lengths[i]] = np.arange(lengths[i])
+            at += lengths[i]
+        if at < width:  # the padding continues the last sample's positions
+            positions[r, at:] = positions[r, at - 1] + 1 + np.arange(width - at)
+    return out.batch(position_ids=positions)
+
+
+class Packer:
+    """Draws packed micro-batches from a sample stream: samples in stream order, first-fit into
+    rows of `row_tokens` (`rows_of`), while they fit max_tokens // row_tokens rows — a micro-batch
+    never has more token slots than `max_tokens`, like a padded one of max_tokens / row_tokens
+    samples. The sample that did not fit is held back and starts the next micro-batch, so a
+    micro-batch holds a variable number of samples, and the data position of a checkpoint is the
+    samples the stream yielded minus the `held` one (`train.loop`). `row_tokens` None or above
+    max_tokens: one row of up to max_tokens."""
+
+    def __init__(self, samples: Iterator[dict], *, max_tokens: int, row_tokens: int | None = None):
+        self.samples = samples
+        self.row_tokens = min(row_tokens or max_tokens, max_tokens)
+        self.max_rows = max_tokens // self.row_tokens
+        self._held: dict | None = None
+
+    @property
+    def held(self) -> int:
+        """Samples drawn from the stream but not yet in a micro-batch (0 or 1)."""
+        return 0 if self._held is None else 1
+
+    def take(self) -> list[dict]:
+        first = self._held if self._held is not None else next(self.samples)
+        self._held = None
+        self._fits(first)
+        taken, fills = [first], [len(first["input_ids"])]
+        for s in self.samples:
+            self._fits(s)
+            T = len(s["input_ids"])
+            r = _first_fit(fills, T, self.row_tokens)
+            if r == self.max_rows:
+                self._held = s
+                return taken
+            if r == len(fills):
+                fills.append(0)
+            fills[r] += T
+            taken.append(s)
+        return taken  # a finite iterator ended (a training stream never does)
+
+    def _fits(self, s: dict) -> None:
+        if len(s["input_ids"]) > self.row_tokens:
+            raise ConfigError(f"a sample of {len(s['input_ids'])} tokens does not fit a packed "
+                              f"row of {self.row_tokens} tokens; raise train.max_tokens_per_batch "
+                              "to at least the capture's data.max_length")
+
+
+def unpacked_slots(lengths: list[int], *, batch_size: int) -> int:
+    """Token slots these samples take padded, in consecutive groups of `batch_size` each padded
+    to its longest (what `collate` builds): 1 − Σlengths / this is the padding share, the one
+    an unpacked run wastes and a packed run removes."""
+    return sum(len(group) * max(group)
+               for group in (lengths[i:i + batch_size] for i in range(0, len(lengths), batch_size)))
+
+
+def check_packing(model, *, family: str = "") -> None:
+    """Refuse a model whose forward lets packed samples see each other: one no-grad forward of
+    two short samples packed must give each sample's own logits (fp32 tolerance)."""
+    inner = getattr(model, "module", model)
+    vocab = inner.get_input_embeddings().weight.shape[0]
+    device = inner.get_input_embeddings().weight.device
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randint(0, vocab, (n,), generator=g).to(device) for n in (5, 3))
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            alone = torch.cat([model(input_ids=x[None], use_cache=False).logits[0] for x in (a, b)])
+            positions = torch.cat([torch.arange(5), torch.arange(3)])[None].to(device)
+            packed = model(input_ids=torch.cat([a, b])[None], position_ids=positions,
+                           use_cache=False).logits[0]
+    finally:
+        model.train(training)
+    err = (packed.float() - alone.float()).abs().max().item()
+    if not err <= 1e-3 * max(1.0, alone.abs().max().item()):
+        name = family or type(inner).__name__
+        raise ConfigError(f"train.packing=true: the {name} student's attention crosses sample "
+                          f"boundaries in a packed row (max |difference| {err:.3g} from its "
+                          "samples alone): its transformers forward does not read packed position "
+                          "ids. Set train.packing=false")

@@ -90,16 +90,18 @@ def current_head(model, head: LMHead) -> LMHead:
     return dataclasses.replace(head, weight=out.weight, bias=out.bias)
 
 
-def final_hidden(model, *, input_ids: torch.Tensor,
-                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def final_hidden(model, *, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """[B, T, H] the final (post-norm) hidden states, the head's input, with no logits computed.
+    `position_ids` (no attention_mask): a packed row (`batches.pack`; `Batch.model_inputs` gives
+    either pair).
 
     Through the model's own forward (so a DDP or FSDP wrapper's hooks run): `logits_to_keep` with
     no positions makes the head a [B, 0, H] matmul, and the last of the hidden states it returns is
     the normed state the head reads (checked by `lm_head`'s probe)."""
     none = torch.empty(0, dtype=torch.long, device=input_ids.device)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
-                logits_to_keep=none, use_cache=False)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                output_hidden_states=True, logits_to_keep=none, use_cache=False)
     return out.hidden_states[-1]
 
 

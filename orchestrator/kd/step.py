@@ -44,10 +44,9 @@ class StudentLoss:
 
     def __call__(self, model, batch: Batch, *, device) -> LossParts:
         flat = {k: v.to(device) for k, v in batch.flat().items()}
-        inputs = {"input_ids": batch.input_ids.to(device),
-                  "attention_mask": batch.attention_mask.to(device)}
+        inputs = batch.model_inputs(device)  # padded: ids + mask; packed: ids + position ids
         if self.head is None:
-            logits = model(**inputs).logits
+            logits = model(**inputs, use_cache=False).logits
             return distill_loss(logits.reshape(-1, logits.shape[-1]), **self.spec.kwargs(), **flat)
         hidden = final_hidden(model, **inputs)
         return chunked_distill_loss(hidden.reshape(-1, hidden.shape[-1]),

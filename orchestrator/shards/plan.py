@@ -26,6 +26,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from orchestrator import data as data_mod
 from orchestrator.config import Config
+from orchestrator.config_checks import check_packed_room
 from orchestrator.shards.dirs import CAPTURES_DIR, join
 from orchestrator.shards.output import Found, locate, open_output, say_others
 from orchestrator.shards.records import record_args, rendering_of
@@ -173,6 +174,8 @@ def plan_captures(cfg: Config, *, fresh: bool = False, repair: bool = False,
     with_bc = "bc" in cfg.train.baselines and cfg.teacher.mode == "score"
     if with_bc:
         _bc_room(cfg, scanned[0].max_length)
+    if cfg.train.packing and cfg.train.max_tokens_per_batch is not None:  # data.max_length unset
+        check_packed_room(cfg.train.max_tokens_per_batch, max_length=scanned[0].max_length)
     found = [s.locate(fresh=fresh, command=command) for s in scanned]
     plans = [_open(s, f, info, repair=repair) for s, f in zip(scanned, found)]
     if with_bc:

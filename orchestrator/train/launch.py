@@ -55,7 +55,9 @@ def fit_student(spec: TrainSpec, *, storage: str, name: str, num_workers: int, u
                              done["wall_s"])
     check_layout(fs, f"{root}/{name}",
                  batch_layout(batch_size=spec.optim.batch_size, grad_accum=spec.optim.grad_accum,
-                              num_workers=num_workers, seed=spec.optim.seed),
+                              num_workers=num_workers, seed=spec.optim.seed,
+                              max_tokens_per_batch=spec.optim.max_tokens_per_batch
+                              if spec.optim.packing else None),
                  what=f"the {spec.run.label} student's run {name}")
     t0 = time.time()
     if num_workers == 0:

@@ -1,12 +1,16 @@
 """The Ray Train worker loop: one student, data-parallel over `train.num_workers` workers.
 
 Each worker streams its samples from the shards (`train.stream.SampleStream`, read by Ray Data),
+builds micro-batches of `batch_size` padded samples or, packed, of as many samples as fit
+`max_tokens_per_batch` token slots (`kd.batches`), runs the forward and loss in fp32 or under
+bf16 autocast (fp32 weights and optimizer state), optionally with gradient checkpointing,
 runs `grad_accum` micro-batches per optimizer step (DDP syncs only on the last), clips gradients,
 steps AdamW under a warm-up + cosine schedule, and every `eval_every` steps evaluates on its slice
 of the held-out capture (sums all-reduced), saves a checkpoint — a Hugging Face directory that
 transformers and vLLM load, plus `train_state.pt` (optimizer, schedule, step, data position) — and
 reports. On a restart (FailureConfig, or the same run name after a driver crash) it resumes from the
-last checkpoint: same weights, optimizer, schedule, and the exact data position.
+last checkpoint: same weights, optimizer, schedule, and the exact data position (the samples each
+worker consumed).
 """
 
 from __future__ import annotations
@@ -38,16 +42,24 @@ def lr_lambda(step: int, *, warmup: int, total: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def batch_layout(*, batch_size: int, grad_accum: int, num_workers: int, seed: int) -> dict:
+def batch_layout(*, batch_size: int, grad_accum: int, num_workers: int, seed: int,
+                 max_tokens_per_batch: int | None = None) -> dict:
     """What fixes a run's data position: a checkpoint at step s has consumed s · batch_size ·
-    grad_accum samples of each worker's stream, and the streams depend on the number of workers
-    (local mode, 0, streams like 1) and the seed. A resume must keep all of them."""
-    return {"train.batch_size": batch_size, "train.grad_accum": grad_accum,
-            "train.num_workers": max(1, num_workers), "train.seed": seed}
+    grad_accum samples of each worker's stream (packed, `max_tokens_per_batch` given: as many as
+    filled s · grad_accum micro-batches of that many token slots, counted in the checkpoint), and
+    the streams depend on the number of workers (local mode, 0, streams like 1) and the seed. A
+    resume must keep all of them."""
+    layout = {"train.batch_size": batch_size, "train.grad_accum": grad_accum,
+              "train.num_workers": max(1, num_workers), "train.seed": seed,
+              "train.packing": max_tokens_per_batch is not None}
+    if max_tokens_per_batch is not None:
+        layout["train.max_tokens_per_batch"] = max_tokens_per_batch
+    return layout
 
 
 def refuse_changed_layout(old: dict, new: dict, *, what: str) -> None:
     """ConfigError naming each setting whose value differs between `old` and `new`."""
+    old = {"train.packing": False} | old  # recorded before packing existed: unpacked
     changed = [f"{key} {old[key]} → {new[key]}" for key in new
                if key in old and old[key] != new[key]]
     if changed:
@@ -63,7 +75,8 @@ def train_worker(config: dict) -> None:
     import ray.train.torch
     from transformers import AutoConfig
 
-    from orchestrator.kd.batches import collate, fold_vocab
+    from orchestrator.kd.batches import (Packer, check_packing, collate, fold_vocab, pack,
+                                         unpacked_slots)
     from orchestrator.kd.student import build_student, load_pretrained
     from orchestrator.teacher_info import load_tokenizer
     from orchestrator.train.stream import SampleStream, ShardWatcher, heldout_samples
@@ -92,13 +105,19 @@ def train_worker(config: dict) -> None:
     vocab_rows = model.get_output_embeddings().weight.shape[0]  # teacher ids past it: the tail
     tokenizer = load_tokenizer(student.teacher_model)
     model.to(device)  # before the optimizer and its restored state
+    if opt.packing:
+        check_packing(model, family=model.config.model_type)
+    if run.gradient_checkpointing:  # recompute each layer's activations in the backward
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     layout = batch_layout(batch_size=opt.batch_size, grad_accum=opt.grad_accum,
-                          num_workers=world, seed=opt.seed)
+                          num_workers=world, seed=opt.seed,
+                          max_tokens_per_batch=opt.max_tokens_per_batch if opt.packing else None)
     strategy = "fsdp" if sharding.sharded(run.strategy, world) else "ddp"
     state = _restore(model, layout=layout, label=run.label, strategy=strategy)
     step, history = state.get("step", 0), state.get("history", [])
     resumed_from = step if state else None
-    per_step = opt.batch_size * opt.grad_accum
+    # samples this worker consumed (checkpoints before packing stored one count for all ranks)
+    position = state.get("positions", [state.get("position", 0)] * world)[rank] if state else 0
     core = model
     # the fused head is checked on the whole model, before sharding (a fixed probe: every rank
     # decides alike)
@@ -117,10 +136,12 @@ def train_worker(config: dict) -> None:
     group = None if run.local else ray.util.get_current_placement_group()
     watcher = ShardWatcher(data.shards_uri, wait=data.streaming, board=run.board)
     stream = SampleStream(watcher, units=data.units, rank=rank, world=world, seed=opt.seed,
-                          position=step * per_step, streaming=data.streaming, expect=data.expect,
+                          position=position, streaming=data.streaming, expect=data.expect,
                           reader_cpus=run.reader_cpus,
                           report_to=(run.board, run.label) if run.board is not None else None)
     samples = iter(stream)
+    packer = (Packer(samples, max_tokens=opt.max_tokens_per_batch,
+                     row_tokens=data.max_length or None) if opt.packing else None)
     heldout = []
     if ev.heldout_uri:
         heldout = heldout_samples(ShardWatcher(ev.heldout_uri, wait=False), rank=rank,
@@ -129,8 +150,8 @@ def train_worker(config: dict) -> None:
                                       "tokenizer_fingerprint": data.expect.get(
                                           "tokenizer_fingerprint")})
 
-    window = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "tokens": 0, "wait": 0.0, "time": 0.0, "n": 0,
-              "folded": 0.0, "kd_positions": 0}
+    window = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "tokens": 0, "slots": 0, "wait": 0.0,
+              "time": 0.0, "n": 0, "folded": 0.0, "kd_positions": 0}
     warned_fold = False
     model.train()
     while step < opt.max_steps:
@@ -138,9 +159,11 @@ def train_worker(config: dict) -> None:
         wait = 0.0
         for micro in range(opt.grad_accum):
             tw = time.perf_counter()
-            rows = [next(samples) for _ in range(opt.batch_size)]
+            rows = packer.take() if packer else [next(samples) for _ in range(opt.batch_size)]
             wait += time.perf_counter() - tw
-            batch = collate(rows, hard_labels_from_prompt=data.hard_labels_from_prompt)
+            batch = (pack(rows, row_tokens=packer.row_tokens,
+                          hard_labels_from_prompt=data.hard_labels_from_prompt) if packer else
+                     collate(rows, hard_labels_from_prompt=data.hard_labels_from_prompt))
             batch, folded = fold_vocab(batch, vocab_rows)
             window["folded"] += folded
             window["kd_positions"] += int(batch.kd_mask.sum())
@@ -155,12 +178,16 @@ def train_worker(config: dict) -> None:
             if strategy == "fsdp":
                 model.set_requires_gradient_sync(sync)
             with (model.no_sync() if not sync and hasattr(model, "no_sync") else _null()):
-                parts = step_loss(model, batch, device=device)
+                with torch.autocast(device.type, dtype=torch.bfloat16,
+                                    enabled=opt.precision == "bf16"):
+                    parts = step_loss(model, batch, device=device)
                 (parts.total / opt.grad_accum).backward()
             window["loss"] += parts.total.item() / opt.grad_accum
             window["kd"] += parts.kd.item() / opt.grad_accum
             window["ce"] += parts.ce.item() / opt.grad_accum
             window["tokens"] += int(batch.attention_mask.sum())
+            window["slots"] += unpacked_slots([len(r["input_ids"]) for r in rows],
+                                              batch_size=opt.batch_size)
             _check_finite(parts.total.item(), spec, step=step + 1)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -195,7 +222,9 @@ def train_worker(config: dict) -> None:
             history.append(metrics if sequences is None else metrics | {SEQUENCES_KEY: sequences})
             if run.board is not None and rank == 0:
                 run.board.train_update.remote(run.label, metrics)
-            _report(metrics, history, step=step, position=step * per_step, model=core,
+            positions = (_positions(stream.position - (packer.held if packer else 0), world)
+                         if evaluate_now else None)
+            _report(metrics, history, step=step, positions=positions, model=core,
                     tokenizer=tokenizer, optimizer=optimizer, schedule=schedule, layout=layout,
                     checkpoint=evaluate_now, rank=rank, keep=run.local, strategy=strategy,
                     world=world)
@@ -246,7 +275,20 @@ def _window_metrics(window: dict, *, step: int, lr: float, epoch: int, world: in
             "kd": window["kd"] / n, "ce": window["ce"] / n,
             "step_time_s": window["time"] / n, "data_wait_s": window["wait"] / n,
             "data_wait_share": window["wait"] / max(window["time"], 1e-9),
-            "tokens_per_s": window["tokens"] * world / max(window["time"], 1e-9)}
+            "tokens_per_s": window["tokens"] * world / max(window["time"], 1e-9),
+            "padding_share": 1.0 - window["tokens"] / max(window["slots"], 1)}
+
+
+def _positions(consumed: int, world: int) -> list[int]:
+    """Every rank's data position (samples consumed), gathered for the checkpoint: packed
+    micro-batches hold different numbers of samples on different ranks."""
+    if world == 1:
+        return [consumed]
+    import torch.distributed as dist
+
+    out = [None] * world
+    dist.all_gather_object(out, consumed)
+    return out
 
 
 def _evaluate(model, heldout: list[dict], *, device, world: int, per_sequence: bool,
@@ -271,8 +313,8 @@ def _evaluate(model, heldout: list[dict], *, device, world: int, per_sequence: b
     return finish(sums), sequences
 
 
-def _report(metrics: dict, history: list, *, step: int, position: int, model, tokenizer,
-            optimizer, schedule, layout: dict, checkpoint: bool, rank: int, keep: bool,
+def _report(metrics: dict, history: list, *, step: int, positions: list[int] | None, model,
+            tokenizer, optimizer, schedule, layout: dict, checkpoint: bool, rank: int, keep: bool,
             strategy: str, world: int) -> None:
     """Every rank reports (Ray Train requires it); rank 0 attaches the checkpoint (an fsdp run's
     shards are gathered to it first, by every rank). Ray copies it to storage, so the local copy is
@@ -290,7 +332,8 @@ def _report(metrics: dict, history: list, *, step: int, position: int, model, to
         model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         torch.save({"optimizer": optim, "schedule": schedule.state_dict(), "step": step,
-                    "position": position, "layout": layout, "strategy": strategy},
+                    "position": positions[0], "positions": positions, "layout": layout,
+                    "strategy": strategy},
                    os.path.join(tmp, STATE_FILE))
         with open(os.path.join(tmp, HISTORY_FILE), "w") as f:
             json.dump(history, f)
@@ -330,4 +373,5 @@ def _restore(model, *, layout: dict, label: str, strategy: str) -> dict:
         with open(os.path.join(d, HISTORY_FILE)) as f:
             history = json.load(f)
     return {"step": state["step"], "history": history, "optimizer": state["optimizer"],
-            "schedule": state["schedule"]}
+            "schedule": state["schedule"], "position": state["position"],
+            **({"positions": state["positions"]} if "positions" in state else {})}

@@ -9,6 +9,7 @@ run's own infrastructure. The driver builds them in one place from the config
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from orchestrator.kd.losses import LossSpec
 from orchestrator.shapes import StudentShape
@@ -49,6 +50,9 @@ class DataSpec:
     long_text…; `orchestrator.train.stream.check_shard_origin`)."""
     hard_labels_from_prompt: bool = False
     """Also learn the prompt tokens' hard labels (sample mode; `orchestrator.kd.batches.collate`)."""
+    max_length: int = 0
+    """The capture's longest sample (its max_length): the length of a packed row (`OptimSpec.
+    packing`); 0: one row per micro-batch."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,16 @@ class OptimSpec:
     """Optimizer steps of the run."""
     seed: int
     """Seed of the student's initialisation and of the data order."""
+    packing: bool = False
+    """Pack each micro-batch's samples into rows of `DataSpec.max_length` tokens without padding
+    (`kd.batches.Packer`, `pack`): as many samples as fit max_tokens_per_batch // max_length rows,
+    instead of `batch_size` samples padded to the longest."""
+    max_tokens_per_batch: int = 0
+    """Token slots of a packed micro-batch (with `packing`; at least the capture's
+    max_length)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """`bf16`: forward and loss under bfloat16 autocast; weights, gradients and the optimizer
+    state stay fp32."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +126,9 @@ class RunSpec:
     fused_head: bool = True
     """Fuse the LM head with the loss in row chunks (`orchestrator.kd.step.StudentLoss`); the same
     loss and gradients as the dense path, without its [tokens × vocabulary] tensors."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward instead of keeping them (less memory,
+    ~⅓ more compute; the same gradients)."""
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,9 @@ def plans(tiny_teacher, texts, tmp_path):
             "train.warmup_steps": 3, "train.batch_size": 2, "train.grad_accum": 4,
             "train.max_steps": 30, "train.seed": 11, "train.eval_every": 10,
             "train.eval_samples": 5, "train.log_every": 5, "train.reader_cpus": 0.5,
-            "teacher.tail_temperatures": "[2.0]"}
+            "teacher.tail_temperatures": "[2.0]", "train.packing": "true",
+            "train.max_tokens_per_batch": 256, "train.precision": "bf16",
+            "train.gradient_checkpointing": "true"}
     cfg = load_config(None, [f"{k}={v}" for k, v in sets.items()])
     by_kind = {p.kind: p for p in plan_captures(cfg)}
     return cfg, by_kind[CaptureKind.MAIN], by_kind[CaptureKind.HELDOUT]
@@ -48,6 +50,8 @@ def test_a_student_runs_spec_takes_each_setting_from_the_config(plans, tiny_teac
             spec.loss.tail) == ("jsd", 2.0, 0.7, 0.3, "bucket")
     assert (spec.optim.lr, spec.optim.warmup_steps, spec.optim.batch_size, spec.optim.grad_accum,
             spec.optim.max_steps, spec.optim.seed) == (5e-4, 3, 2, 4, 30, 11)
+    assert (spec.optim.packing, spec.optim.max_tokens_per_batch, spec.optim.precision,
+            spec.run.gradient_checkpointing, spec.data.max_length) == (True, 256, "bf16", True, 64)
     # the held-out capture truncates whatever data.long_text says: its own expectations
     assert (spec.eval.every, spec.eval.heldout_uri, spec.eval.samples) == \
         (10, held.cfg.output_dir, 5)
@@ -101,3 +105,27 @@ def test_the_engine_is_apart_from_each_captures_settings(plans):
     assert a.output_dir != b.output_dir and a.shard_meta != b.shard_meta
     shared = {f.name for f in fields(EngineSpec)} & {f.name for f in fields(CaptureSpec)}
     assert shared == {"mode", "seed"}
+
+
+def test_packing_refuses_a_token_budget_below_the_capture_s_longest_sample(tiny_teacher, texts,
+                                                                           tmp_path):
+    """data.max_length set: refused by the config check; unset, the capture's length is the
+    teacher's context (256 tokens), known once the teacher is inspected, before any output."""
+    from orchestrator.errors import ConfigError
+    from orchestrator.shards.plan import plan_captures
+    from tests.conftest import write_jsonl
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts[:8]])
+    base = [f"teacher.model={tiny_teacher}", f"data.path={data}", f"output_dir={tmp_path / 'out'}",
+            "train.packing=true", "data.eval_fraction=0", "train.baselines=[]"]
+    with pytest.raises(ConfigError, match=r"train.packing=true needs train.max_tokens_per_batch.*"
+                                          r"e.g. train.max_tokens_per_batch=1024"):
+        load_config(None, base + ["data.max_length=64", "train.batch_size=16"])
+    with pytest.raises(ConfigError, match=r"train.max_tokens_per_batch \(32\) is smaller than the "
+                                          r"capture's longest sample \(64 tokens"):
+        load_config(None, base + ["data.max_length=64", "train.max_tokens_per_batch=32"])
+    cfg = load_config(None, base + ["train.max_tokens_per_batch=200"])
+    with pytest.raises(ConfigError, match=r"\(200\) is smaller than the capture's longest sample "
+                                          r"\(256 tokens.*at least 256"):
+        plan_captures(cfg)
+    assert not (tmp_path / "out").exists()  # before any output

@@ -67,3 +67,27 @@ def test_missing_shard_and_foreign_tokenizer_are_refused(captured):
     with pytest.raises(ShardError, match="another tokenizer"):
         check_shard_origin({"tokenizer_fingerprint": "abc"}, {"tokenizer_fingerprint": "xyz"},
                            name="shards/unit-00000.parquet")
+
+
+def test_packed_micro_batches_resume_from_the_samples_consumed(captured):
+    """A packed micro-batch holds as many samples as fit its token budget, and the packer holds
+    back the one drawn that did not fit: the data position is the stream's count minus it, and a
+    stream resumed there packs the very same micro-batches as an uninterrupted one."""
+    from orchestrator.kd.batches import Packer
+
+    fs, root = filesystem(str(capture_folder(captured["out"])))
+    units = sorted(load_manifest(fs, root).shards)
+    watcher = ShardWatcher(str(capture_folder(captured["out"])), wait=False)
+
+    def micro_batches(position, n):
+        stream = SampleStream(watcher, units=units, rank=0, world=1, seed=5, position=position)
+        packer = Packer(iter(stream), max_tokens=300, row_tokens=128)  # 2 rows of 128
+        taken = [[s["sample_id"] for s in packer.take()] for _ in range(n)]
+        return taken, stream.position - packer.held
+
+    whole, _ = micro_batches(0, 30)
+    assert len({len(b) for b in whole}) > 1  # a variable number of samples per micro-batch
+    first, consumed = micro_batches(0, 11)
+    assert consumed == sum(len(b) for b in first)  # not what the stream yielded
+    resumed, _ = micro_batches(consumed, 19)
+    assert first + resumed == whole
