@@ -102,6 +102,9 @@ def test_the_instruct_recipe_runs_end_to_end(pair, ray_session, capsys):
     held = settings["captures"]["held-out"]
     assert 0 < kd["positions"] < held["tokens"] - held["rows"]
     assert report["completions"] and "teacher" in report["completions"][0]
+    md = report_path.with_suffix(".md").read_text()
+    assert "Packing (train.packing) removed" in md and "## Greedy completions" in md
+    assert "<|im_start|>" in report["completions"][0]["prompt"]  # chat-rendered, as taught
     # the student is a plain HF directory with the teacher's chat template and a smaller table
     model_dir = kd["model_dir"]
     student = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)

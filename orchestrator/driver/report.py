@@ -32,6 +32,7 @@ def summarise(results: dict) -> dict:
         f = r.final
         row = {"model_dir": r.model_dir, "wall_s": round(r.wall_s, 1), "steps": f.get("step"),
                "tokens_per_s": _mean(r.history, "tokens_per_s"),
+               "padding_share": _mean(r.history, "padding_share"),
                "data_wait_share": _mean_wait(r.history)}
         for key in ("eval_student_nll", "eval_student_ppl", "eval_teacher_nll", "eval_teacher_ppl",
                     "eval_kl", "eval_top1", "eval_positions"):
@@ -203,6 +204,7 @@ def _markdown(report: dict, plots: list[str]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     if notes.reasons:
         lines += [""] + notes.lines()
+    lines += _throughput(rows, packing=bool(tr.get("packing")))
     if any(report["comparisons"].values()):
         pairs = [p for p in report["comparisons"].values() if p]
         lines += ["", f"± = {Z:g} standard errors of the paired difference of two students' NLL "
@@ -219,6 +221,21 @@ def _markdown(report: dict, plots: list[str]) -> str:
     lines += [""] + completions_markdown(report.get("completions") or [],
                                          {label: NAMES.get(label, label) for label in rows})
     return "\n".join(lines) + "\n"
+
+
+def _throughput(rows: dict, *, packing: bool) -> list[str]:
+    """One line on the padding the students' batches held, or that packing removed."""
+    shares = {label: r["padding_share"] for label, r in rows.items()
+              if r.get("padding_share") is not None}
+    if not shares:
+        return []
+    share = sum(shares.values()) / len(shares)
+    if packing:
+        return ["", f"Packing (train.packing) removed the padding a padded layout of these "
+                f"batches would hold: {share:.0%} of its token slots, on average over the "
+                "students; train tokens/s counts real tokens only."]
+    return ["", f"{share:.0%} of the students' batch slots were padding; `train.packing: true` "
+            "removes it (BENCHMARKS.md, packing)."]
 
 
 def _shape(student: dict) -> str:
