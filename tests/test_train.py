@@ -217,9 +217,10 @@ def test_fsdp_trains_like_ddp_exports_whole_weights_and_resumes_exactly(captured
     short = dict(max_steps=20, batch_size=2)
 
     def fit(name, strategy, *, board=None, failures=0):
-        run = {"strategy": strategy, "torch_threads": 1} | ({"board": board} if board else {})
-        return fit_student(_spec(captured, optim=short, run=run), storage=str(tmp_path),
-                           name=name, max_failures=failures, **kw)
+        run = {"strategy": strategy, "torch_threads": 1, "log_every": 1} | (
+            {"board": board} if board else {})
+        return fit_student(_spec(captured, optim=short, eval={"every": 5}, run=run),
+                           storage=str(tmp_path), name=name, max_failures=failures, **kw)
 
     fsdp, ddp = fit("fsdp", "fsdp"), fit("ddp", "ddp")
     assert fsdp.final["workers"] == 2 and fsdp.final["fused_head"] == 1.0
@@ -236,7 +237,7 @@ def test_fsdp_trains_like_ddp_exports_whole_weights_and_resumes_exactly(captured
     def killer():
         while not killed:
             m = ray.get(board.snapshot.remote())["metrics"].get("kd")
-            if m and m["step"] >= 15:  # the checkpoint at 10 is persisted
+            if m and m["step"] >= 8:  # the checkpoint at 5 is persisted; 12 steps to go
                 os.kill(m["pid"], signal.SIGKILL)
                 killed.append(m["step"])
             time.sleep(0.05)
@@ -246,7 +247,9 @@ def test_fsdp_trains_like_ddp_exports_whole_weights_and_resumes_exactly(captured
     hit = fit("fsdp-hit", "fsdp", board=board, failures=2)
     killed.append(-1)
     assert killed[0] > 0, "the worker was never killed"
-    assert hit.final["resumed_from"] == 10
+    # the last checkpoint Ray Train had registered before the kill
+    assert hit.final.get("resumed_from") in (5, 10, 15), (killed, hit.final)
+    assert hit.final["resumed_from"] < killed[0]
     assert hit.final["eval_student_nll"] == pytest.approx(fsdp.final["eval_student_nll"], abs=1e-4)
     assert hit.final["eval_kl"] == pytest.approx(fsdp.final["eval_kl"], abs=1e-4)
 
