@@ -7,11 +7,10 @@ comes from a model built on PyTorch's meta device)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from orchestrator.errors import ConfigError
 from orchestrator.shapes import StudentShape
-from orchestrator.teacher_info import load_tokenizer, tokenizer_fingerprint
+from orchestrator.teacher_info import load_tokenizer, model_config, tokenizer_fingerprint
 
 
 @dataclass(frozen=True)
@@ -30,23 +29,9 @@ def inspect_student(model: str, *, revision: str | None, teacher: str,
                     key: str = "student.model") -> PretrainedInfo:
     """Raise a ConfigError naming `key`, the model and the fix when the pretrained student cannot
     be distilled into from `teacher`; else what the driver shows and checks of it."""
-    from transformers import AutoConfig
-
     from orchestrator.shapes import pretrained_shape
 
-    path = Path(model)
-    if not path.exists() and (model.startswith((".", "/", "~")) or model.count("/") != 1):
-        raise ConfigError(f"{key} {model} does not exist; set it to a model directory "
-                          "(config.json, weights, tokenizer) or a hub id in the local HF cache")
-    try:
-        config = AutoConfig.from_pretrained(model, revision=revision, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{key} {model} cannot be loaded ({_first_line(e)}); it must be a "
-                          "Hugging Face model directory with config.json, or a hub id already in "
-                          "the local cache (this machine does not download)") from None
-    if path.is_dir() and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-        raise ConfigError(f"{key} {model} has a config.json but no weights (*.safetensors); save "
-                          "the model with save_pretrained")
+    config = model_config(model, revision=revision, key=key)
     tokenizer = load_tokenizer(model, revision=revision, what=key)
     check_same_tokenizer(load_tokenizer(teacher, revision=teacher_revision), tokenizer,
                          name=model, key=key)
@@ -98,7 +83,3 @@ def real_parameters(config) -> int:
 
 def _shown(token) -> str:
     return "no token" if token is None else repr(token)
-
-
-def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

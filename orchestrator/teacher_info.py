@@ -71,21 +71,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def inspect_teacher(model: str, *, revision: str | None = None) -> TeacherInfo:
     """Raise a ConfigError naming the fix if the model is missing or unloadable."""
-    from transformers import AutoConfig
-
+    config = model_config(model, revision=revision, key="teacher.model")
     path = Path(model)
-    if not path.exists() and (model.startswith((".", "/", "~")) or model.count("/") != 1):
-        raise ConfigError(f"teacher.model {model} does not exist; set it to a model directory "
-                          "(config.json, weights, tokenizer) or a hub id in the local HF cache")
-    try:
-        config = AutoConfig.from_pretrained(model, revision=revision, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"teacher.model {model} cannot be loaded ({_first_line(e)}); it must be a "
-                          "Hugging Face model directory with config.json, or a hub id already in "
-                          "the local cache (this machine does not download)") from None
-    if path.is_dir() and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-        raise ConfigError(f"teacher.model {model} has a config.json but no weights "
-                          "(*.safetensors); save the model with save_pretrained")
     tokenizer = load_tokenizer(model, revision=revision)
     vocab = int(getattr(config, "vocab_size", 0) or len(tokenizer))
     if len(tokenizer) > vocab:
@@ -98,6 +85,27 @@ def inspect_teacher(model: str, *, revision: str | None = None) -> TeacherInfo:
         revision=revision or _local_revision(path),
         eos_id=tokenizer.eos_token_id,
     )
+
+
+def model_config(model: str, *, revision: str | None, key: str):
+    """The transformers config of a model that `key` names, checked to be there with weights, or
+    a ConfigError naming `key`, the model and the fix (nothing is downloaded)."""
+    from transformers import AutoConfig
+
+    path = Path(model)
+    if not path.exists() and (model.startswith((".", "/", "~")) or model.count("/") != 1):
+        raise ConfigError(f"{key} {model} does not exist; set it to a model directory "
+                          "(config.json, weights, tokenizer) or a hub id in the local HF cache")
+    try:
+        config = AutoConfig.from_pretrained(model, revision=revision, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{key} {model} cannot be loaded ({_first_line(e)}); it must be a "
+                          "Hugging Face model directory with config.json, or a hub id already in "
+                          "the local cache (this machine does not download)") from None
+    if path.is_dir() and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise ConfigError(f"{key} {model} has a config.json but no weights (*.safetensors); "
+                          "save the model with save_pretrained")
+    return config
 
 
 def _local_revision(path: Path) -> str:
