@@ -55,29 +55,38 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class CompletionRequest(BaseModel):
-    """`POST /v1/completions` body. Fields the server cannot honour are rejected, not ignored."""
+class _Sampling(BaseModel):
+    """What a completion and a chat request share: the model, the sampling settings, the stop
+    strings and streaming."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
     model: str
-    prompt: str | list[str]
-    max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
-    echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
-    suffix: str | None = None
 
     @field_validator("temperature")
     @classmethod
     def _tiny_is_greedy(cls, t: float) -> float:
         return _greedy_below(t)
+
+    def stops(self) -> tuple[str, ...]:
+        return _stop_strings(self.stop)
+
+
+class CompletionRequest(_Sampling):
+    """`POST /v1/completions` body. Fields the server cannot honour are rejected, not ignored."""
+
+    prompt: str | list[str]
+    max_tokens: int = Field(16, ge=1)
+    n: int = 1
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
 
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
@@ -86,38 +95,20 @@ class CompletionRequest(BaseModel):
         """(max_tokens, the parameter that set it), as for a chat request."""
         return self.max_tokens, "max_tokens"
 
-    def stops(self) -> tuple[str, ...]:
-        return _stop_strings(self.stop)
 
-
-class ChatRequest(BaseModel):
+class ChatRequest(_Sampling):
     """`POST /v1/chat/completions` body. `messages` is checked by hand (`_check_messages`), so that
     an error names the message and the field (`messages[1].role`)."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)
-    model: str
     messages: list[Any]
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     logprobs: bool | None = None
     top_logprobs: int | None = None
     tools: list[Any] | None = None
     response_format: dict | None = None
 
-    @field_validator("temperature")
-    @classmethod
-    def _tiny_is_greedy(cls, t: float) -> float:
-        return _greedy_below(t)
-
-    def stops(self) -> tuple[str, ...]:
-        return _stop_strings(self.stop)
 
     def token_limit(self) -> tuple[int | None, str]:
         """(the completion's token limit, the parameter that set it): `max_completion_tokens`
