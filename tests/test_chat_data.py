@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import capture_config, train_config, write_jsonl
+from tests.conftest import capture_config, train_config, write_jsonl
 from orchestrator import chat
 from orchestrator.data import Record
 from tests.orchestrator.test_chat import CHATML

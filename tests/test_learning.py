@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import train_config, write_jsonl
+from tests.conftest import train_config, write_jsonl
 
 CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01234567"
 TEXT_TOKENS = 48

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (assert_split_main_truncated_heldout, capture_folder, train_config,
+from tests.conftest import (assert_split_main_truncated_heldout, capture_folder, train_config,
                       write_jsonl)
 from orchestrator.driver.cli import main
 

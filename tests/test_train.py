@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import capture_folder, train_config, write_jsonl
+from tests.conftest import capture_folder, train_config, write_jsonl
 from orchestrator.driver.cli import main
 from orchestrator.errors import RaydistillError
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import capture_folder, train_config
+from tests.conftest import capture_folder, train_config
 from orchestrator.errors import ConfigError
 
 PNG = b"\x89PNG\r\n\x1a\n"

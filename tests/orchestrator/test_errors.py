@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import capture_config, write_jsonl
+from tests.conftest import capture_config, write_jsonl
 from orchestrator.errors import (DivergedError, RaydistillError, RemoteError, ShardError,
                                  carried, is_transient, remote_cause, remote_errors)
 
