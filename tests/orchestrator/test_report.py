@@ -270,7 +270,7 @@ def test_evaluate_records_per_sequence_sums_that_add_up():
 # ---- texts repeated across real capture plans ---------------------------------------------
 
 def test_repeated_texts_of_real_plans(tmp_path, tiny_teacher, texts):
-    from conftest import train_config, write_jsonl
+    from tests.conftest import train_config, write_jsonl
 
     from orchestrator.shards.plan import plan_captures
     from orchestrator.data import stable_fraction
