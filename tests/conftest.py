@@ -308,3 +308,18 @@ def stop_ray_head(head) -> None:
             p.kill()
     _, alive = psutil.wait_procs(alive, timeout=10)
     assert not alive, f"processes of the test cluster survived: {alive}"
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    """Exit code and stderr + stdout of the `raydistill` CLI run in this process (argparse exits
+    with SystemExit); a refused command never prints a traceback."""
+    from orchestrator.driver.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    text = out.err + out.out
+    assert "Traceback" not in text, text
+    return code, text

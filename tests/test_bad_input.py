@@ -27,8 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.conftest import capture_folder, free_port, train_config, write_jsonl
-from orchestrator.driver.cli import main
+from tests.conftest import capture_folder, free_port, run_cli, train_config, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "bad-input.md"
@@ -59,15 +58,7 @@ def _write_config(path: Path, cfg: dict) -> Path:
 
 
 def _cli(argv: list[str], capsys) -> tuple[int, str]:
-    """Exit code and stderr+stdout of the CLI run in this process (argparse exits: SystemExit)."""
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    text = out.err + out.out
-    assert "Traceback" not in text, text
-    return code, text
+    return run_cli(argv, capsys)
 
 
 def _assert_says(text: str, phrases) -> None:

@@ -20,7 +20,7 @@ import yaml
 
 from orchestrator.driver import tiny
 from orchestrator.errors import ConfigError
-from tests.conftest import train_config, write_jsonl
+from tests.conftest import run_cli, train_config, write_jsonl
 
 QWEN_PADDED_ROWS = 40  # as tests/test_families.py: the teacher's table padded past its tokenizer
 
@@ -52,14 +52,9 @@ def _weights(path: str) -> dict[str, torch.Tensor]:
 
 
 def _cli(argv: list[str], capsys) -> tuple[int, str]:
-    from orchestrator.driver.cli import main
-
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, " ".join((out.err + out.out).split())
+    """Exit code and the CLI's output, whitespace folded to single spaces."""
+    code, text = run_cli(argv, capsys)
+    return code, " ".join(text.split())
 
 
 def _report(out: Path) -> dict:
