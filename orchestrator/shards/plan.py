@@ -21,8 +21,6 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, replace
 
-import pyarrow as pa
-import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from orchestrator import data as data_mod
 from orchestrator.config import Config
@@ -30,11 +28,12 @@ from orchestrator.config_checks import check_packed_room
 from orchestrator.shards.dirs import CAPTURES_DIR, join
 from orchestrator.shards.output import Found, locate, open_output, say_others
 from orchestrator.shards.records import record_args, rendering_of
-from orchestrator.errors import ConfigError, ShardError
-from orchestrator.shards.manifest import MANIFEST, SHARDS_DIR, Manifest, ShardInfo, reconcile, save_manifest
+from orchestrator.errors import ConfigError
+from orchestrator.shards.manifest import MANIFEST, Manifest, reconcile, save_manifest
 from orchestrator.storage import exists, filesystem, write_atomic_local
 from orchestrator.console import say
-from orchestrator.shards.format import FORMAT_VERSION, load_shard, read_bytes, shard_metadata
+from orchestrator.shards.format import FORMAT_VERSION
+from orchestrator.shards.resume import adopt, drop_corrupt
 from orchestrator.teacher_info import TeacherInfo, inspect_teacher
 
 
@@ -329,12 +328,12 @@ def _open(s: ScannedCapture, found: Found, info: TeacherInfo, *, repair: bool) -
                   "fingerprint": fingerprint, "vocab_size": info.vocab_size,
                   "capture": s.kind.value}
     adopted, dropped = reconcile(fs, root, manifest,
-                                 verify=lambda path, unit: _adopt(fs, path, unit, fingerprint))
+                                 verify=lambda path, unit: adopt(fs, path, unit, fingerprint))
     if adopted or dropped:
         say(f"resume ({s.kind.label}): adopted {adopted} published shards, {dropped} listed shards "
             "were missing")
     if repair:
-        _drop_corrupt(fs, root, manifest)
+        drop_corrupt(fs, root, manifest)
     todo = [u for u in range(total_units) if u not in manifest.shards]
     manifest.complete = not todo
     if manifest.to_json() != as_read or not exists(fs, f"{root}/{MANIFEST}"):
@@ -377,35 +376,3 @@ def _write_bc_prompts(main: CapturePlan, path: str, *, tokens: int) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     write_atomic_local(path, "\n".join(lines) + "\n")
 
-
-def _drop_corrupt(fs, root: str, manifest: Manifest) -> None:
-    """--repair: check every listed shard against its checksum; bad ones are deleted and redone."""
-    bad = []
-    for unit, info in sorted(manifest.shards.items()):
-        path = f"{root}/{SHARDS_DIR}/{info.file}"
-        if hashlib.sha256(read_bytes(fs, path)).hexdigest() != info.sha256:
-            bad.append(unit)
-            say(f"[yellow]repair:[/] {path} does not match its checksum; it will be recaptured")
-            fs.delete_file(path)
-    for unit in bad:
-        del manifest.shards[unit]
-    say(f"repair: {len(manifest.shards)} shards verified, {len(bad)} to recapture")
-
-
-def _adopt(fs, path: str, unit: int, fingerprint: str) -> ShardInfo | None:
-    """Check a published-but-unrecorded shard; keep it only if it is whole and of this capture."""
-    data = read_bytes(fs, path)
-    try:
-        table = load_shard(data, name=path)
-    except ShardError as e:
-        say(f"[yellow]dropping unreadable shard[/] {path}: {e}")
-        fs.delete_file(path)
-        return None
-    meta = shard_metadata(table)
-    if meta.get("fingerprint") != fingerprint or meta.get("unit") != unit:
-        fs.delete_file(path)
-        return None
-    tokens = int(pa.compute.sum(pa.compute.list_value_length(table.column("input_ids"))).as_py())
-    labelled = int(pa.compute.sum(table.column("num_labels")).as_py())
-    return ShardInfo(unit, os.path.basename(path), table.num_rows, tokens, labelled, len(data),
-                     hashlib.sha256(data).hexdigest())
