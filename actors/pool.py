@@ -50,6 +50,13 @@ class _Teacher:
         with remote_errors("teacher.process"):
             return self.worker.process(unit, records, capture)
 
+    def score_rollouts(self, prompts: list, generated: dict, *, k: int,
+                       sample_ids: list[str]) -> dict:
+        if self.start_error is not None:
+            raise self.start_error
+        with remote_errors("teacher.score_rollouts"):
+            return self.worker.score_rollouts(prompts, generated, k=k, sample_ids=sample_ids)
+
     def close(self) -> None:
         if self.worker is not None:
             with remote_errors("teacher.close"):
@@ -79,7 +86,7 @@ class TeacherPool:
 
     def wait_ready(self) -> dict:
         """Block until every engine is up; returns the first actor's limits (vocab, max length)."""
-        self.ready_info = _started([a.ready.remote() for a in self.actors])
+        self.ready_info = wait_started([a.ready.remote() for a in self.actors])
         return self.ready_info[0]
 
     def actor_handles(self) -> list:
@@ -170,7 +177,7 @@ class TeacherPool:
         per_actor[slot] = 0
         ray.kill(dead, no_restart=True)
         self.actors[slot] = self._start()
-        self.ready_info[slot] = _started([self.actors[slot].ready.remote()])[0]
+        self.ready_info[slot] = wait_started([self.actors[slot].ready.remote()])[0]
         self.replacements += 1
         self.log(f"teacher actor {slot} died; started a replacement")
 
@@ -186,8 +193,8 @@ class TeacherPool:
         self.actors = []
 
 
-def _started(refs: list) -> list[dict]:
-    """The actors' `ready()` answers; an engine that failed to start stops the capture with its
+def wait_started(refs: list) -> list[dict]:
+    """The actors' `ready()` answers (teacher or rollout actors); an engine that failed to start stops the capture with its
     cause (a deterministic one — a bad model file, a setting the engine refuses — says so)."""
     try:
         return ray.get(refs)

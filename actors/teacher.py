@@ -97,6 +97,33 @@ class TeacherWorker:
         return [(f"{r.sample_id}#s{j}", sl)
                 for r, samples in zip(records, outs) for j, sl in enumerate(samples)]
 
+    def score_rollouts(self, prompts: list[list[int]], generated: dict, *, k: int,
+                       sample_ids: list[str]) -> dict:
+        """Score the student's continuations (on-policy distillation): each prompt + its
+        generated tokens as one sequence, top-k and the next token's log-prob at every position,
+        as a stream row (`shards.format.decode_rows`'s fields) whose `loss_mask` marks the
+        generated tokens only. `generated`: a rollout actor's answer (its completions, weights
+        version and timings, passed through). Empty continuations are dropped."""
+        import time
+
+        t0 = time.perf_counter()
+        pairs = [(sid, list(p), list(c)) for sid, p, c in
+                 zip(sample_ids, prompts, generated["completions"]) if len(c) > 0]
+        labels = self.backend.score([p + c for _, p, c in pairs], k=k) if pairs else []
+        rows = []
+        for (sid, prompt, completion), sl in zip(pairs, labels):
+            T = len(prompt) + len(completion)
+            mask = np.zeros(T, dtype=bool)
+            mask[len(prompt):] = True
+            rows.append({"sample_id": sid, "input_ids": np.asarray(sl.input_ids, dtype=np.int32),
+                         "prompt_len": len(prompt), "label_start": 0,
+                         "topk_ids": sl.topk_ids[:T], "topk_logprobs": sl.topk_logprobs[:T],
+                         "target_logprobs": sl.target_logprobs[:T], "tail_mass": sl.tail_mass[:T],
+                         "tail_temperatures": np.asarray(sl.tail_temperatures, dtype=np.float32),
+                         "loss_mask": mask})
+        return {k_: v for k_, v in generated.items() if k_ != "completions"} | {
+            "rows": rows, "score_s": time.perf_counter() - t0}
+
     def close(self) -> None:
         self.backend.close()
 

@@ -18,14 +18,14 @@ from orchestrator.config_checks import validate, validate_serve  # noqa: F401 (p
 from orchestrator.console import say
 from orchestrator.errors import ConfigError
 from orchestrator.config_sections import (CaptureConfig, Config, DataConfig,  # noqa: F401 (public)
-                                          ServeConfig, StudentConfig, TeacherConfig, TrainConfig,
-                                          TuneConfig)
+                                          OnPolicyConfig, ServeConfig, StudentConfig,
+                                          TeacherConfig, TrainConfig, TuneConfig)
 from orchestrator.paths import expand_paths
 
 
 _SECTIONS = {"teacher": TeacherConfig, "data": DataConfig, "capture": CaptureConfig,
-             "student": StudentConfig, "train": TrainConfig, "tune": TuneConfig,
-             "serve": ServeConfig}
+             "student": StudentConfig, "train": TrainConfig, "on_policy": OnPolicyConfig,
+             "tune": TuneConfig, "serve": ServeConfig}
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -232,7 +232,7 @@ def coerce_field(key: str, value):
     """`value` as the student/train field `key` (e.g. "train.lr") holds it; ConfigError if it
     cannot (a search space's values go through here, as a config file's do)."""
     section, _, name = key.partition(".")
-    cls = {"student": StudentConfig, "train": TrainConfig}[section]
+    cls = {"student": StudentConfig, "train": TrainConfig, "on_policy": OnPolicyConfig}[section]
     return _coerce(key, get_type_hints(cls)[name], value)
 
 

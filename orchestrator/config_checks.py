@@ -13,7 +13,7 @@ from orchestrator.errors import ConfigError
 if TYPE_CHECKING:
     from orchestrator.config import Config, ServeConfig, TuneConfig
 
-BASELINES = ("hard", "bc")
+BASELINES = ("hard", "bc", "offline")
 
 
 def validate_serve(s: ServeConfig) -> None:
@@ -136,7 +136,8 @@ def _validate_training(cfg: Config) -> None:
     _check(tr.lr > 0, f"train.lr must be > 0, got {tr.lr}")
     _check(tr.num_workers >= 0, f"train.num_workers must be >= 0 (0: in-process), got {tr.num_workers}")
     for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "log_every",
-                 "eval_samples", "max_shards_ahead", "bc_prompt_tokens", "students_at_once"):
+                 "eval_samples", "max_shards_ahead", "bc_prompt_tokens", "students_at_once",
+                 "shuffle_shards"):
         value = getattr(tr, name)
         _check(value >= 1, f"train.{name} must be at least 1, got {value}")
     _check(tr.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {tr.warmup_steps}")
@@ -147,9 +148,48 @@ def _validate_training(cfg: Config) -> None:
     unknown = [b for b in tr.baselines if b not in BASELINES]
     _check(not unknown, f"train.baselines has {unknown}; valid baselines: {', '.join(BASELINES)} "
                         "(or [] for none)")
+    _check(tr.on_policy > 0 or "offline" not in tr.baselines,
+           "train.baselines has offline (the KD student without on-policy samples), but "
+           "train.on_policy is 0, so the KD student already is that; drop offline from "
+           "train.baselines or set train.on_policy > 0")
+    _validate_on_policy(cfg)
     d = cfg.data
     _check(0 <= d.eval_fraction < 1, f"data.eval_fraction must be in [0, 1), got {d.eval_fraction}")
 
+
+
+def _validate_on_policy(cfg: Config) -> None:
+    tr, o = cfg.train, cfg.on_policy
+    _check(0 <= tr.on_policy <= 1, f"train.on_policy must be in [0, 1] (the share of each batch "
+                                   f"from the student's own samples), got {tr.on_policy}")
+    _check(0 < o.beta < 1, f"on_policy.beta must be in (0, 1), got {o.beta}")
+    _check(o.temperature >= 0, f"on_policy.temperature must be >= 0 (0: greedy), got "
+                               f"{o.temperature}")
+    for name in ("max_new_tokens", "prompt_tokens", "sync_every", "rollout_actors",
+                 "teacher_actors"):
+        value = getattr(o, name)
+        _check(value >= 1, f"on_policy.{name} must be at least 1, got {value}")
+    _check(o.start_step >= 0, f"on_policy.start_step must be >= 0, got {o.start_step}")
+    _check(tr.on_policy <= 0 or o.start_step < tr.max_steps,
+           f"on_policy.start_step {o.start_step} is not before train.max_steps {tr.max_steps}: "
+           "the student would never learn from its own samples; lower on_policy.start_step")
+    _check(o.max_staleness >= 0, f"on_policy.max_staleness must be >= 0, got {o.max_staleness}")
+    _check(o.sync_every - 1 <= o.max_staleness,
+           f"on_policy.sync_every {o.sync_every} lets the rollout weights lag up to "
+           f"{o.sync_every - 1} steps, more than on_policy.max_staleness {o.max_staleness}; "
+           f"lower sync_every or raise max_staleness to at least {o.sync_every - 1}")
+    _check(o.rollout_cpus > 0, f"on_policy.rollout_cpus must be > 0, got {o.rollout_cpus}")
+    _check(o.teacher_cpus > 0, f"on_policy.teacher_cpus must be > 0, got {o.teacher_cpus}")
+    _check(o.rollout_gpus >= 0, f"on_policy.rollout_gpus must be >= 0, got {o.rollout_gpus}")
+    _check(o.kv_cache_gib > 0, f"on_policy.kv_cache_gib must be > 0, got {o.kv_cache_gib}")
+    if tr.on_policy > 0:
+        length = cfg.data.max_length
+        _check(length is None or o.max_new_tokens < length,
+               f"on_policy.max_new_tokens ({o.max_new_tokens}) leaves no room for a prompt in "
+               f"data.max_length ({length}) tokens; lower on_policy.max_new_tokens or raise "
+               "data.max_length")
+        _check(tr.strategy == "ddp" or tr.num_workers <= 1,
+               "train.on_policy > 0 with train.strategy fsdp is not supported yet; use ddp")
 
 
 def _check_packing(cfg: Config) -> None:

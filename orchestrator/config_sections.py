@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Literal
 
+from orchestrator.config_onpolicy import OnPolicyConfig
 from orchestrator.paths import identity
 
 
@@ -162,6 +163,14 @@ class TrainConfig:
     """Sequences per micro-batch per worker."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
+    shuffle_shards: int = 8
+    """Shards each worker reads at a time and shuffles together (every epoch visits the shards in
+    a seeded order). A shard keeps the data file's order, so in a sorted or grouped file it holds
+    one topic; shuffling one shard at a time made the demo's students follow one topic for a dozen
+    steps (its KD student: 4.95 nats/token held-out after 300 steps instead of 4.60 with every
+    sample shuffled; BENCHMARKS.md "Demo quality"). Memory: this many decoded shards in each
+    worker's read task (~18 MB per 35k tokens at k = 64). 1: one shard at a time (the order
+    before)."""
     packing: bool = False
     """Sequence packing: a micro-batch is as many samples as fit, concatenated without padding,
     in `max_tokens_per_batch` // data.max_length rows of data.max_length tokens (position ids
@@ -219,6 +228,15 @@ class TrainConfig:
     completions side by side (0: none). Their prompt part, or their first bc_prompt_tokens."""
     report_new_tokens: int = 48
     """Tokens each model writes for each of those prompts (greedy)."""
+    on_policy: float = 0.0
+    """On-policy share λ of each batch: that share of every micro-batch's samples are the
+    student's own continuations of the data's prompts, scored by the teacher as it goes and
+    learned with `on_policy.loss` on the generated tokens only; the rest are offline shards.
+    0: offline only; 1: purely on-policy (section `on_policy`)."""
+    on_policy_prompts: Literal["auto", "data", "prefix"] = "auto"
+    """What the student continues: `data` (the records' prompts: a completion's prompt, a chat up
+    to its last assistant turn), `prefix` (the first on_policy.prompt_tokens tokens of each
+    text), `auto` (the data's prompts where a record has one, else its prefix)."""
 
 
 @dataclass
@@ -309,6 +327,7 @@ class Config:
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     output_dir: str = ""

@@ -39,10 +39,13 @@ def sweep_dir(output_dir: str, sweep: str) -> str:
 
 
 def trial_label(index: int, *, layers: int | None = None, hidden: int | None = None,
-                loss: str | None = None, temperature: float | None = None) -> str:
+                loss: str | None = None, temperature: float | None = None,
+                on_policy: tuple[float, str] | None = None) -> str:
     """A sweep trial's short, readable, unique id: `t03-2x256-jsd-T2` (its folder, its Ray Train
-    run, its leaderboard row and its served model's name); `t03` alone for a trial whose
-    combination cannot be built (it fails, named)."""
+    run, its leaderboard row and its served model's name), `t03-2x256-jsd-T2-op0.5rkl` with an
+    on-policy share; `t03` alone for a trial whose combination cannot be built (it fails,
+    named)."""
     if layers is None:
         return f"t{index:02d}"
-    return f"t{index:02d}-{layers}x{hidden}-{loss}-T{temperature:g}"
+    label = f"t{index:02d}-{layers}x{hidden}-{loss}-T{temperature:g}"
+    return label + (f"-op{on_policy[0]:g}{on_policy[1]}" if on_policy else "")

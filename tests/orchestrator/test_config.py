@@ -90,6 +90,7 @@ def test_local_paths_become_absolute(tmp_path, monkeypatch):
     ("student.heads=3", "student.heads (3) must divide student.hidden (128)"),
     ("student.preset=giant", "student.preset must be one of nano, micro"),
     ("train.grad_accum=0", "train.grad_accum must be at least 1"),
+    ("train.shuffle_shards=0", "train.shuffle_shards must be at least 1"),
 ])
 def test_training_sections_validated_before_work(override, message):
     with pytest.raises(ConfigError) as e:

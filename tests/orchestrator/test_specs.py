@@ -28,7 +28,7 @@ def plans(tiny_teacher, texts, tmp_path):
             "train.eval_samples": 5, "train.log_every": 5, "train.reader_cpus": 0.5,
             "teacher.tail_temperatures": "[2.0]", "train.packing": "true",
             "train.max_tokens_per_batch": 256, "train.precision": "bf16",
-            "train.gradient_checkpointing": "true"}
+            "train.gradient_checkpointing": "true", "train.shuffle_shards": 3}
     cfg = load_config(None, [f"{k}={v}" for k, v in sets.items()])
     by_kind = {p.kind: p for p in plan_captures(cfg)}
     return cfg, by_kind[CaptureKind.MAIN], by_kind[CaptureKind.HELDOUT]
@@ -52,6 +52,7 @@ def test_a_student_runs_spec_takes_each_setting_from_the_config(plans, tiny_teac
             spec.optim.max_steps, spec.optim.seed) == (5e-4, 3, 2, 4, 30, 11)
     assert (spec.optim.packing, spec.optim.max_tokens_per_batch, spec.optim.precision,
             spec.run.gradient_checkpointing, spec.data.max_length) == (True, 256, "bf16", True, 64)
+    assert spec.data.shuffle_shards == 3
     # the held-out capture truncates whatever data.long_text says: its own expectations
     assert (spec.eval.every, spec.eval.heldout_uri, spec.eval.samples) == \
         (10, held.cfg.output_dir, 5)
