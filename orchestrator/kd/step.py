@@ -14,6 +14,8 @@ same loss and gradients (tests/orchestrator/test_student_loss.py); the fused one
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from orchestrator.kd.batches import Batch
@@ -35,6 +37,12 @@ class StudentLoss:
                 self.head = lm_head(model, probe_ids=probe_ids)
             except HeadNotFused as e:
                 self.reason = str(e)
+
+    def with_spec(self, spec: LossSpec) -> StudentLoss:
+        """The same path (the head checked once) for another loss: an on-policy part's."""
+        other = copy.copy(self)
+        other.spec = spec
+        return other
 
     def describe(self) -> str:
         """One line for the run's log: which path the loss takes, and why the dense one."""

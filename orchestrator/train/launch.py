@@ -22,7 +22,8 @@ from dataclasses import dataclass, replace
 from orchestrator.errors import (DivergedError, RaydistillError, RemoteError, remote_cause,
                                  remote_errors)
 from orchestrator.storage import exists, filesystem
-from orchestrator.train.loop import HISTORY_FILE, STATE_FILE, batch_layout, refuse_changed_layout
+from orchestrator.train.layout import batch_layout, refuse_changed_layout
+from orchestrator.train.loop import HISTORY_FILE, STATE_FILE
 from orchestrator.train.specs import TrainSpec
 
 MODEL_DIR = "model"
@@ -57,7 +58,9 @@ def fit_student(spec: TrainSpec, *, storage: str, name: str, num_workers: int, u
                  batch_layout(batch_size=spec.optim.batch_size, grad_accum=spec.optim.grad_accum,
                               num_workers=num_workers, seed=spec.optim.seed,
                               max_tokens_per_batch=spec.optim.max_tokens_per_batch
-                              if spec.optim.packing else None),
+                              if spec.optim.packing else None,
+                              on_policy=spec.on_policy.share if spec.on_policy else 0.0,
+                              shuffle_shards=spec.data.shuffle_shards),
                  what=f"the {spec.run.label} student's run {name}")
     t0 = time.time()
     if num_workers == 0:

@@ -22,12 +22,14 @@ import shutil
 import tempfile
 import time
 import warnings
+from contextlib import nullcontext
 
 import torch
 
 from orchestrator.errors import ConfigError, DivergedError
 from orchestrator.kd.evaluate import SEQUENCES_KEY
 from orchestrator.train import sharding
+from orchestrator.train.layout import batch_layout, refuse_changed_layout
 from orchestrator.train.specs import TrainSpec
 
 STATE_FILE = "train_state.pt"
@@ -40,33 +42,6 @@ def lr_lambda(step: int, *, warmup: int, total: int) -> float:
         return (step + 1) / max(1, warmup)
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def batch_layout(*, batch_size: int, grad_accum: int, num_workers: int, seed: int,
-                 max_tokens_per_batch: int | None = None) -> dict:
-    """What fixes a run's data position: a checkpoint at step s has consumed s · batch_size ·
-    grad_accum samples of each worker's stream (packed, `max_tokens_per_batch` given: as many as
-    filled s · grad_accum micro-batches of that many token slots, counted in the checkpoint), and
-    the streams depend on the number of workers (local mode, 0, streams like 1) and the seed. A
-    resume must keep all of them."""
-    layout = {"train.batch_size": batch_size, "train.grad_accum": grad_accum,
-              "train.num_workers": max(1, num_workers), "train.seed": seed,
-              "train.packing": max_tokens_per_batch is not None}
-    if max_tokens_per_batch is not None:
-        layout["train.max_tokens_per_batch"] = max_tokens_per_batch
-    return layout
-
-
-def refuse_changed_layout(old: dict, new: dict, *, what: str) -> None:
-    """ConfigError naming each setting whose value differs between `old` and `new`."""
-    old = {"train.packing": False} | old  # recorded before packing existed: unpacked
-    changed = [f"{key} {old[key]} → {new[key]}" for key in new
-               if key in old and old[key] != new[key]]
-    if changed:
-        raise ConfigError(
-            f"{what} started with another batch layout ({', '.join(changed)}); resuming it would "
-            "shift its data position and train on other samples than it should. Resume with the "
-            "old values, or start a new experiment (omit --resume)")
 
 
 def train_worker(config: dict) -> None:
@@ -111,7 +86,9 @@ def train_worker(config: dict) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     layout = batch_layout(batch_size=opt.batch_size, grad_accum=opt.grad_accum,
                           num_workers=world, seed=opt.seed,
-                          max_tokens_per_batch=opt.max_tokens_per_batch if opt.packing else None)
+                          max_tokens_per_batch=opt.max_tokens_per_batch if opt.packing else None,
+                          on_policy=spec.on_policy.share if spec.on_policy else 0.0,
+                          shuffle_shards=data.shuffle_shards)
     strategy = "fsdp" if sharding.sharded(run.strategy, world) else "ddp"
     state = _restore(model, layout=layout, label=run.label, strategy=strategy)
     step, history = state.get("step", 0), state.get("history", [])
@@ -137,7 +114,7 @@ def train_worker(config: dict) -> None:
     watcher = ShardWatcher(data.shards_uri, wait=data.streaming, board=run.board)
     stream = SampleStream(watcher, units=data.units, rank=rank, world=world, seed=opt.seed,
                           position=position, streaming=data.streaming, expect=data.expect,
-                          reader_cpus=run.reader_cpus,
+                          reader_cpus=run.reader_cpus, shuffle_shards=data.shuffle_shards,
                           report_to=(run.board, run.label) if run.board is not None else None)
     samples = iter(stream)
     packer = (Packer(samples, max_tokens=opt.max_tokens_per_batch,
@@ -150,50 +127,87 @@ def train_worker(config: dict) -> None:
                                       "tokenizer_fingerprint": data.expect.get(
                                           "tokenizer_fingerprint")})
 
+    onp, n_on = None, 0
+    if spec.on_policy is not None:  # the student's own samples, scored by the teacher
+        from orchestrator.train.onpolicy import OnPolicySource, on_policy_count
+
+        n_on = on_policy_count(spec.on_policy.share, opt.batch_size)
+        prompts = SampleStream(watcher, units=data.units, rank=rank, world=world,
+                               seed=opt.seed + 1, position=state.get("onpolicy_positions",
+                                                                     [0] * world)[rank],
+                               streaming=data.streaming, expect=data.expect,
+                               reader_cpus=run.reader_cpus,
+                               report_to=stream.report_to if n_on == opt.batch_size
+                               and not spec.on_policy.start_step else None)
+        onp = OnPolicySource(spec.on_policy, prompts=iter(prompts), per_step=n_on * opt.grad_accum,
+                             rank=rank, world=world, seed=opt.seed, label=run.label)
+        if step >= spec.on_policy.start_step:
+            onp.sync(sharding.full_weights(core, strategy=strategy, world=world), step)
+        on_loss = step_loss.with_spec(spec.on_policy.loss)
+    start = spec.on_policy.start_step if onp else 0
     window = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "tokens": 0, "slots": 0, "wait": 0.0,
-              "time": 0.0, "n": 0, "folded": 0.0, "kd_positions": 0}
+              "time": 0.0, "n": 0, "folded": 0.0, "kd_positions": 0, "onpolicy_kd": 0.0}
     warned_fold = False
     model.train()
     while step < opt.max_steps:
         t0 = time.perf_counter()
         wait = 0.0
+        # before on_policy.start_step the whole batch is offline (the student warms up first)
+        n_now, share = (n_on, spec.on_policy.share) if onp and step >= start else (0, 0.0)
+        on_rows = onp.take(step, prefetch=step + 1 < opt.max_steps) if n_now else []
         for micro in range(opt.grad_accum):
-            tw = time.perf_counter()
-            rows = packer.take() if packer else [next(samples) for _ in range(opt.batch_size)]
-            wait += time.perf_counter() - tw
-            batch = (pack(rows, row_tokens=packer.row_tokens,
-                          hard_labels_from_prompt=data.hard_labels_from_prompt) if packer else
-                     collate(rows, hard_labels_from_prompt=data.hard_labels_from_prompt))
-            batch, folded = fold_vocab(batch, vocab_rows)
-            window["folded"] += folded
-            window["kd_positions"] += int(batch.kd_mask.sum())
-            if folded > 0 and not warned_fold:
-                warned_fold = True
-                warnings.warn(f"the {run.label} student has {vocab_rows} embedding rows; teacher "
-                              "top-k ids past them carry "
-                              f"{folded / max(int(batch.kd_mask.sum()), 1):.2%} of the teacher's "
-                              "probability per position in this batch, folded into the tail "
-                              "(metric folded_mass)", stacklevel=1)
-            sync = micro == opt.grad_accum - 1 or world == 1
-            if strategy == "fsdp":
-                model.set_requires_gradient_sync(sync)
-            with (model.no_sync() if not sync and hasattr(model, "no_sync") else _null()):
-                with torch.autocast(device.type, dtype=torch.bfloat16,
-                                    enabled=opt.precision == "bf16"):
-                    parts = step_loss(model, batch, device=device)
-                (parts.total / opt.grad_accum).backward()
-            window["loss"] += parts.total.item() / opt.grad_accum
-            window["kd"] += parts.kd.item() / opt.grad_accum
-            window["ce"] += parts.ce.item() / opt.grad_accum
-            window["tokens"] += int(batch.attention_mask.sum())
-            window["slots"] += unpacked_slots([len(r["input_ids"]) for r in rows],
-                                              batch_size=opt.batch_size)
-            _check_finite(parts.total.item(), spec, step=step + 1)
+            parts = []  # (batch, loss, weight): the offline part and the on-policy part
+            if n_now < opt.batch_size:
+                tw = time.perf_counter()
+                rows = (packer.take() if packer else
+                        [next(samples) for _ in range(opt.batch_size - n_now)])
+                wait += time.perf_counter() - tw
+                batch = (pack(rows, row_tokens=packer.row_tokens,
+                              hard_labels_from_prompt=data.hard_labels_from_prompt) if packer else
+                         collate(rows, hard_labels_from_prompt=data.hard_labels_from_prompt))
+                window["slots"] += unpacked_slots([len(r["input_ids"]) for r in rows],
+                                                  batch_size=opt.batch_size - n_now)
+                parts.append(("offline", batch, step_loss, 1.0 - share))
+            if n_now:
+                mine = on_rows[micro * n_now:(micro + 1) * n_now]
+                window["slots"] += unpacked_slots([len(r["input_ids"]) for r in mine],
+                                                  batch_size=n_on)
+                parts.append(("onpolicy", collate(mine), on_loss, share))
+            for j, (kind, batch, part_loss, weight) in enumerate(parts):
+                batch, folded = fold_vocab(batch, vocab_rows)
+                window["folded"] += folded
+                window["kd_positions"] += int(batch.kd_mask.sum())
+                if folded > 0 and not warned_fold:
+                    warned_fold = True
+                    share = folded / max(int(batch.kd_mask.sum()), 1)
+                    warnings.warn(f"the {run.label} student has {vocab_rows} embedding rows; "
+                                  f"teacher top-k ids past them carry {share:.2%} of the teacher's"
+                                  " probability per position in this batch, folded into the tail"
+                                  " (metric folded_mass)", stacklevel=1)
+                sync = (micro == opt.grad_accum - 1 and j == len(parts) - 1) or world == 1
+                if strategy == "fsdp":
+                    model.set_requires_gradient_sync(sync)
+                with (model.no_sync() if not sync and hasattr(model, "no_sync") else nullcontext()):
+                    with torch.autocast(device.type, dtype=torch.bfloat16,
+                                        enabled=opt.precision == "bf16"):
+                        loss_parts = part_loss(model, batch, device=device)
+                    (loss_parts.total * (weight / opt.grad_accum)).backward()
+                _check_finite(loss_parts.total.item(), spec, step=step + 1)
+                window["loss"] += loss_parts.total.item() * weight / opt.grad_accum
+                if kind == "offline":
+                    window["kd"] += loss_parts.kd.item() / opt.grad_accum
+                    window["ce"] += loss_parts.ce.item() / opt.grad_accum
+                else:
+                    window["onpolicy_kd"] += loss_parts.kd.item() / opt.grad_accum
+                window["tokens"] += int(batch.attention_mask.sum())
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        if (onp is not None and step >= start and step < opt.max_steps
+                and (step % spec.on_policy.sync_every == 0 or step == start)):
+            onp.sync(sharding.full_weights(core, strategy=strategy, world=world), step)
         window["wait"] += wait
         window["time"] += time.perf_counter() - t0
         window["n"] += 1
@@ -201,6 +215,11 @@ def train_worker(config: dict) -> None:
         if step % run.log_every == 0 or evaluate_now:
             metrics = _window_metrics(window, step=step, lr=schedule.get_last_lr()[0],
                                       epoch=stream.epoch, world=world)
+            if onp is not None:
+                metrics["onpolicy_kd"] = window["onpolicy_kd"] / max(window["n"], 1)
+                metrics.update(onp.metrics(wall_s=window["time"],
+                                           train_s=window["time"] - window["wait"]
+                                           - onp.window["wait_s"]))
             metrics.update(time=time.time(), pid=os.getpid(),
                            fused_head=float(step_loss.head is not None))
             # teacher mass on ids the student has no row for, per labelled position (0 unless a
@@ -224,6 +243,9 @@ def train_worker(config: dict) -> None:
                 run.board.train_update.remote(run.label, metrics)
             positions = (_positions(stream.position - (packer.held if packer else 0), world)
                          if evaluate_now else None)
+            if onp is not None and evaluate_now:  # prompts asked for but not trained on: again
+                positions = {"samples": positions,
+                             "onpolicy": _positions(prompts.position - onp.in_flight(), world)}
             _report(metrics, history, step=step, positions=positions, model=core,
                     tokenizer=tokenizer, optimizer=optimizer, schedule=schedule, layout=layout,
                     checkpoint=evaluate_now, rank=rank, keep=run.local, strategy=strategy,
@@ -259,14 +281,6 @@ def _student_loss(model, loss, *, run, world: int, probe_ids):
         if ray.train.get_context().get_world_rank() == 0:
             print(f"[{run.label}] {step_loss.describe()}", flush=True)
     return step_loss
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _window_metrics(window: dict, *, step: int, lr: float, epoch: int, world: int) -> dict:
@@ -328,12 +342,15 @@ def _report(metrics: dict, history: list, *, step: int, positions: list[int] | N
         ray.train.report(metrics, checkpoint=None)
         return
     tmp = tempfile.mkdtemp(prefix="raydistill-ckpt-")
+    extra = {}
+    if isinstance(positions, dict):  # on-policy: the prompt stream's positions too
+        positions, extra = positions["samples"], {"onpolicy_positions": positions["onpolicy"]}
     try:
         model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         torch.save({"optimizer": optim, "schedule": schedule.state_dict(), "step": step,
                     "position": positions[0], "positions": positions, "layout": layout,
-                    "strategy": strategy},
+                    "strategy": strategy, **extra},
                    os.path.join(tmp, STATE_FILE))
         with open(os.path.join(tmp, HISTORY_FILE), "w") as f:
             json.dump(history, f)
@@ -374,4 +391,4 @@ def _restore(model, *, layout: dict, label: str, strategy: str) -> dict:
             history = json.load(f)
     return {"step": state["step"], "history": history, "optimizer": state["optimizer"],
             "schedule": state["schedule"], "position": state["position"],
-            **({"positions": state["positions"]} if "positions" in state else {})}
+            **{key: state[key] for key in ("positions", "onpolicy_positions") if key in state}}

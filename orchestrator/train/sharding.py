@@ -69,6 +69,18 @@ def full_state(model, optimizer, *, strategy: str, world: int) -> tuple[dict | N
     return weights, optim
 
 
+def full_weights(model, *, strategy: str, world: int) -> dict | None:
+    """The whole weights (HF names) on the first worker, None on the others; for fsdp every worker
+    must call it (the shards are gathered). What on-policy rollouts are refreshed with."""
+    if not sharded(strategy, world):
+        return model.state_dict() if world == 1 or torch.distributed.get_rank() == 0 else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                   cpu_offload=True))
+    return weights if torch.distributed.get_rank() == 0 else None
+
+
 def load_optimizer(model, optimizer, state: dict, *, strategy: str, world: int) -> None:
     """Restore the optimizer state `full_state` saved (every worker reads the whole of it)."""
     if not sharded(strategy, world):

@@ -3,10 +3,15 @@ shards, read, verified and decoded by Ray Data tasks ahead of the training step.
 
 Order. Epoch e visits the shards in a seeded permutation of the units (epoch 0 of a streaming run
 keeps capture order, so the first shards published are the first read); worker r of W takes every
-W-th shard of that order; the rows of a shard are shuffled with a seed derived from
-(seed, epoch, unit). The stream is a pure function of (seed, rank, world, units), so a restarted
-worker resumes exactly where its checkpoint says: it skips `position` samples using the manifest's
-row counts — no shard is skipped or read twice within an epoch because of a restart.
+W-th shard of that order; it reads them `shuffle_shards` at a time (a window) and shuffles the rows
+of each window together, with a seed derived from (seed, epoch, the window's first unit). A window
+of several shards matters: a capture keeps its data file's order, so one shard of a sorted or
+grouped file holds one topic (the demo's: a few standard-library modules), and a student fed one
+shard at a time follows that topic for a dozen steps and forgets the last one (the demo's KD
+student: 4.95 nats/token held-out instead of 4.60; BENCHMARKS.md, "Demo quality"). The stream
+is a pure function of (seed, rank, world, units, shuffle_shards), so a restarted worker resumes
+exactly where its checkpoint says: it skips `position` samples using the manifest's row counts —
+no shard is skipped or read twice within an epoch because of a restart.
 
 Streaming. A shard exists for readers once manifest.json lists it (the driver records it after the
 atomic write). A read task waits, polling the manifest, until its shard is listed; the wait shows up
@@ -33,6 +38,7 @@ from orchestrator.shards.format import decode_rows, load_shard, read_bytes, shar
 _FIELDS = ("sample_id", "input_ids", "prompt_len", "topk_ids", "topk_logprobs", "tail_mass",
            "tail_temperatures", "loss_mask")
 _EPOCHS_PER_PIPELINE = 8
+_OUT_ROWS = 32  # samples per Ray Data block a read task yields
 
 
 def epoch_order(units: list[int], *, seed: int, epoch: int, capture_order: bool) -> list[int]:
@@ -44,7 +50,14 @@ def epoch_order(units: list[int], *, seed: int, epoch: int, capture_order: bool)
 
 
 def _row_seed(seed: int, epoch: int, unit: int) -> list[int]:
+    """The row shuffle's seed of the window (or single shard) that starts with `unit`."""
     return [seed, epoch, unit, 0xB10C]
+
+
+def windows(units: list[int], size: int) -> list[list[int]]:
+    """`units` (one worker's epoch order) cut into consecutive windows of `size` shards, the last
+    one shorter: the shards whose rows are shuffled together."""
+    return [units[i:i + size] for i in range(0, len(units), size)]
 
 
 class ShardWatcher:
@@ -115,28 +128,36 @@ def check_shard_origin(meta: dict, expect: dict, *, name: str) -> None:
 
 
 class _ReadShard:
-    """Ray Data map_batches function: one shard unit in, its shuffled samples out."""
+    """Ray Data map_batches function: one window of shard units in (their ids joined by commas),
+    their samples shuffled together out."""
 
     def __init__(self, watcher: ShardWatcher, *, seed: int, expect: dict | None,
                  reported: tuple | None = None):
         self.watcher, self.seed, self.expect = watcher, seed, expect
         self.reported = reported  # (board, label): where to report each shard read
 
-    def __call__(self, batch: dict) -> dict:
-        out: dict[str, list] = {name: [] for name in (*_FIELDS, "unit", "epoch")}
-        for epoch, unit, skip in zip(batch["epoch"], batch["unit"], batch["skip"]):
-            samples = self.watcher.read(int(unit), expect=self.expect)
-            if self.reported is not None:
-                board, label = self.reported
-                board.shard_read.remote(label, int(unit))
-            rng = np.random.default_rng(_row_seed(self.seed, int(epoch), int(unit)))
-            for i in rng.permutation(len(samples))[int(skip):]:
-                s = samples[i]
-                for name in _FIELDS:
-                    out[name].append(s[name])
-                out["unit"].append(int(unit))
-                out["epoch"].append(int(epoch))
-        return {name: _column(values) for name, values in out.items()}
+    def __call__(self, batch: dict) -> Iterator[dict]:
+        """Yields the window's shuffled samples `_OUT_ROWS` at a time: Ray Data stores each
+        yield as one block, so the object store never holds a whole window in one piece."""
+        for epoch, window, skip in zip(batch["epoch"], batch["units"], batch["skip"]):
+            units = [int(u) for u in str(window).split(",")]
+            samples: list[tuple[int, dict]] = []
+            for unit in units:
+                samples += [(unit, s) for s in self.watcher.read(unit, expect=self.expect)]
+                if self.reported is not None:
+                    board, label = self.reported
+                    board.shard_read.remote(label, unit)
+            rng = np.random.default_rng(_row_seed(self.seed, int(epoch), units[0]))
+            order = rng.permutation(len(samples))[int(skip):]
+            for start in range(0, len(order), _OUT_ROWS):
+                out: dict[str, list] = {name: [] for name in (*_FIELDS, "unit", "epoch")}
+                for i in order[start:start + _OUT_ROWS]:
+                    unit, s = samples[i]
+                    for name in _FIELDS:
+                        out[name].append(s[name])
+                    out["unit"].append(unit)
+                    out["epoch"].append(int(epoch))
+                yield {name: _column(values) for name, values in out.items()}
 
 
 def _column(values: list) -> np.ndarray:
@@ -152,12 +173,15 @@ class SampleStream:
 
     `units`: every unit of the capture (all of them, published or not, in a streaming run).
     `position`: samples this worker has already consumed (restored from a checkpoint).
+    `shuffle_shards`: shards whose rows are shuffled together (train.shuffle_shards).
     """
 
     def __init__(self, watcher: ShardWatcher, *, units: list[int], rank: int, world: int,
                  seed: int, position: int = 0, streaming: bool = False, expect: dict | None = None,
-                 reader_cpus: float = 0.25, report_to: tuple | None = None):
+                 reader_cpus: float = 0.25, report_to: tuple | None = None,
+                 shuffle_shards: int = 1):
         self.watcher, self.units, self.rank, self.world = watcher, list(units), rank, world
+        self.shuffle_shards = max(1, shuffle_shards)
         self.seed, self.position, self.streaming = seed, position, streaming
         self.expect, self.reader_cpus, self.report_to = expect, reader_cpus, report_to
         self.epoch = 0
@@ -166,10 +190,10 @@ class SampleStream:
                              "each worker needs at least one: lower train.num_workers or "
                              "capture.samples_per_shard")
 
-    def _my_units(self, epoch: int) -> list[int]:
+    def _my_windows(self, epoch: int) -> list[list[int]]:
         order = epoch_order(self.units, seed=self.seed, epoch=epoch,
                             capture_order=self.streaming and epoch == 0)
-        return order[self.rank::self.world]
+        return windows(order[self.rank::self.world], self.shuffle_shards)
 
     def __iter__(self) -> Iterator[dict]:
         import ray.data
@@ -183,9 +207,10 @@ class SampleStream:
             # one Ray Data pipeline spans several epochs: starting one costs seconds
             items = []
             for e in range(epoch, epoch + _EPOCHS_PER_PIPELINE):
-                todo = self._my_units(e)[first if e == epoch else 0:]
-                items += [{"epoch": e, "unit": u, "skip": rows_in if (e == epoch and i == 0) else 0}
-                          for i, u in enumerate(todo)]
+                todo = self._my_windows(e)[first if e == epoch else 0:]
+                items += [{"epoch": e, "units": ",".join(map(str, w)),
+                           "skip": rows_in if (e == epoch and i == 0) else 0}
+                          for i, w in enumerate(todo)]
             ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
             ds = ds.map_batches(_ReadShard(self.watcher, seed=self.seed, expect=self.expect,
                                            reported=self.report_to),
@@ -197,12 +222,12 @@ class SampleStream:
             epoch, first, rows_in = epoch + _EPOCHS_PER_PIPELINE, 0, 0
 
     def _locate(self, position: int) -> tuple[int, tuple[int, int]]:
-        """(epoch, (shard index within the epoch, rows into it)) of the `position`-th sample."""
+        """(epoch, (window index within the epoch, rows into it)) of the `position`-th sample."""
         epoch = 0
         while True:
-            todo = self._my_units(epoch)
-            for i, unit in enumerate(todo):
-                rows = self.watcher.info(unit).rows
+            todo = self._my_windows(epoch)
+            for i, window in enumerate(todo):
+                rows = sum(self.watcher.info(unit).rows for unit in window)
                 if position < rows:
                     return epoch, (i, position)
                 position -= rows

@@ -91,3 +91,47 @@ def test_packed_micro_batches_resume_from_the_samples_consumed(captured):
     assert consumed == sum(len(b) for b in first)  # not what the stream yielded
     resumed, _ = micro_batches(consumed, 19)
     assert first + resumed == whole
+
+
+def test_a_shuffle_window_mixes_its_shards_and_still_resumes_exactly(captured):
+    """train.shuffle_shards: a worker reads its shards `shuffle_shards` at a time and shuffles
+    their rows together, so consecutive batches mix the shards (a shard of a sorted file is one
+    topic) — still every sample once per epoch, and a resume from any position continues the same
+    order."""
+    fs, root = filesystem(str(capture_folder(captured["out"])))
+    m = load_manifest(fs, root)
+    units = sorted(m.shards)
+    total = sum(s.rows for s in m.shards.values())
+    watcher = ShardWatcher(str(capture_folder(captured["out"])), wait=False)
+    first = epoch_order(units, seed=5, epoch=0, capture_order=False)[0]
+    n = m.shards[first].rows
+
+    def head(size, count, position=0):
+        it = iter(SampleStream(watcher, units=units, rank=0, world=1, seed=5, position=position,
+                               shuffle_shards=size))
+        return [next(it) for _ in range(count)]
+
+    assert {int(r["unit"]) for r in head(1, n)} == {first}  # one shard at a time: one topic
+    mixed = head(4, total + 20)
+    assert len({int(r["unit"]) for r in mixed[:n]}) >= 3    # four shards interleaved
+    ids = [r["sample_id"] for r in mixed]
+    assert len(set(ids[:total])) == total                   # every sample once per epoch
+    for position in (0, 5, n + 3, total - 2):
+        assert [r["sample_id"] for r in head(4, 20, position)] == ids[position:position + 20]
+
+
+def test_the_shuffle_window_is_part_of_the_batch_layout_a_resume_keeps():
+    """Another window reorders the samples, so a resume with another train.shuffle_shards is
+    refused — and a checkpoint from before windows existed read one shard at a time."""
+    from orchestrator.errors import ConfigError
+    from orchestrator.train.layout import batch_layout, refuse_changed_layout
+
+    def layout(w):
+        return batch_layout(batch_size=8, grad_accum=1, num_workers=1, seed=0, shuffle_shards=w)
+
+    before = {k: v for k, v in layout(1).items() if k != "train.shuffle_shards"}
+    refuse_changed_layout(before, layout(1), what="run")
+    refuse_changed_layout(layout(8), layout(8), what="run")
+    for old in (before, layout(4)):
+        with pytest.raises(ConfigError, match=r"train.shuffle_shards (1|4) → 8"):
+            refuse_changed_layout(old, layout(8), what="run")
