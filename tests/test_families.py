@@ -219,3 +219,62 @@ def test_one_serve_app_serves_a_student_of_every_family(matrix):
             assert choice.text and out.usage.completion_tokens >= 1, (m.id, out)
     finally:
         app.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])  # llama: tests/test_onpolicy.py
+def test_on_policy_student_learns_from_its_own_scored_samples(matrix, family, tmp_path):
+    """A purely on-policy student of a non-Llama family (attention biases; tied, soft-capped head
+    and sandwich norms): the rollout engine takes the trainer's weights, the family's teacher
+    scores the samples, and 4 Ray Train steps learn from them (reverse KL on the generated tokens
+    only; no offline part)."""
+    import ray
+    from transformers import AutoConfig
+
+    from actors.pool import TeacherActor
+    from actors.rollout import RolloutActor
+    from orchestrator.kd.losses import LossSpec
+    from orchestrator.kd.student import student_config
+    from orchestrator.shapes import resolve_shape
+    from orchestrator.shards.specs import EngineSpec
+    from orchestrator.teacher_info import inspect_teacher, load_tokenizer
+    from orchestrator.train.launch import fit_student
+    from orchestrator.train.specs import (DataSpec, EvalSpec, OnPolicySpec, OptimSpec,
+                                          RolloutEngineSpec, RunSpec, StudentSpec, TrainSpec)
+
+    teacher, cap = matrix.teacher(family), matrix.capture(family)
+    shape = resolve_shape(preset="nano")
+    model_dir = tmp_path / "rollout-model"
+    student_config(AutoConfig.from_pretrained(teacher), shape).save_pretrained(model_dir)
+    load_tokenizer(teacher).save_pretrained(model_dir)
+    retry = {"max_restarts": 1, "max_task_retries": 1}
+    rollout = RolloutActor.options(num_cpus=0.25, **retry).remote(
+        RolloutEngineSpec(model_dir=str(model_dir), backend="hf", max_model_len=128))
+    scorer = TeacherActor.options(num_cpus=0.25, **retry).remote(EngineSpec(
+        backend="hf", model=teacher, revision=None, mode="score", max_k=K, dtype="float32",
+        scoring="hidden", memory_fraction=0.1, kv_cache_gib=None, max_model_len=128,
+        tensor_parallel_size=1, chunk_rows=64, batch_tokens=2048, seed=0))
+    try:
+        spec = TrainSpec(
+            student=StudentSpec(teacher_model=teacher, shape=shape, init_from_teacher=False),
+            data=DataSpec(shards_uri=cap["out"], units=list(range(cap["units"])),
+                          streaming=False, expect={"tokenizer_fingerprint": inspect_teacher(
+                              teacher).tokenizer_fingerprint}),
+            loss=LossSpec(kind="fkl", temperature=1.0, alpha=0.5, beta=0.5, tail="renormalize"),
+            optim=OptimSpec(lr=2e-3, warmup_steps=1, batch_size=2, grad_accum=1, max_steps=4,
+                            seed=3),
+            eval=EvalSpec(every=4, heldout_uri=None, samples=0),
+            run=RunSpec(log_every=2, label="onpolicy"),
+            on_policy=OnPolicySpec(share=1.0, loss=LossSpec("rkl", 1.0, 1.0, 0.5, "renormalize"),
+                                   rollout_actors=(rollout,), teacher_actors=(scorer,), k=K,
+                                   max_length=128, max_new_tokens=8, prompts="prefix",
+                                   prompt_tokens=8))
+        result = fit_student(spec, storage=str(tmp_path / "runs"), name="onpolicy",
+                             num_workers=0, use_gpu=False, cpus_per_worker=1, max_failures=0)
+    finally:
+        for actor in (rollout, scorer):
+            ray.kill(actor, no_restart=True)
+    last = result.history[-1]
+    assert last["step"] == 4 and last["kd"] == 0.0 and np.isfinite(last["onpolicy_kd"])
+    assert last["onpolicy_kd"] > 0 and last["onpolicy_samples_per_s"] > 0
+    assert 0 < last["onpolicy_new_tokens"] <= 8 and last["onpolicy_staleness_max"] <= 1

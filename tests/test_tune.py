@@ -29,7 +29,7 @@ def test_shipped_spaces_load_and_every_combination_is_a_valid_config(tiny_teache
     from orchestrator.driver.sweeps import check_space as _check_space
     from tune_spaces import available, load_space
 
-    assert {"default", "sizes", "temperature", "loss"} <= set(available())
+    assert {"default", "sizes", "temperature", "loss", "onpolicy"} <= set(available())
     cfg = train_config(tmp_path, tiny_teacher, str(tmp_path / "d.jsonl"))
     for name in available():
         space = load_space(name)
@@ -155,7 +155,7 @@ def test_a_trials_params_change_only_the_specs_they_belong_to():
               "train.loss": "jsd", "train.temperature": 2.0, "train.alpha": 0.9,
               "train.beta": 0.3, "train.tail": "renormalize", "train.lr": 5e-4,
               "train.warmup_steps": 3, "train.batch_size": 2, "train.grad_accum": 4,
-              "train.seed": 11}
+              "train.seed": 11, "train.on_policy": 0.0}
     assert {k.removeprefix("train.") for k in params if k.startswith("train.")} == \
         set(TRAIN_KEYS)
     spec = spec_for(base, student={"preset": "nano"}, params=params)
@@ -167,6 +167,36 @@ def test_a_trials_params_change_only_the_specs_they_belong_to():
             spec.optim.grad_accum, spec.optim.seed, spec.optim.max_steps) == (5e-4, 3, 2, 4, 11, 12)
     assert (spec.data, spec.eval, spec.run) == (base.data, base.eval, base.run)
     assert spec_for(base, student={"preset": "nano"}, params={}) == base
+    assert spec.on_policy is None  # a share of 0: offline only
+
+
+def test_a_trials_on_policy_params_set_its_share_divergence_and_rollouts():
+    """train.on_policy, on_policy.loss / beta / temperature / max_new_tokens / sync_every: a
+    trial's on-policy spec is the sweep's (its actors) with them; a share of 0 drops it; the
+    trial's name says its share and divergence."""
+    from dataclasses import replace
+
+    from orchestrator.kd.losses import LossSpec
+    from orchestrator.train.specs import OnPolicySpec
+    from tune_spaces.spaces import ON_POLICY_KEYS
+    from tune_spaces.sweep import spec_for, trial_label
+
+    template = OnPolicySpec(share=1.0, loss=LossSpec("rkl", 1.0, 1.0, 0.5, "renormalize"),
+                            rollout_actors=("a",), teacher_actors=("t",))
+    base = replace(_base_spec(), on_policy=template)
+    params = {"train.on_policy": 0.5, "on_policy.loss": "jsd", "on_policy.beta": 0.2,
+              "on_policy.temperature": 0.7, "on_policy.max_new_tokens": 9,
+              "on_policy.sync_every": 2}
+    assert {k.removeprefix("on_policy.") for k in params if "." in k and
+            k.startswith("on_policy.")} == set(ON_POLICY_KEYS)
+    spec = spec_for(base, student={"preset": "nano"}, params=params)
+    o = spec.on_policy
+    assert (o.share, o.loss.kind, o.loss.beta, o.temperature, o.max_new_tokens, o.sync_every) == \
+        (0.5, "jsd", 0.2, 0.7, 9, 2)
+    assert o.rollout_actors == ("a",) and spec.loss == base.loss  # the offline loss untouched
+    assert trial_label(3, spec) == "t03-1x128-fkl-T1-op0.5jsd"
+    assert spec_for(base, student={"preset": "nano"},
+                    params={"train.on_policy": 0.0}).on_policy is None
 
 
 def test_the_sweep_status_line_counts_trials_and_names_the_best_so_far():
@@ -418,3 +448,49 @@ def test_a_sweep_whose_trials_all_failed_fails_naming_the_first_cause(captured, 
     assert [r["status"] for r in rows] == ["error", "error"]
     out = " ".join("".join(capsys.readouterr()).split())
     assert "serve them" not in out and "raydistill serve" not in out
+
+
+@pytest.mark.slow
+def test_an_on_policy_sweep_ranks_offline_and_on_policy_trials(captured, ray_session):
+    """A space over train.on_policy and on_policy.loss: the sweep starts the rollout and scoring
+    actors once (transformers rollouts here), the on-policy trials train on the student's own
+    samples (their histories have the on-policy figures), the offline one on the shards only,
+    and all are ranked in one leaderboard."""
+    from orchestrator.driver import pipeline
+    from orchestrator.train.launch import load_done
+
+    cfg = train_config(captured["out"], captured["model"], captured["data"], **{
+        "tune.space": json.dumps({"train.on_policy": {"grid": [0.0, 1.0]},
+                                  "on_policy.loss": {"grid": ["rkl"]}}),
+        "tune.max_concurrent_trials": 1, "tune.latency_tokens": 4, "tune.scheduler": "fifo",
+        "on_policy.backend": "hf", "on_policy.max_new_tokens": 8, "on_policy.prompt_tokens": 8,
+        "on_policy.rollout_cpus": 0.25, "on_policy.teacher_cpus": 0.25})
+    sweep_dir = Path(pipeline.tune(cfg))
+    rows = list(csv.DictReader(open(sweep_dir / "leaderboard.csv")))
+    assert sorted(r["id"] for r in rows) == ["t00-1x128-fkl-T1", "t01-1x128-fkl-T1-op1rkl"]
+    assert all(r["status"] == "finished" and r["step"] == "12" for r in rows)
+    for r in rows:
+        history = load_done(str(sweep_dir / "trials" / r["id"]))["history"]
+        on = [h for h in history if "onpolicy_samples_per_s" in h]
+        assert bool(on) == r["id"].endswith("op1rkl"), r["id"]
+        if on:
+            assert on[-1]["onpolicy_kd"] > 0 and on[-1]["kd"] == 0.0
+
+
+def test_an_on_policy_sweep_over_student_shapes_is_refused_before_any_trial(tiny_teacher,
+                                                                            tmp_path):
+    """The sweep's rollout actors are built for one student architecture: a space that varies
+    the student while its trials learn from their own samples is refused, naming the way out;
+    the same space with trials that end before on_policy.start_step is fine (offline trials)."""
+    from orchestrator.driver.sweeps import check_space
+    from tune_spaces import load_space
+
+    space = load_space({"student": SIZES})
+    cfg = train_config(tmp_path, tiny_teacher, str(tmp_path / "d.jsonl"),
+                       **{"train.on_policy": 0.5, "tune.max_steps": 10})
+    with pytest.raises(ConfigError, match="varies student and its trials learn from their own "
+                                          "samples.*sweep the student with train.on_policy 0"):
+        check_space(cfg, space)
+    check_space(train_config(tmp_path, tiny_teacher, str(tmp_path / "d.jsonl"), **{
+        "train.on_policy": 0.5, "tune.max_steps": 10, "on_policy.start_step": 10}), space)
+    check_space(cfg, load_space("onpolicy"))  # one student, on-policy settings varied

@@ -11,8 +11,8 @@ A space file:
       train.temperature: {grid: [1.0, 2.0]}
       train.alpha: {uniform: [0.3, 0.9]}
 
-Keys are `student.<field>` / `train.<field>` (the fields a trial may change, below) or `student`
-with mappings as values. Distributions: `grid` (every value, in every trial combination), `choice`
+Keys are `student.<field>` / `train.<field>` / `on_policy.<field>` (the fields a trial may change,
+below) or `student` with mappings as values. Distributions: `grid` (every value, in every trial combination), `choice`
 (one at random per sample), `uniform`, `loguniform` ([low, high]), `randint` ([low, high)). Each
 grid point is repeated `tune.num_samples` times with fresh draws of the random axes.
 
@@ -40,8 +40,12 @@ STUDENT_KEYS = ("preset", "layers", "hidden", "heads", "intermediate", "init_fro
 SHAPE_KEYS = ("preset", "layers", "hidden", "heads", "intermediate", "init_from_teacher")
 """The fields of a student built from the teacher's config (a pretrained model has its own)."""
 TRAIN_KEYS = ("loss", "temperature", "alpha", "beta", "tail", "lr", "warmup_steps", "batch_size",
-              "grad_accum", "seed")
-"""Training fields a trial may change (the step budget and evaluation stay the sweep's)."""
+              "grad_accum", "seed", "on_policy")
+"""Training fields a trial may change (the step budget and evaluation stay the sweep's);
+`on_policy` is the share λ of the student's own samples."""
+ON_POLICY_KEYS = ("loss", "beta", "temperature", "max_new_tokens", "sync_every")
+"""On-policy fields a trial may change (`on_policy.<field>`: the divergence on the student's
+samples, its JSD mix, the rollout temperature and length, the weight refresh period)."""
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 
 
@@ -176,8 +180,10 @@ def _parse(name: str, raw: dict, *, seen: tuple[str, ...]) -> Space:
 def _axis(space: str, key: str, dist) -> Axis:
     section, _, fname = key.partition(".")
     if key != "student" and not ((section == "student" and fname in STUDENT_KEYS)
-                                 or (section == "train" and fname in TRAIN_KEYS)):
-        allowed = [f"student.{k}" for k in STUDENT_KEYS] + [f"train.{k}" for k in TRAIN_KEYS]
+                                 or (section == "train" and fname in TRAIN_KEYS)
+                                 or (section == "on_policy" and fname in ON_POLICY_KEYS)):
+        allowed = ([f"student.{k}" for k in STUDENT_KEYS] + [f"train.{k}" for k in TRAIN_KEYS]
+                   + [f"on_policy.{k}" for k in ON_POLICY_KEYS])
         raise ConfigError(f"space {space}: {key!r} cannot vary between trials; searchable keys: "
                           f"student (a shape mapping), {', '.join(allowed)}")
     if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in KINDS:
@@ -232,8 +238,15 @@ def trial_student(base: dict, fields: dict) -> dict:
     return merged
 
 
+def on_policy_params(params: dict) -> dict:
+    """A trial's sampled `on_policy.<field>` params → {field: value}."""
+    return {k.removeprefix("on_policy."): v for k, v in params.items()
+            if k.startswith("on_policy.")}
+
+
 def split_params(params: dict) -> tuple[dict, dict]:
-    """A trial's sampled params → (student fields, train fields)."""
+    """A trial's sampled params → (student fields, train fields); `on_policy_params` has the
+    rest."""
     student, train = {}, {}
     for key, value in params.items():
         if key == "student":

@@ -25,7 +25,7 @@ from orchestrator import names
 from orchestrator.errors import RaydistillError, remote_errors
 from orchestrator.shapes import resolve_shape
 from orchestrator.train.specs import TrainSpec
-from tune_spaces.spaces import Space, split_params, trial_student
+from tune_spaces.spaces import Space, on_policy_params, split_params, trial_student
 from tune_spaces.sweep_lines import error_text, sweep_lines
 
 TRIALS_DIR = "trials"
@@ -84,12 +84,27 @@ def spec_for(base: TrainSpec, *, student: dict, params: dict) -> TrainSpec:
     merged = trial_student(student, s_fields)
     init = bool(merged.pop("init_from_teacher", base.student.init_from_teacher))
     model, revision = merged.pop("model", "") or "", merged.pop("revision", None)
+    share = t_fields.pop("on_policy", None)
     loss = {_LOSS_FIELDS[k]: v for k, v in t_fields.items() if k in _LOSS_FIELDS}
     optim = {k: v for k, v in t_fields.items() if k not in _LOSS_FIELDS}
     return replace(base, student=replace(base.student, shape=_shape(model, revision, merged),
                                          init_from_teacher=init, model=model,
                                          revision=revision),
-                   loss=replace(base.loss, **loss), optim=replace(base.optim, **optim))
+                   loss=replace(base.loss, **loss), optim=replace(base.optim, **optim),
+                   on_policy=_on_policy(base.on_policy, share, on_policy_params(params)))
+
+
+def _on_policy(base, share: float | None, fields: dict):
+    """A trial's on-policy spec: the sweep's (its actors, settings) with the trial's share λ and
+    on_policy.<field>s; None when its share is 0 (offline only)."""
+    if base is None:  # no actors: no trial draws a share > 0, or none reaches start_step
+        return None
+    share = base.share if share is None else share
+    if share <= 0:
+        return None
+    loss = {_LOSS_FIELDS[k]: v for k, v in fields.items() if k in ("loss", "beta")}
+    rest = {k: v for k, v in fields.items() if k not in ("loss", "beta")}
+    return replace(base, share=share, loss=replace(base.loss, **loss), **rest)
 
 
 def _shape(model: str, revision: str | None, fields: dict):
@@ -106,9 +121,10 @@ def _shape(model: str, revision: str | None, fields: dict):
 
 def trial_label(index: int, spec: TrainSpec) -> str:
     """A short, readable, unique id: `t03-2x256-jsd-T2` (also the served model's name)."""
-    s = spec.student.shape
+    s, o = spec.student.shape, spec.on_policy
     return names.trial_label(index, layers=s.layers, hidden=s.hidden, loss=spec.loss.kind,
-                             temperature=spec.loss.temperature)
+                             temperature=spec.loss.temperature,
+                             on_policy=(o.share, o.loss.kind) if o is not None else None)
 
 
 def trial_name(trial, *, base: TrainSpec, student: dict) -> str:

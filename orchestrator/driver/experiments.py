@@ -15,7 +15,7 @@ from orchestrator.storage import exists, filesystem
 
 def experiment(cfg: Config, resume: str | None) -> str:
     """A new unique experiment name, or the one to resume (it must exist)."""
-    from orchestrator.train.loop import batch_layout
+    from orchestrator.train.layout import batch_layout
     from orchestrator.train.launch import check_experiment_layout
 
     if resume is None:
@@ -29,7 +29,8 @@ def experiment(cfg: Config, resume: str | None) -> str:
                                          grad_accum=cfg.train.grad_accum,
                                          num_workers=cfg.train.num_workers, seed=cfg.train.seed,
                                          max_tokens_per_batch=cfg.train.max_tokens_per_batch
-                                         if cfg.train.packing else None))
+                                         if cfg.train.packing else None,
+                                         shuffle_shards=cfg.train.shuffle_shards))
     return resume
 
 
@@ -71,6 +72,7 @@ def report(cfg: Config, plans: list[CapturePlan], experiment: str, results: dict
 def _settings(cfg: Config, plans: list[CapturePlan]) -> dict:
     return {"teacher": cfg.teacher.model, "k": cfg.teacher.k, "mode": cfg.teacher.mode,
             "student": asdict(cfg.student), "train": asdict(cfg.train),
+            "on_policy": asdict(cfg.on_policy),
             "captures": {p.label: {"dir": p.cfg.output_dir, "shards": len(p.manifest.shards),
                                    "rows": sum(s.rows for s in p.manifest.shards.values()),
                                    "tokens": sum(s.tokens for s in p.manifest.shards.values())}

@@ -35,7 +35,8 @@ from orchestrator.driver.streaming import CaptureThread
 from orchestrator.driver.specs import train_spec
 from orchestrator.driver.students import train_students
 from orchestrator.driver.sweeps import (capture_once, check_space, leaderboard, save_config,
-                                        sweep_settings, sweep_verdict, trial_steps)
+                                        sweep_on_policy, sweep_settings, sweep_verdict,
+                                        trial_steps)
 from orchestrator.errors import ConfigError
 from orchestrator.names import SWEEPS_DIR, run_name, sweep_dir as _sweep_dir
 from orchestrator.program import command_name
@@ -172,8 +173,11 @@ def tune(cfg: Config, *, resume: str | None = None, fresh: bool = False) -> str:
         say(f"sweep {sweep}: {space.describe()} — {space.grid_size() * cfg.tune.num_samples} "
             f"trial(s) × up to {base.optim.max_steps} steps, ranked by {settings.metric} "
             f"({cfg.tune.scheduler}, {cfg.tune.search})")
-        outcomes = run_sweep(base, space=space, student=student, sweep_dir=sweep_dir,
-                             settings=settings, resume=resume is not None)
+        with sweep_on_policy(cfg, space, plans[0], sweep_dir=sweep_dir) as actors:
+            if actors is not None:  # shared by the trials (each sends its own weights)
+                base = replace(base, on_policy=actors.spec())
+            outcomes = run_sweep(base, space=space, student=student, sweep_dir=sweep_dir,
+                                 settings=settings, resume=resume is not None)
         paths = leaderboard(cfg, outcomes, settings=settings, sweep_dir=sweep_dir,
                             title=f"sweep {sweep} ({space.name})")
         sweep_verdict(outcomes, winner_ids=paths["winner_ids"], sweep_dir=sweep_dir)

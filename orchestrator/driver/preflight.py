@@ -53,13 +53,22 @@ def check_resources(cfg: Config, *, teachers: bool, extra: float = 0.0) -> None:
     t, tr = cfg.teacher, cfg.train
     have = ray.cluster_resources().get("CPU", 0.0)
     workers = max(tr.num_workers, 1) * (0 if tr.use_gpu else tr.cpus_per_worker)
-    need = workers + tr.reader_cpus + extra + (t.num_actors * t.num_cpus if teachers else 0.0)
+    o = cfg.on_policy
+    on_policy = (o.rollout_actors * o.rollout_cpus + o.teacher_actors * o.teacher_cpus
+                 + tr.reader_cpus) if tr.on_policy > 0 else 0.0
+    need = (workers + tr.reader_cpus + extra + on_policy
+            + (t.num_actors * t.num_cpus if teachers else 0.0))
     if need > have + 1e-9:
         teach = f" + {t.num_actors} teacher(s) × {t.num_cpus}" if teachers else ""
+        roll = (f" + on-policy: {o.rollout_actors} rollout actor(s) × {o.rollout_cpus}, "
+                f"{o.teacher_actors} scoring teacher(s) × {o.teacher_cpus}, a prompt reader "
+                f"{tr.reader_cpus}" if on_policy else "")
         raise ConfigError(
             f"this layout needs {need:g} CPUs ({max(tr.num_workers, 1)} train worker(s) × "
-            f"{tr.cpus_per_worker}{teach} + Ray Data readers {tr.reader_cpus}) but the cluster "
-            f"has {have:g}; lower train.cpus_per_worker / train.num_workers / teacher.num_cpus")
+            f"{tr.cpus_per_worker}{teach}{roll} + Ray Data readers {tr.reader_cpus}) but the "
+            f"cluster has {have:g}; lower train.cpus_per_worker / train.num_workers / "
+            "teacher.num_cpus" + (" / on_policy.rollout_cpus / on_policy.teacher_cpus"
+                                  if on_policy else ""))
 
 
 def check_student(cfg: Config):

@@ -217,6 +217,8 @@ class TrainProgress:
             if m:
                 parts.append(f"loss {m['loss']:.2f} · {m['tokens_per_s']:,.0f} tok/s · "
                              f"wait {m['data_wait_share']:.0%}")
+                if m.get("onpolicy_samples_per_s"):  # (0 before on_policy.start_step)
+                    parts.append(on_policy_status(m))
                 if "eval_student_nll" in m:
                     parts.append(f"held-out {m['eval_student_nll']:.2f}")
             if self.capture_total and label == "kd":
@@ -239,3 +241,12 @@ class TrainProgress:
             out.append(f"train {label}: {state} {task.completed:.0f}/{self.total} · "
                        f"{task.fields['status']} · {elapsed}")
         return "\n".join(out)
+
+
+def on_policy_status(m: dict) -> str:
+    """An on-policy student's loop in one progress field: samples/s and the shares of the
+    trainer's time in rollout, scoring, weight sync and training, staleness."""
+    return (f"on-policy {m['onpolicy_samples_per_s']:.1f} samples/s (rollout "
+            f"{m['onpolicy_generate_share']:.0%}, scoring {m['onpolicy_score_share']:.0%}, sync "
+            f"{m['onpolicy_sync_share']:.0%}, training {m['onpolicy_train_share']:.0%}, waiting "
+            f"{m['onpolicy_wait_share']:.0%}; staleness {m['onpolicy_staleness']:.1f})")

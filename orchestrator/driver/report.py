@@ -34,6 +34,13 @@ def summarise(results: dict) -> dict:
                "tokens_per_s": _mean(r.history, "tokens_per_s"),
                "padding_share": _mean(r.history, "padding_share"),
                "data_wait_share": _mean_wait(r.history)}
+        sampled = [h for h in r.history if h.get("onpolicy_samples_per_s")]  # past start_step
+        on_policy = {key: _mean(sampled, key) for key in ON_POLICY_KEYS
+                     if sampled and _mean(sampled, key) is not None}
+        if on_policy:
+            on_policy["onpolicy_staleness_max"] = max(
+                h.get("onpolicy_staleness_max", 0) for h in r.history)
+            row["on_policy"] = on_policy
         for key in ("eval_student_nll", "eval_student_ppl", "eval_teacher_nll", "eval_teacher_ppl",
                     "eval_kl", "eval_top1", "eval_positions"):
             if key in f:
@@ -44,6 +51,13 @@ def summarise(results: dict) -> dict:
                 teacher_nll=row["teacher_nll"])
         rows[label] = row
     return rows
+
+
+ON_POLICY_KEYS = ("onpolicy_samples_per_s", "onpolicy_generate_share", "onpolicy_score_share",
+                  "onpolicy_sync_share", "onpolicy_train_share", "onpolicy_wait_share",
+                  "onpolicy_sync_s", "onpolicy_load_s", "onpolicy_staleness",
+                  "onpolicy_new_tokens", "onpolicy_teacher_nll")
+"""The on-policy figures of a student's training history the report averages."""
 
 
 def compare(results: dict) -> dict:
@@ -205,6 +219,7 @@ def _markdown(report: dict, plots: list[str]) -> str:
     if notes.reasons:
         lines += [""] + notes.lines()
     lines += _throughput(rows, packing=bool(tr.get("packing")))
+    lines += _on_policy(rows, settings)
     if any(report["comparisons"].values()):
         pairs = [p for p in report["comparisons"].values() if p]
         lines += ["", f"± = {Z:g} standard errors of the paired difference of two students' NLL "
@@ -238,6 +253,34 @@ def _throughput(rows: dict, *, packing: bool) -> list[str]:
             "removes it (BENCHMARKS.md, packing)."]
 
 
+def _on_policy(rows: dict, settings: dict) -> list[str]:
+    """The on-policy students' loop: where the trainer's time went, samples/s, staleness."""
+    on = {label: r["on_policy"] for label, r in rows.items() if r.get("on_policy")}
+    if not on:
+        return []
+    o, share = settings.get("on_policy", {}), settings["train"].get("on_policy")
+    lines = ["", "## On-policy samples", "",
+             f"Share λ = {share} of each batch from the student's own samples (train.on_policy): "
+             f"{o.get('max_new_tokens')} new tokens at most, temperature {o.get('temperature')}, "
+             f"learned with {o.get('loss')} on the generated tokens; weights refreshed every "
+             f"{o.get('sync_every')} step(s), staleness at most {o.get('max_staleness')}. Time "
+             "shares are of the trainer's wall time: rollouts and scoring run beside training "
+             "(the next step's samples are made while this one trains), so the shares can sum "
+             "past 100%; *waiting* is the time training stood still for samples.", "",
+             "| student | samples/s | rollout | teacher scoring | weight sync | training | "
+             "waiting | sync s/step | staleness (mean / max) | new tokens/sample | teacher NLL "
+             "of the samples |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for label, m in on.items():
+        lines.append(
+            f"| {NAMES.get(label, label)} | {m['onpolicy_samples_per_s']:.2f} | "
+            f"{m['onpolicy_generate_share']:.0%} | {m['onpolicy_score_share']:.0%} | "
+            f"{m['onpolicy_sync_share']:.0%} | {m['onpolicy_train_share']:.0%} | "
+            f"{m['onpolicy_wait_share']:.0%} | {m['onpolicy_sync_s']:.3f} | "
+            f"{m['onpolicy_staleness']:.2f} / {m['onpolicy_staleness_max']:.0f} | "
+            f"{m['onpolicy_new_tokens']:.1f} | {m['onpolicy_teacher_nll']:.3f} |")
+    return lines
+
+
 def _shape(student: dict) -> str:
     from orchestrator.shapes import resolve_shape
 
@@ -249,7 +292,7 @@ def _shape(student: dict) -> str:
 
 
 def _plots(tmp: str, results: dict, rows: dict) -> list[str]:
-    """plots/loss.png (training CE and held-out NLL per student over steps) and
+    """plots/loss.png (learning curves: training CE, held-out NLL and KL per student over steps) and
     plots/metrics.png (held-out NLL, KL and top-1 per student, teacher NLL as a line)."""
     import matplotlib
 
@@ -257,7 +300,7 @@ def _plots(tmp: str, results: dict, rows: dict) -> list[str]:
     import matplotlib.pyplot as plt
 
     out = []
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 4))
     for label, r in results.items():
         steps = [h["step"] for h in r.history]
         ax1.plot(steps, [h["ce"] for h in r.history], label=NAMES.get(label, label))
@@ -265,12 +308,15 @@ def _plots(tmp: str, results: dict, rows: dict) -> list[str]:
         if ev:
             ax2.plot([h["step"] for h in ev], [h["eval_student_nll"] for h in ev], marker="o",
                      label=NAMES.get(label, label))
+            ax3.plot([h["step"] for h in ev], [h["eval_kl"] for h in ev], marker="o",
+                     label=NAMES.get(label, label))
     teacher = next((r.get("teacher_nll") for r in rows.values() if r.get("teacher_nll")), None)
     if teacher is not None:
         ax2.axhline(teacher, color="black", linestyle="--", label="teacher")
     ax1.set(title="training cross-entropy (hard labels)", xlabel="step", ylabel="nats/token")
     ax2.set(title="held-out NLL", xlabel="step", ylabel="nats/token")
-    for ax in (ax1, ax2):
+    ax3.set(title="held-out KL(teacher‖student)", xlabel="step", ylabel="nats/token")
+    for ax in (ax1, ax2, ax3):
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()

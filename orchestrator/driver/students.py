@@ -34,7 +34,9 @@ def train_students(cfg: Config, plans: list[CapturePlan], experiment: str, *, bo
     size = f"{shape.layers}×{shape.hidden}"
     if pretrained:
         size = f"pretrained {s.model} ({size}, {pretrained.parameters / 1e6:.2f}M parameters)"
-    runs = {"kd": (main, tr.alpha), "hard": (main, 0.0), "bc": (bc, 0.0)}
+    # offline: the KD student without its on-policy share (what on-policy samples add)
+    runs = {"kd": (main, tr.alpha), "hard": (main, 0.0), "bc": (bc, 0.0),
+            "offline": (main, tr.alpha)}
     storage = experiment_dir(cfg.output_dir, experiment)
     if board is None:
         from orchestrator.train.board import ShardBoard
@@ -51,7 +53,11 @@ def train_students(cfg: Config, plans: list[CapturePlan], experiment: str, *, bo
             continue
         specs[label] = train_spec(cfg, plan=plan, held=held, alpha=alpha, board=board,
                                  streaming=streaming and label == "kd", label=label)
-        what = {"kd": f"KD student ({tr.loss}, T={tr.temperature}, alpha={tr.alpha})",
+        what = {"kd": f"KD student ({tr.loss}, T={tr.temperature}, alpha={tr.alpha}"
+                      + (f"; on-policy share {tr.on_policy:g}, {cfg.on_policy.loss}"
+                         if tr.on_policy > 0 else "") + ")",
+                "offline": f"offline KD student ({tr.loss}, T={tr.temperature}, alpha="
+                           f"{tr.alpha}; no on-policy samples)",
                 "hard": "hard-label baseline", "bc": "behaviour-cloning baseline"}[label]
         say(f"training the {what}: {size}, {tr.max_steps} steps × "
             f"{tr.batch_size * tr.grad_accum} sequences on {max(tr.num_workers, 1)} worker(s)")
@@ -73,7 +79,11 @@ def train_students(cfg: Config, plans: list[CapturePlan], experiment: str, *, bo
         specs = {label: replace(sp, run=replace(sp.run, torch_threads=threads))
                  for label, sp in specs.items()}
     results = {}
-    with TrainProgress(list(specs), total=tr.max_steps, board=board, capture_total=capture_total):
+    with _on_policy_actors(cfg, main, storage=storage, wanted="kd" in specs) as actors, \
+            TrainProgress(list(specs), total=tr.max_steps, board=board,
+                          capture_total=capture_total):
+        if actors is not None:
+            specs["kd"] = replace(specs["kd"], on_policy=actors.spec())
         if parallel > 1:  # independent students share the cluster: train them side by side
             from concurrent.futures import ThreadPoolExecutor
 
@@ -94,6 +104,18 @@ def train_students(cfg: Config, plans: list[CapturePlan], experiment: str, *, bo
                 "has no embedding row for (its table is smaller than the teacher's); that mass "
                 "was folded into the tail (history metric folded_mass)")
     return results
+
+
+def _on_policy_actors(cfg: Config, main: CapturePlan, *, storage: str, wanted: bool):
+    """The KD student's rollout and scoring actors when train.on_policy > 0 (a context that
+    stops them), else a context of None."""
+    from contextlib import nullcontext
+
+    if not wanted or cfg.train.on_policy <= 0:
+        return nullcontext(None)
+    from orchestrator.driver.onpolicy import OnPolicyActors
+
+    return OnPolicyActors(cfg, main, storage=storage)
 
 
 def _students_at_once(cfg: Config, n: int) -> int:

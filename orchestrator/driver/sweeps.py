@@ -20,15 +20,17 @@ def check_space(cfg: Config, space) -> None:
     """Every combination a trial can draw must be a valid config — before any trial starts."""
     from orchestrator.config import validate
     from orchestrator.driver.preflight import check_student
-    from tune_spaces.spaces import split_params, trial_student
+    from tune_spaces.spaces import on_policy_params, split_params, trial_student
 
+    _check_on_policy_space(cfg, space)
     bad, models = [], {}
     corners = space.corners()
     for params in corners:
         s_fields, t_fields = split_params(params)
         student = trial_student(asdict(cfg.student), s_fields)
         trial = replace(cfg, student=replace(cfg.student, **student),
-                        train=replace(cfg.train, **t_fields))
+                        train=replace(cfg.train, **t_fields),
+                        on_policy=replace(cfg.on_policy, **on_policy_params(params)))
         try:
             validate(trial)
         except ConfigError as e:
@@ -44,6 +46,46 @@ def check_space(cfg: Config, space) -> None:
         listed = "\n  ".join(bad[:5]) + (f"\n  … and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise ConfigError(f"search space {space.name}: {len(bad)} of {len(corners)} combinations "
                           f"are invalid; fix or remove them from the space:\n  {listed}")
+
+
+def _on_policy_trials(cfg: Config, space) -> bool:
+    """Whether any trial of `space` learns from its own samples (a share > 0 that starts within
+    the trial's steps)."""
+    axis = next((a for a in space.axes if a.key == "train.on_policy"), None)
+    shares = [cfg.train.on_policy] if axis is None else list(axis.values)
+    return any(float(x) > 0 for x in shares) and cfg.on_policy.start_step < trial_steps(cfg)[0]
+
+
+def _check_on_policy_space(cfg: Config, space) -> None:
+    """On-policy trials share the sweep's rollout actors, whose engines are built for one student
+    architecture: a space that varies the student cannot use them."""
+    varied = [a.key for a in space.axes if a.key == "student" or a.key.startswith("student.")]
+    if varied and _on_policy_trials(cfg, space):
+        raise ConfigError(
+            f"search space {space.name} varies {', '.join(varied)} and its trials learn from "
+            "their own samples (train.on_policy > 0), but a sweep's rollout actors serve one "
+            "student architecture; sweep the student with train.on_policy 0 (or "
+            "on_policy.start_step ≥ the trials' steps), then sweep the on-policy settings for "
+            "the chosen student")
+
+
+def sweep_on_policy(cfg: Config, space, main: CapturePlan, *, sweep_dir: str):
+    """The rollout and scoring actors every on-policy trial shares, when a trial can draw
+    train.on_policy > 0 (a context that stops them), else a context of None."""
+    from contextlib import nullcontext
+
+    axis = next((a for a in space.axes if a.key == "train.on_policy"), None)
+    shares = [cfg.train.on_policy] if axis is None else list(axis.values)
+    if not _on_policy_trials(cfg, space):
+        if any(float(x) > 0 for x in shares):
+            say(f"sweep: trials of {trial_steps(cfg)[0]} steps end before on_policy.start_step "
+                f"{cfg.on_policy.start_step}: they train offline only (no rollout actors)")
+        return nullcontext(None)
+    from orchestrator.driver.onpolicy import OnPolicyActors
+
+    share = max(float(x) for x in shares)  # the template; each trial sets its own
+    return OnPolicyActors(replace(cfg, train=replace(cfg.train, on_policy=share)), main,
+                          storage=sweep_dir, label="sweep")
 
 
 def capture_once(cfg: Config, plans: list[CapturePlan]) -> None:

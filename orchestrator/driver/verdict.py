@@ -31,8 +31,10 @@ correlated, differences of a few hundredths of a nat (what KD settings change) a
 IMPROVING_NATS = 0.02
 """A held-out NLL falling by more than this (nats/token) between the last two evaluations: the
 student is still learning."""
-NAMES = {"kd": "KD (soft labels)", "hard": "hard labels", "bc": "behaviour cloning"}
-STUDENT = {"kd": "KD student", "hard": "hard-label student", "bc": "behaviour-cloning student"}
+NAMES = {"kd": "KD (soft labels)", "hard": "hard labels", "bc": "behaviour cloning",
+         "offline": "offline KD"}
+STUDENT = {"kd": "KD student", "hard": "hard-label student", "bc": "behaviour-cloning student",
+           "offline": "offline KD student"}
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,7 @@ def verdict(rows: dict, *, comparisons: dict[str, Paired | None],
     gap_recovered, …) as `report.summarise` makes them; comparisons: "kd-hard", "bc-hard" →
     `paired_difference` (None: not recorded)."""
     kd, hard, bc = (rows.get(k) or {} for k in ("kd", "hard", "bc"))
-    if "student_nll" not in kd:
+    if "student_nll" not in kd:  # (an "offline" row: the KD student without its on-policy share)
         return ("No verdict: the students were not evaluated — there is no held-out split "
                 "(set data.eval_path, or data.eval_fraction > 0).")
     teacher = kd.get("teacher_nll")
@@ -121,6 +123,11 @@ def verdict(rows: dict, *, comparisons: dict[str, Paired | None],
     elif teacher is not None:
         text += (f"; the teacher ({_nats(teacher)}) is no better than the hard-label student, "
                  "so there is no gap to close")
+    offline = rows.get("offline") or {}
+    if "student_nll" in offline:  # the KD student was mixed with on-policy samples
+        og = offline.get("gap_recovered")
+        text += (f"; offline KD (no on-policy samples) {_nats(offline['student_nll'])}"
+                 + (f" ({og:.0%} of the gap)" if og is not None and og >= 0 else ""))
     if "student_nll" in bc:
         bc_pair = comparisons.get("bc-hard")
         text += (f"; behaviour cloning {_nats(bc['student_nll'])} "

@@ -155,3 +155,13 @@ def test_transformers_bars_are_off_in_a_log_and_kept_on_a_terminal(monkeypatch):
         assert not hf_logging.is_progress_bar_enabled()
     finally:
         hf_logging.enable_progress_bar()
+
+
+def test_an_on_policy_students_line_shows_its_loop():
+    """The on-policy figures a train worker reports become one progress field."""
+    m = {"onpolicy_samples_per_s": 3.25, "onpolicy_generate_share": 0.41,
+         "onpolicy_score_share": 0.12, "onpolicy_sync_share": 0.004, "onpolicy_train_share": 0.7,
+         "onpolicy_wait_share": 0.25, "onpolicy_staleness": 1.0}
+    assert progress.on_policy_status(m) == (
+        "on-policy 3.2 samples/s (rollout 41%, scoring 12%, sync 0%, training 70%, waiting 25%; "
+        "staleness 1.0)")

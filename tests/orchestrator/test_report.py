@@ -344,3 +344,13 @@ def test_greedy_completions_section_escapes_table_breakers():
     assert "| teacher |  a⏎b \\| c |" in text and "| KD (soft labels) | d |" in text
     assert "| hard labels | e |" in text and "BC" not in text  # a student without a row is left out
     assert markdown([], {"kd": "KD"}) == []
+
+
+def test_verdict_names_the_offline_student_beside_a_mixed_one():
+    """train.on_policy > 0 with the `offline` baseline: the sentence says what the same student
+    reached without its on-policy samples."""
+    rows = _rows(kd=3.05, hard=3.21)
+    rows["offline"] = _row(2.98, 2.72, 3.21)
+    text = verdict(rows, comparisons={"kd-hard": Paired(-0.16, 0.02, 64, 30000)})
+    assert text.endswith("closing 33% of the gap to the teacher (2.720); offline KD (no "
+                         "on-policy samples) 2.980 (47% of the gap).")
