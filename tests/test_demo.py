@@ -32,7 +32,8 @@ RAYDISTILL = str(Path(sys.executable).with_name("raydistill"))
 TINY = ["--set", "data.limit=12", "--set", "teacher.kv_cache_gib=0.25",
         "--set", "train.max_steps=6", "--set", "train.eval_every=3", "--set", "train.log_every=3",
         "--set", "train.batch_size=2", "--set", "train.eval_samples=8",
-        "--set", "tune.max_steps=4", "--set", "tune.eval_every=2", "--set", "tune.latency_tokens=2"]
+        "--set", "tune.max_steps=3", "--set", "tune.eval_every=2", "--set", "tune.latency_tokens=2",
+        "--set", "on_policy.start_step=3", "--set", "on_policy.max_new_tokens=8"]
 TWO_TRIALS = ["--set", "tune.space={student: {grid: [{preset: nano}, {preset: micro}]}}"]
 ONE_TRIAL = ["--set", "tune.space={train.temperature: {grid: [1.0]}}"]
 
@@ -54,7 +55,15 @@ def test_demo_then_the_readme_s_next_commands(tmp_path, ray_session, monkeypatch
     assert rows[0]["topk_ids"].shape[1] == 64
     (exp,) = (out / "experiments").iterdir()
     report = json.loads((exp / "report.json").read_text())
-    assert set(report["students"]) == {"kd", "hard", "bc"}
+    assert set(report["students"]) == {"kd", "offline", "hard", "bc"}
+    # the KD student learned from its own samples after on_policy.start_step (3), the offline
+    # one from the shards only
+    kd = report["history"]["kd"]
+    after = [h for h in kd if h["step"] > 3]
+    assert after and all(h["onpolicy_samples_per_s"] > 0 for h in after)
+    assert kd[-1]["onpolicy_kd"] > 0
+    assert "onpolicy_kd" not in report["history"]["offline"][-1]
+    assert "offline KD (no on-policy samples)" in report["verdict"]
     # the students were paired on the same 8 held-out sequences: the verdict has its margin
     assert report["comparisons"]["kd-hard"]["sequences"] == 8
     assert " ± " in report["verdict"] and "2 s.e. over 8 held-out sequences" in report["verdict"]
@@ -79,8 +88,8 @@ def test_demo_then_the_readme_s_next_commands(tmp_path, ray_session, monkeypatch
     tail = " ".join(err[err.rindex("serve the sweep's winners"):].split())
     assert tail.index("verdict: " + report["verdict"][:40]) < tail.index("warning: Small held-out")
     # a second run reuses the cached teacher (saying it is weaker than the default) and captures
-    assert main(["demo", *TINY, *ONE_TRIAL,
-                 "--set", "train.baselines=[]"]) == 0  # (no baselines: only a shorter test)
+    assert main(["demo", *TINY, *ONE_TRIAL, "--set", "train.baselines=[]",
+                 "--set", "train.on_policy=0"]) == 0  # (offline, no baselines: a shorter test)
     flat = " ".join(capsys.readouterr().err.split())
     assert "using the cached demo teacher" in flat and "capture: complete" in flat
     assert "it trained fewer steps than the default 1000" in flat
@@ -94,7 +103,8 @@ def _refusals(text: str) -> list[str]:
 
 def _the_first_hour(tmp_path, out, capsys) -> None:
     """The README's next commands after the demo, on the demo's output_dir, then own data."""
-    quick = [*TINY, "--set", "train.baselines=[]"]  # the baselines ran in the demo
+    # the baselines and the on-policy samples ran in the demo
+    quick = [*TINY, "--set", "train.baselines=[]", "--set", "train.on_policy=0"]
     assert main(["run", QUICKSTART, *quick]) == 0
     assert main(["train", QUICKSTART, *quick]) == 0
     assert main(["tune", QUICKSTART, *TINY, *ONE_TRIAL]) == 0
