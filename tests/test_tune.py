@@ -494,3 +494,20 @@ def test_an_on_policy_sweep_over_student_shapes_is_refused_before_any_trial(tiny
     check_space(train_config(tmp_path, tiny_teacher, str(tmp_path / "d.jsonl"), **{
         "train.on_policy": 0.5, "tune.max_steps": 10, "on_policy.start_step": 10}), space)
     check_space(cfg, load_space("onpolicy"))  # one student, on-policy settings varied
+
+
+def test_a_sweep_counts_the_rollout_actors_its_space_may_need(tiny_teacher, tmp_path):
+    """A config with train.on_policy 0 whose space draws λ > 0 starts rollout actors: the CPU
+    check counts them (the largest share drawn), and a space whose trials end before
+    on_policy.start_step needs none."""
+    from orchestrator.driver.sweeps import sweep_share
+    from tune_spaces import load_space
+
+    data = str(tmp_path / "d.jsonl")
+    offline = train_config(tmp_path, tiny_teacher, data, **{"tune.max_steps": 10})
+    assert sweep_share(offline, load_space("onpolicy")) == 1.0  # λ ∈ {0.5, 1}
+    assert sweep_share(offline, load_space({"train.on_policy": {"grid": [0, 0.25]}})) == 0.25
+    assert sweep_share(offline, load_space({"train.alpha": {"grid": [0.5, 1.0]}})) == 0.0
+    late = train_config(tmp_path, tiny_teacher, data,
+                        **{"tune.max_steps": 10, "on_policy.start_step": 10})
+    assert sweep_share(late, load_space("onpolicy")) == 0.0

@@ -35,7 +35,7 @@ from orchestrator.driver.streaming import CaptureThread
 from orchestrator.driver.specs import train_spec
 from orchestrator.driver.students import train_students
 from orchestrator.driver.sweeps import (capture_once, check_space, leaderboard, save_config,
-                                        sweep_on_policy, sweep_settings, sweep_verdict,
+                                        sweep_on_policy, sweep_settings, sweep_share, sweep_verdict,
                                         trial_steps)
 from orchestrator.errors import ConfigError
 from orchestrator.names import SWEEPS_DIR, run_name, sweep_dir as _sweep_dir
@@ -160,8 +160,9 @@ def tune(cfg: Config, *, resume: str | None = None, fresh: bool = False) -> str:
     try:
         capture_once(capture_cfg, plans)
         settings = sweep_settings(cfg)
-        check_resources(replace(cfg, train=replace(cfg.train, num_workers=settings.num_workers)),
-                        teachers=False, extra=cfg.tune.trial_cpus)
+        check_resources(replace(cfg, train=replace(  # the rollout actors the space may need
+            cfg.train, num_workers=settings.num_workers, on_policy=sweep_share(cfg, space))),
+            teachers=False, extra=cfg.tune.trial_cpus)
         base = train_spec(cfg, plan=plans[0], held=held, alpha=cfg.train.alpha, board=None,
                           streaming=False, label="kd")
         steps, every = trial_steps(cfg)

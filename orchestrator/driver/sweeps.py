@@ -48,12 +48,23 @@ def check_space(cfg: Config, space) -> None:
                           f"are invalid; fix or remove them from the space:\n  {listed}")
 
 
+def _shares(cfg: Config, space) -> list[float]:
+    """The on-policy shares the trials of `space` can draw."""
+    axis = next((a for a in space.axes if a.key == "train.on_policy"), None)
+    return [float(x) for x in ([cfg.train.on_policy] if axis is None else axis.values)]
+
+
 def _on_policy_trials(cfg: Config, space) -> bool:
     """Whether any trial of `space` learns from its own samples (a share > 0 that starts within
     the trial's steps)."""
-    axis = next((a for a in space.axes if a.key == "train.on_policy"), None)
-    shares = [cfg.train.on_policy] if axis is None else list(axis.values)
-    return any(float(x) > 0 for x in shares) and cfg.on_policy.start_step < trial_steps(cfg)[0]
+    return (any(x > 0 for x in _shares(cfg, space))
+            and cfg.on_policy.start_step < trial_steps(cfg)[0])
+
+
+def sweep_share(cfg: Config, space) -> float:
+    """The largest on-policy share a trial of `space` uses (0 when none learns on-policy): what
+    the sweep's rollout actors are started for, and what its CPU check counts."""
+    return max(_shares(cfg, space)) if _on_policy_trials(cfg, space) else 0.0
 
 
 def _check_on_policy_space(cfg: Config, space) -> None:
@@ -74,16 +85,14 @@ def sweep_on_policy(cfg: Config, space, main: CapturePlan, *, sweep_dir: str):
     train.on_policy > 0 (a context that stops them), else a context of None."""
     from contextlib import nullcontext
 
-    axis = next((a for a in space.axes if a.key == "train.on_policy"), None)
-    shares = [cfg.train.on_policy] if axis is None else list(axis.values)
-    if not _on_policy_trials(cfg, space):
-        if any(float(x) > 0 for x in shares):
+    share = sweep_share(cfg, space)  # the template; each trial sets its own
+    if not share:
+        if any(x > 0 for x in _shares(cfg, space)):
             say(f"sweep: trials of {trial_steps(cfg)[0]} steps end before on_policy.start_step "
                 f"{cfg.on_policy.start_step}: they train offline only (no rollout actors)")
         return nullcontext(None)
     from orchestrator.driver.onpolicy import OnPolicyActors
 
-    share = max(float(x) for x in shares)  # the template; each trial sets its own
     return OnPolicyActors(replace(cfg, train=replace(cfg.train, on_policy=share)), main,
                           storage=sweep_dir, label="sweep")
 
