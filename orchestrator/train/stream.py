@@ -222,11 +222,16 @@ class SampleStream:
             epoch, first, rows_in = epoch + _EPOCHS_PER_PIPELINE, 0, 0
 
     def _locate(self, position: int) -> tuple[int, tuple[int, int]]:
-        """(epoch, (window index within the epoch, rows into it)) of the `position`-th sample."""
+        """(epoch, (window index within the epoch, rows into it)) of the `position`-th sample.
+        Only the row counts of windows this worker has read are asked for: in a streaming run the
+        next window's shards may not exist yet, and waiting for them here, before any read has
+        let the paused capture go on, would never end."""
         epoch = 0
         while True:
             todo = self._my_windows(epoch)
             for i, window in enumerate(todo):
+                if position == 0:  # at a window's start (a fresh worker: the first one)
+                    return epoch, (i, 0)
                 rows = sum(self.watcher.info(unit).rows for unit in window)
                 if position < rows:
                     return epoch, (i, position)

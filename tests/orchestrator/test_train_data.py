@@ -135,3 +135,27 @@ def test_the_shuffle_window_is_part_of_the_batch_layout_a_resume_keeps():
     for old in (before, layout(4)):
         with pytest.raises(ConfigError, match=r"train.shuffle_shards (1|4) → 8"):
             refuse_changed_layout(old, layout(8), what="run")
+
+
+def test_a_fresh_streaming_worker_starts_before_its_first_window_is_captured(captured):
+    """In a streaming run the first window's later shards do not exist yet, and the capture
+    pauses until the readers catch up (train.max_shards_ahead): a fresh worker must start
+    reading without asking for their row counts — waiting for them hung `run` with
+    max_shards_ahead below train.shuffle_shards. A resumed worker asks only for the windows it
+    has read."""
+    fs, root = filesystem(str(capture_folder(captured["out"])))
+    m = load_manifest(fs, root)
+    published = sorted(m.shards)
+    units = published + [max(published) + 1, max(published) + 2]  # two not captured yet
+    watcher = ShardWatcher(str(capture_folder(captured["out"])), wait=False)  # raises if asked
+
+    whole = SampleStream(watcher, units=units, rank=0, world=1, seed=5, streaming=True,
+                         shuffle_shards=len(units))
+    assert whole._locate(0) == (0, (0, 0))
+    small = SampleStream(watcher, units=units, rank=0, world=1, seed=5, streaming=True,
+                         shuffle_shards=2)
+    first_two = sum(m.shards[u].rows for u in published[:2])
+    assert small._locate(first_two) == (0, (1, 0))  # window 1 starts: its rows not asked for
+    assert small._locate(first_two + 3) == (0, (1, 3))
+    with pytest.raises(ShardError, match="not in"):  # a position past the captured shards
+        small._locate(sum(s.rows for s in m.shards.values()) + 1)
