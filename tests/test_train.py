@@ -216,7 +216,7 @@ def test_fsdp_trains_like_ddp_exports_whole_weights_and_resumes_exactly(captured
     from orchestrator.train.launch import fit_student
 
     kw = dict(num_workers=2, use_gpu=False, cpus_per_worker=0.5)
-    short = dict(max_steps=20, batch_size=2)
+    short = dict(max_steps=10, batch_size=2)
 
     def fit(name, strategy, *, board=None, failures=0):
         run = {"strategy": strategy, "torch_threads": 1, "log_every": 1} | (
@@ -239,7 +239,7 @@ def test_fsdp_trains_like_ddp_exports_whole_weights_and_resumes_exactly(captured
     def killer():
         while not killed:
             m = ray.get(board.snapshot.remote())["metrics"].get("kd")
-            if m and m["step"] >= 8:  # the checkpoint at 5 is persisted; 12 steps to go
+            if m and m["step"] >= 7:  # the checkpoint at 5 is persisted; 3 steps to go
                 os.kill(m["pid"], signal.SIGKILL)
                 killed.append(m["step"])
             time.sleep(0.05)
@@ -250,7 +250,7 @@ def test_fsdp_trains_like_ddp_exports_whole_weights_and_resumes_exactly(captured
     killed.append(-1)
     assert killed[0] > 0, "the worker was never killed"
     # the last checkpoint Ray Train had registered before the kill
-    assert hit.final.get("resumed_from") in (5, 10, 15), (killed, hit.final)
+    assert hit.final.get("resumed_from") == 5, (killed, hit.final)
     assert hit.final["resumed_from"] < killed[0]
     assert hit.final["eval_student_nll"] == pytest.approx(fsdp.final["eval_student_nll"], abs=1e-4)
     assert hit.final["eval_kl"] == pytest.approx(fsdp.final["eval_kl"], abs=1e-4)
