@@ -323,3 +323,40 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str]:
     text = out.err + out.out
     assert "Traceback" not in text, text
     return code, text
+
+
+def interrupt_train_then_resume(args: list[str], *, ray_address: str, output_dir) -> str:
+    """`raydistill <args>` (a `train` command) in a subprocess: once a new experiment's KD student
+    has a checkpoint Ray Train registered (in its snapshot, not just uploaded), Ctrl-C; the driver
+    exits 2 naming `--resume <experiment>`, and the same command with that `--resume` finishes.
+    Returns the experiment's name. The subprocess is stopped by its own handle on failure."""
+    import signal
+    import subprocess
+
+    env = dict(os.environ, RAY_ADDRESS=ray_address)
+    exe = [sys.executable, "-m", "orchestrator.driver.cli"]
+    exps = Path(output_dir) / "experiments"
+    exps.mkdir(exist_ok=True)
+    before = set(os.listdir(exps))
+    proc = subprocess.Popen([*exe, *args], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        exp, deadline = None, time.time() + 240
+        while exp is None and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            for name in set(os.listdir(exps)) - before:
+                snap = exps / name / "kd" / "checkpoint_manager_snapshot.json"
+                if snap.exists() and '"checkpoint_dir_name"' in snap.read_text():
+                    exp = name
+        assert exp is not None, f"no checkpoint appeared (exit code {proc.poll()})"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 2, err
+    assert f"--resume {exp}" in err, err
+    done = subprocess.run([*exe, *args, "--resume", exp], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    return exp

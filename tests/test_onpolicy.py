@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import capture_folder, train_config
+from tests.conftest import capture_folder, interrupt_train_then_resume, train_config
 
 pytestmark = pytest.mark.slow
 
@@ -246,28 +244,9 @@ def test_purely_on_policy_worker_resumes_after_a_kill_and_ctrl_c_resumes(capture
     path.write_text(json.dumps({k: asdict(getattr(cfg, k)) for k in
                                 ("teacher", "data", "capture", "student", "train", "on_policy")}
                                | {"output_dir": captured["out"]}))
-    env = dict(os.environ, RAY_ADDRESS=ray_session.address_info["address"])
-    exe = [sys.executable, "-m", "orchestrator.driver.cli"]
-    exps = Path(captured["out"]) / "experiments"
-    exps.mkdir(exist_ok=True)
-    before = set(os.listdir(exps))
-    proc = subprocess.Popen([*exe, "train", str(path), "--set", "train.baselines=[]"], env=env,
-                            stderr=subprocess.PIPE, text=True)
-    exp, deadline = None, time.time() + 240
-    while time.time() < deadline and exp is None:
-        time.sleep(0.5)
-        for name in set(os.listdir(exps)) - before:
-            snap = exps / name / "kd" / "checkpoint_manager_snapshot.json"
-            if snap.exists() and '"checkpoint_dir_name"' in snap.read_text():
-                exp = name
-    assert exp is not None, "no checkpoint appeared"
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 2, err
-    assert f"--resume {exp}" in err
-    done = subprocess.run([*exe, "train", str(path), "--set", "train.baselines=[]", "--resume",
-                           exp], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
+    exp = interrupt_train_then_resume(["train", str(path), "--set", "train.baselines=[]"],
+                                      ray_address=ray_session.address_info["address"],
+                                      output_dir=captured["out"])
     kd = _report(captured["out"], exp)["history"]["kd"]
     assert kd[-1]["step"] == 12 and kd[-1]["resumed_from"] >= 4
     assert [h["step"] for h in kd] == sorted({h["step"] for h in kd})

@@ -8,15 +8,14 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import capture_folder, train_config, write_jsonl
+from tests.conftest import (capture_folder, interrupt_train_then_resume, train_config,
+                            write_jsonl)
 from orchestrator.driver.cli import main
 from orchestrator.errors import RaydistillError
 
@@ -303,29 +302,9 @@ def test_interrupted_driver_resumes_the_experiment(captured, ray_session, tmp_pa
         "train": {"max_steps": 40, "eval_every": 10, "log_every": 10, "batch_size": 4,
                   "baselines": [], "eval_samples": 16, "bc_prompt_tokens": 8},
         "output_dir": captured["out"]}))
-    env = dict(os.environ, RAY_ADDRESS=ray_session.address_info["address"])
-    exe = [sys.executable, "-m", "orchestrator.driver.cli"]
-    (Path(captured["out"]) / "experiments").mkdir(exist_ok=True)
-    before = set(os.listdir(Path(captured["out"]) / "experiments"))
-    proc = subprocess.Popen([*exe, "train", str(cfg)], env=env, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 180
-    exp = None
-    while time.time() < deadline and exp is None:
-        time.sleep(0.5)
-        for name in set(os.listdir(Path(captured["out"]) / "experiments")) - before:
-            # a checkpoint Ray Train has registered (in its snapshot), not just uploaded
-            snap = Path(captured["out"]) / "experiments" / name / "kd" / \
-                "checkpoint_manager_snapshot.json"
-            if snap.exists() and '"checkpoint_dir_name"' in snap.read_text():
-                exp = name
-    assert exp is not None, "no checkpoint appeared"
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 2, err
-    assert f"--resume {exp}" in err
-    done = subprocess.run([*exe, "train", str(cfg), "--resume", exp], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
+    exp = interrupt_train_then_resume(["train", str(cfg)],
+                                      ray_address=ray_session.address_info["address"],
+                                      output_dir=captured["out"])
     final = json.loads((Path(captured["out"]) / "experiments" / exp / "report.json").read_text())
     kd = final["history"]["kd"]
     assert kd[-1]["step"] == 40 and kd[-1]["resumed_from"] >= 10
