@@ -171,7 +171,15 @@ def run_sweep(base: TrainSpec, *, space: Space, student: dict, sweep_dir: str,
     os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
     from ray import tune
 
+    from orchestrator.train.launch import worker_threads
+
     trials_dir = os.path.join(sweep_dir, TRIALS_DIR)
+    concurrent = concurrent_trials(settings, reader_cpus=base.run.reader_cpus)
+    # trials one at a time use the node's cores, unless on-policy actors generate beside them
+    threads = worker_threads(alongside=2 if base.on_policy is not None else concurrent,
+                             num_workers=settings.num_workers,
+                             cpus_per_worker=settings.cpus_per_worker, use_gpu=settings.use_gpu)
+    base = replace(base, run=replace(base.run, torch_threads=threads))
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=base, student=student, trials_dir=trials_dir,
                              settings=settings),
@@ -185,9 +193,7 @@ def run_sweep(base: TrainSpec, *, space: Space, student: dict, sweep_dir: str,
         unitless = replace(base, data=replace(base.data, units=[]))
         namer = functools.partial(trial_name, base=unitless, student=student)
         tuner = _new_tuner(trainable, space=space, sweep_dir=sweep_dir, settings=settings,
-                           max_steps=base.optim.max_steps, namer=namer,
-                           concurrent=concurrent_trials(settings,
-                                                        reader_cpus=base.run.reader_cpus))
+                           max_steps=base.optim.max_steps, namer=namer, concurrent=concurrent)
     interrupted = RaydistillError(
         f"interrupted: the sweep's finished trials and checkpoints are kept; continue with "
         f"the same command plus --resume {os.path.basename(sweep_dir.rstrip('/'))}")

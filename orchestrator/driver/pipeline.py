@@ -117,7 +117,8 @@ def run(cfg: Config, *, fresh: bool = False, resume: str | None = None) -> str:
             worker = CaptureThread(teachers, work, board) if work else None
             try:
                 kd = train_students(cfg, [main, *held], experiment, board=board,
-                                    streaming=streaming, only=("kd",))
+                                    streaming=streaming, only=("kd",),
+                                    beside_teachers=worker is not None)
             finally:
                 if worker is not None:
                     worker.finish()

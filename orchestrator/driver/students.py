@@ -16,11 +16,13 @@ from orchestrator.shards.plan import CaptureKind, CapturePlan
 
 
 def train_students(cfg: Config, plans: list[CapturePlan], experiment: str, *, board,
-                   streaming: bool, only: tuple[str, ...] = ("kd", "hard", "bc")) -> dict:
-    """Train the KD student and/or the baselines (same budget, seed, student); label → result."""
+                   streaming: bool, only: tuple[str, ...] = ("kd", "hard", "bc"),
+                   beside_teachers: bool = False) -> dict:
+    """Train the KD student and/or the baselines (same budget, seed, student); label → result.
+    `beside_teachers`: teacher actors capture while they train (run's KD student)."""
     import ray
 
-    from orchestrator.train.launch import fit_student
+    from orchestrator.train.launch import fit_student, worker_threads
 
     t, s, tr = cfg.teacher, cfg.student, cfg.train
     by_kind = {p.kind: p for p in plans}
@@ -74,10 +76,13 @@ def train_students(cfg: Config, plans: list[CapturePlan], experiment: str, *, bo
     streamed = [sp for sp in specs.values() if sp.data.streaming]
     capture_total = main.manifest.total_units if streamed else None
     parallel = _students_at_once(cfg, len(specs))
-    if parallel > 1:
-        threads = max(1, int(tr.cpus_per_worker))
-        specs = {label: replace(sp, run=replace(sp.run, torch_threads=threads))
-                 for label, sp in specs.items()}
+
+    def threads(label: str) -> int:  # the KD student's on-policy actors generate beside it
+        busy = beside_teachers or (label == "kd" and tr.on_policy > 0)
+        return worker_threads(alongside=2 if busy else parallel, num_workers=tr.num_workers,
+                              cpus_per_worker=tr.cpus_per_worker, use_gpu=tr.use_gpu)
+    specs = {label: replace(sp, run=replace(sp.run, torch_threads=threads(label)))
+             for label, sp in specs.items()}
     results = {}
     with _on_policy_actors(cfg, main, storage=storage, wanted="kd" in specs) as actors, \
             TrainProgress(list(specs), total=tr.max_steps, board=board,

@@ -93,6 +93,28 @@ def fit_student(spec: TrainSpec, *, storage: str, name: str, num_workers: int, u
     return StudentResult(spec.run.label, model_uri, history, final, wall)
 
 
+def worker_threads(*, alongside: int, num_workers: int, cpus_per_worker: float, use_gpu: bool,
+                   node_cpus: list[float] | None = None) -> int:
+    """Intra-op threads of each CPU train worker (`RunSpec.torch_threads`). Ray starts a worker
+    that reserves under 2 CPUs with OMP_NUM_THREADS=1: torch would use one core however idle the
+    node. A student trained alone on the cluster (`alongside` 1: no other student, trial or
+    teacher working beside it) gets the cores of the largest CPU node (`node_cpus`; None: the
+    live cluster's), shared by as many of its workers as Ray Train packs onto it; students, trials
+    or teachers side by side keep their reservation (each using every core slows all of them
+    down several-fold on 2 cores). 0 (leave the worker as Ray started it) on GPUs."""
+    if use_gpu:
+        return 0
+    if alongside > 1:
+        return max(1, int(cpus_per_worker))
+    if node_cpus is None:
+        import ray
+
+        node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    cores = max(node_cpus, default=1.0)
+    packed = max(1, min(max(num_workers, 1), int(cores // max(cpus_per_worker, 1e-9))))
+    return max(1, int(cores // packed))
+
+
 def _fit(trainer, spec: TrainSpec, *, storage: str, name: str):
     """trainer.fit(), with Ray Train's Ctrl-C handling turned back into KeyboardInterrupt (its
     handler aborts the run, may exit via SystemExit, and stays installed after fit)."""

@@ -220,7 +220,7 @@ def train_worker(config: dict) -> None:
                 metrics.update(onp.metrics(wall_s=window["time"],
                                            train_s=window["time"] - window["wait"]
                                            - onp.window["wait_s"]))
-            metrics.update(time=time.time(), pid=os.getpid(),
+            metrics.update(time=time.time(), pid=os.getpid(), threads=torch.get_num_threads(),
                            fused_head=float(step_loss.head is not None))
             # teacher mass on ids the student has no row for, per labelled position (0 unless a
             # pretrained student's table is smaller than the teacher's)

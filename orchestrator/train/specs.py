@@ -117,8 +117,8 @@ class RunSpec:
     reader_cpus: float = 0.25
     """CPUs each Ray Data read task reserves."""
     torch_threads: int = 0
-    """Intra-op threads of each worker; 0 leaves torch's default (every core). Students trained
-    side by side get their CPU share: each using every core slows both down several-fold."""
+    """Intra-op threads of each worker (`launch.worker_threads`); 0 leaves what the worker
+    started with (Ray gives a worker reserving under 2 CPUs OMP_NUM_THREADS=1: one core)."""
     local: bool = False
     """Local mode (num_workers=0): Ray Train keeps the checkpoint where it was written."""
     strategy: str = "ddp"
