@@ -2,7 +2,7 @@
 step budget (plain progress lines: the output is not a terminal) and cached, capture streamed into
 a KD student, both baselines, the report with its verdict and warnings as the last lines, a sweep
 on the same capture with its leaderboard, and the best student of the run and the sweep served
-and queried through the openai client.
+and queried through the openai client; the exported KD student also loads and generates in vLLM.
 
 Then the first hour of a newcomer (issue 12), as the README walks it: the README's next commands on
 the same output_dir with the plain examples/quickstart.yaml — `run`, `train`, `tune`, `inspect`,
@@ -36,6 +36,14 @@ TINY = ["--set", "data.limit=12", "--set", "teacher.kv_cache_gib=0.25",
         "--set", "on_policy.start_step=3", "--set", "on_policy.max_new_tokens=8"]
 TWO_TRIALS = ["--set", "tune.space={student: {grid: [{preset: nano}, {preset: micro}]}}"]
 ONE_TRIAL = ["--set", "tune.space={train.temperature: {grid: [1.0]}}"]
+_VLLM_LOAD = """
+import sys
+from vllm import LLM, SamplingParams
+llm = LLM(model=sys.argv[1], dtype="float32", max_model_len=128, enforce_eager=True,
+          kv_cache_memory_bytes=1 << 27)
+out = llm.generate(["def main():"], SamplingParams(max_tokens=4, temperature=0.0))
+print("GENERATED", len(out[0].outputs[0].token_ids))
+"""
 
 
 @pytest.mark.slow
@@ -64,6 +72,11 @@ def test_demo_then_the_readme_s_next_commands(tmp_path, ray_session, monkeypatch
     assert kd[-1]["onpolicy_kd"] > 0
     assert "onpolicy_kd" not in report["history"]["offline"][-1]
     assert "offline KD (no on-policy samples)" in report["verdict"]
+    # the exported KD student (a plain Hugging Face directory) loads and generates in vLLM
+    loaded = subprocess.run([sys.executable, "-c", _VLLM_LOAD,
+                             report["students"]["kd"]["model_dir"]],
+                            capture_output=True, text=True, timeout=300)
+    assert "GENERATED 4" in loaded.stdout, loaded.stderr[-3000:]
     # the students were paired on the same 8 held-out sequences: the verdict has its margin
     assert report["comparisons"]["kd-hard"]["sequences"] == 8
     assert " ± " in report["verdict"] and "2 s.e. over 8 held-out sequences" in report["verdict"]

@@ -179,6 +179,9 @@ def test_mixed_and_on_policy_students_train_with_vllm_rollouts(captured, tmp_pat
     for share in ("generate", "score", "sync", "train"):
         assert last[f"onpolicy_{share}_share"] > 0, share
     assert "onpolicy_kd" not in offline[-1]
+    # the offline student trains alone and uses both of the session's CPUs; the mixed one keeps
+    # its reservation (a core) while its rollout and scoring actors generate beside it
+    assert offline[-1]["threads"] == 2 and kd[-1]["threads"] == 1
     text = Path(report_md).read_text()
     assert "On-policy" in text and "rollout" in text
 

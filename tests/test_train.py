@@ -93,6 +93,7 @@ def test_two_ddp_workers(captured, packing):
     report = _report(path)
     kd = report["history"]["kd"]
     assert kd[-1]["step"] == 12 and kd[-1]["workers"] == 2 and kd[-1]["fused_head"] == 1.0
+    assert kd[-1]["threads"] == 1  # two workers packed on the session's 2 CPUs: a core each
     # each worker's own data position is in the checkpoint (packed: the samples it consumed)
     last = max((Path(path).parent / "kd").glob("checkpoint_*/train_state.pt"),
                key=lambda p: torch.load(p, weights_only=True)["step"])

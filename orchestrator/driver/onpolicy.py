@@ -1,6 +1,7 @@
 """The actors of an on-policy student run (driver-internal, used by `students`): student rollout
 actors (`actors.rollout`) and teacher actors that score their samples (`actors.pool`'s teacher with
-`score_rollouts`), started before the run and stopped by handle after it.
+`score_rollouts`), started as the run starts (without holding it up) and stopped by handle after
+it.
 
 Both restart by themselves (Ray's max_restarts / max_task_retries): a killed actor is replaced and
 its unfinished request runs again, so the training step it feeds completes. A replaced rollout
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 import time
 
 from orchestrator.config import Config
@@ -28,13 +30,21 @@ RESTARTS = 3
 
 
 class OnPolicyActors:
-    """`with OnPolicyActors(cfg, plan, storage=...) as actors: spec = actors.spec()`."""
+    """`with OnPolicyActors(cfg, plan, storage=...) as actors: spec = actors.spec()`.
+
+    The actors start in the background: the student trains on the offline shards meanwhile (a
+    streaming run's student reads them as the teachers write them) and its first on-policy step
+    waits for them. An actor that fails to start fails that step; leaving the context then raises
+    the start's own error (what failed and why) instead of the training error it caused."""
 
     def __init__(self, cfg: Config, plan: CapturePlan, *, storage: str, label: str = "kd"):
         self.cfg, self.plan, self.storage, self.label = cfg, plan, storage, label
         self.rollouts: list = []
         self.scorers: list = []
         self._tmp = None
+        self._waiter: threading.Thread | None = None
+        self._start_error: BaseException | None = None
+        self._stopping = False
 
     def __enter__(self) -> OnPolicyActors:
         try:
@@ -44,8 +54,13 @@ class OnPolicyActors:
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None and self._waiter is not None:
+            self._waiter.join(timeout=30)  # a dead actor's ready() answers at once
+        failed = self._start_error
         self._stop()
+        if failed is not None and exc is not None and not isinstance(exc, KeyboardInterrupt):
+            raise failed from None
 
     def _start(self) -> None:
         from actors.pool import TeacherActor, wait_started
@@ -72,8 +87,20 @@ class OnPolicyActors:
         self.scorers = [TeacherActor.options(num_cpus=o.teacher_cpus, num_gpus=t.num_gpus,
                                              **restarts).remote(self.plan.engine_spec())
                         for _ in range(o.teacher_actors)]
-        wait_started([a.ready.remote() for a in self.rollouts + self.scorers])
-        say(f"on-policy actors ready in {time.time() - t0:.0f}s")
+        ready = [a.ready.remote() for a in self.rollouts + self.scorers]
+
+        def wait() -> None:
+            try:
+                wait_started(ready)
+            except BaseException as e:  # noqa: BLE001 — raised by __exit__
+                if not self._stopping:
+                    self._start_error = e
+                return
+            if not self._stopping:
+                say(f"on-policy actors ready in {time.time() - t0:.0f}s")
+
+        self._waiter = threading.Thread(target=wait, name="on-policy-start", daemon=True)
+        self._waiter.start()
 
     def _model_dir(self) -> str:
         """The student's config and the teacher's tokenizer, for the rollout engines to start
@@ -124,6 +151,7 @@ class OnPolicyActors:
 
         import ray
 
+        self._stopping = True
         closing = [a.close.remote() for a in self.rollouts + self.scorers]
         try:
             ray.get(closing, timeout=30)

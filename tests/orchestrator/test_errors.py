@@ -268,6 +268,21 @@ def test_a_train_worker_s_error_reaches_the_cli_intact(captured, tmp_path):
 
 
 @pytest.mark.slow
+def test_an_on_policy_scorer_that_fails_to_start_is_named(captured, tmp_path):
+    """`raydistill train` with on-policy samples: the teacher actor that scores them raises Nasty
+    as it starts (in the background: the student trains meanwhile). The student's first
+    on-policy step fails, and the error the user gets is the start's, not the step's."""
+    cfg = _config_file(tmp_path, captured,
+                       train={"baselines": [], "max_failures": 0, "on_policy": 0.5},
+                       on_policy={"backend": "hf", "start_step": 2, "max_new_tokens": 8,
+                                  "prompt_tokens": 8, "rollout_cpus": 0.25,
+                                  "teacher_cpus": 0.25})
+    done = _cli(["train", str(cfg)], _nasty_env(tmp_path, "teacher.start"))
+    _assert_one_clear_message(done, "a teacher actor failed to start: ",
+                              "a rerun alone fails the same way")
+
+
+@pytest.mark.slow
 def test_a_tune_trial_s_error_reaches_the_cli_intact(captured, tmp_path):
     """`raydistill tune`: both trials raise Nasty in their Tune actors; the sweep fails with the
     first cause and never suggests serving."""
