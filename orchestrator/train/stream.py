@@ -37,7 +37,11 @@ from orchestrator.shards.format import decode_rows, load_shard, read_bytes, shar
 
 _FIELDS = ("sample_id", "input_ids", "prompt_len", "topk_ids", "topk_logprobs", "tail_mass",
            "tail_temperatures", "loss_mask")
-_EPOCHS_PER_PIPELINE = 8
+_MAX_PIPELINE_EPOCHS = 8
+"""Epochs one Ray Data pipeline spans at most: starting one costs seconds, but a pipeline reads and
+decodes its shards as fast as its read tasks can, whether or not the student gets to them — a
+sweep trial of a third of an epoch decoded all eight on the CPUs it trains on. So the first
+pipeline spans one epoch, and each next one twice as many as the last, up to this."""
 _OUT_ROWS = 32  # samples per Ray Data block a read task yields
 
 
@@ -203,10 +207,10 @@ class SampleStream:
         ctx.enable_progress_bars = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         epoch, (first, rows_in) = self._locate(self.position)
+        span = 1
         while True:
-            # one Ray Data pipeline spans several epochs: starting one costs seconds
             items = []
-            for e in range(epoch, epoch + _EPOCHS_PER_PIPELINE):
+            for e in range(epoch, epoch + span):
                 todo = self._my_windows(e)[first if e == epoch else 0:]
                 items += [{"epoch": e, "units": ",".join(map(str, w)),
                            "skip": rows_in if (e == epoch and i == 0) else 0}
@@ -219,7 +223,8 @@ class SampleStream:
                 self.epoch = int(row["epoch"])
                 self.position += 1
                 yield row
-            epoch, first, rows_in = epoch + _EPOCHS_PER_PIPELINE, 0, 0
+            epoch, first, rows_in = epoch + span, 0, 0
+            span = min(2 * span, _MAX_PIPELINE_EPOCHS)
 
     def _locate(self, position: int) -> tuple[int, tuple[int, int]]:
         """(epoch, (window index within the epoch, rows into it)) of the `position`-th sample.
