@@ -17,6 +17,7 @@ class ShardBoard:
         self.published = 0
         self.failure: str | None = None
         self.read_by: dict[str, set[int]] = {}
+        self.reads: dict[str, int] = {}  # every shard read, again in later epochs too
         self.metrics: dict[str, dict] = {}
         self.done: set[str] = set()
         self.paused_s = 0.0
@@ -32,6 +33,7 @@ class ShardBoard:
 
     def shard_read(self, label: str, unit: int) -> None:
         self.read_by.setdefault(label, set()).add(unit)
+        self.reads[label] = self.reads.get(label, 0) + 1
 
     def train_update(self, label: str, metrics: dict) -> None:
         self.metrics[label] = metrics
@@ -49,5 +51,6 @@ class ShardBoard:
     def snapshot(self) -> dict:
         return {"published": self.published, "failure": self.failure,
                 "read": {k: len(v) for k, v in self.read_by.items()},
+                "shard_reads": dict(self.reads),
                 "metrics": dict(self.metrics), "done": sorted(self.done),
                 "capture_paused_s": self.paused_s}

@@ -3,6 +3,8 @@ exact resume from a position, refusal of missing or foreign shards."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from orchestrator.errors import ShardError
@@ -159,3 +161,26 @@ def test_a_fresh_streaming_worker_starts_before_its_first_window_is_captured(cap
     assert small._locate(first_two + 3) == (0, (1, 3))
     with pytest.raises(ShardError, match="not in"):  # a position past the captured shards
         small._locate(sum(s.rows for s in m.shards.values()) + 1)
+
+
+def test_the_first_pipeline_reads_one_epoch_ahead_not_eight(captured):
+    """Ray Data decodes a pipeline's shards as fast as its read tasks can, whether or not the
+    student gets to them: the first pipeline spans one epoch, so a student that stops within it
+    (a sweep trial of a fraction of an epoch) has not decoded eight on the CPUs it trains on."""
+    import ray
+
+    from orchestrator.train.board import ShardBoard
+
+    fs, root = filesystem(str(capture_folder(captured["out"])))
+    units = sorted(load_manifest(fs, root).shards)
+    watcher = ShardWatcher(str(capture_folder(captured["out"])), wait=False)
+    board = ray.remote(ShardBoard).options(num_cpus=0).remote(max_ahead=1)
+    try:
+        rows = iter(SampleStream(watcher, units=units, rank=0, world=1, seed=5,
+                                 report_to=(board, "kd")))
+        next(rows)
+        time.sleep(5)  # as far ahead as the pipeline will read on its own
+        assert ray.get(board.snapshot.remote())["shard_reads"]["kd"] == len(units)
+        rows.close()
+    finally:
+        ray.kill(board)
