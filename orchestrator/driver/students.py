@@ -76,13 +76,13 @@ def train_students(cfg: Config, plans: list[CapturePlan], experiment: str, *, bo
     streamed = [sp for sp in specs.values() if sp.data.streaming]
     capture_total = main.manifest.total_units if streamed else None
     parallel = _students_at_once(cfg, len(specs))
-
-    def threads(label: str) -> int:  # the KD student's on-policy actors generate beside it
-        busy = beside_teachers or (label == "kd" and tr.on_policy > 0)
-        return worker_threads(alongside=2 if busy else parallel, num_workers=tr.num_workers,
-                              cpus_per_worker=tr.cpus_per_worker, use_gpu=tr.use_gpu)
-    specs = {label: replace(sp, run=replace(sp.run, torch_threads=threads(label)))
-             for label, sp in specs.items()}
+    layout = dict(num_workers=tr.num_workers, cpus_per_worker=tr.cpus_per_worker,
+                  use_gpu=tr.use_gpu)
+    alone, beside = (worker_threads(alongside=parallel, **layout),
+                     worker_threads(alongside=2, **layout))
+    # beside the teachers, or (the KD student) beside its own on-policy actors: its share only
+    specs = {label: replace(sp, run=replace(sp.run, torch_threads=beside if beside_teachers or (
+        label == "kd" and tr.on_policy > 0) else alone)) for label, sp in specs.items()}
     results = {}
     with _on_policy_actors(cfg, main, storage=storage, wanted="kd" in specs) as actors, \
             TrainProgress(list(specs), total=tr.max_steps, board=board,
