@@ -23,6 +23,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from orchestrator.shards.specs import CaptureSpec, EngineSpec
+from actors.engine_process import engine_core_in_this_process
 from actors.teacher import TeacherWorker
 from orchestrator.errors import (ConfigError, DataError, RaydistillError, ShardError, is_transient,
                                  remote_cause, remote_errors)
@@ -33,6 +34,7 @@ class _Teacher:
     """The teacher actor's body: a TeacherWorker whose errors cross Ray intact (RemoteError)."""
 
     def __init__(self, spec: EngineSpec):
+        engine_core_in_this_process()
         self.worker, self.start_error = None, None
         try:
             with remote_errors("teacher.start"):

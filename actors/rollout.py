@@ -27,6 +27,7 @@ import time
 import ray
 import torch
 
+from actors.engine_process import engine_core_in_this_process
 from orchestrator.errors import ConfigError, DataError, RaydistillError, remote_errors
 from orchestrator.train.specs import RolloutEngineSpec
 
@@ -120,6 +121,7 @@ class _Rollout:
     """The rollout actor's body: a RolloutWorker whose errors cross Ray intact (RemoteError)."""
 
     def __init__(self, spec: RolloutEngineSpec):
+        engine_core_in_this_process()
         self.worker, self.start_error = None, None
         try:
             with remote_errors("rollout.start"):

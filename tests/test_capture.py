@@ -163,6 +163,35 @@ def test_vllm_capture_two_actors(tmp_path, tiny_teacher, dataset, ray_session):
     assert np.abs(row["topk_logprobs"] - ref.topk_logprobs).max() < 0.02
 
 
+def test_a_cpu_teacher_actor_runs_its_vllm_engine_in_its_own_process(tiny_teacher, ray_session):
+    """No GPU: the engine core is not two more processes beside the actor (each importing torch and
+    vLLM again, ~17 s a start) but runs in the actor, on the threads its num_cpus gives it."""
+    import psutil
+
+    from actors.pool import TeacherPool
+
+    pool = TeacherPool(_engine(tiny_teacher, backend="vllm", kv_cache_gib=0.25, max_model_len=128),
+                       num_actors=1, num_cpus=1, num_gpus=0, log=lambda m: None)
+    try:
+        pool.wait_ready()
+        actor = psutil.Process(pool.ready_info[0]["pid"])
+        assert [p.name() for p in actor.children(recursive=True)] == []
+        assert pool.ready_info[0]["vocab_size"] == 1024  # the engine is up, in that process
+    finally:
+        pool.shutdown()
+
+
+def test_the_user_s_engine_process_setting_wins(monkeypatch):
+    from actors import engine_process
+
+    monkeypatch.setenv(engine_process.ENV, "1")
+    engine_process.engine_core_in_this_process()
+    assert os.environ[engine_process.ENV] == "1"
+    monkeypatch.delenv(engine_process.ENV)
+    engine_process.engine_core_in_this_process()
+    assert os.environ[engine_process.ENV] == "0"  # no GPU here
+
+
 @pytest.mark.parametrize("how", ["process SIGKILL", "ray.kill"])
 def test_actor_killed_midway_is_replaced(how, tmp_path, tiny_teacher, dataset, ray_session):
     import ray
