@@ -194,11 +194,19 @@ def free_port() -> int:
 
 def free_port_range(n: int) -> int:
     """First of `n` consecutive free ports (a test's own `ray start` head's worker ports), drawn
-    from 20000-39999, away from Ray's default worker range (10002-19999) other Rays use."""
+    from 20000 up to the kernel's ephemeral range (where `free_port` ports come from: a range
+    reaching into it once held the dashboard's port and `ray start` refused it), away from Ray's
+    default worker range (10002-19999) other Rays use."""
     import secrets
 
+    top = 32768
+    try:
+        top = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    top = max(top, 20000 + 2 * n)
     for _ in range(50):
-        base = 20000 + secrets.randbelow(20000 // n) * n
+        base = 20000 + secrets.randbelow((top - 20000) // n) * n
         socks = []
         try:
             for port in range(base, base + n):
