@@ -65,7 +65,7 @@ def _local_ray_option(cmd: argparse.ArgumentParser) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     me = command_name()
-    examples = (("demo", "the whole tour (~30 min on 2 CPUs the first time)"),
+    examples = (("demo", "the whole tour (~25 min on 2 CPUs the first time)"),
                 ("run examples/quickstart.yaml", "capture and train together"),
                 ("COMMAND --help", "a command's options and examples"))
     width = max(len(args) for args, _ in examples)
